@@ -1,0 +1,660 @@
+//! The versioned store every stream reads: one [`Snapshot`] of all services,
+//! replaced whole on each change and announced through a watch channel.
+//! Resources are encoded once per variant (service × type × name × client
+//! kind × traffic plan) and shared by every stream that needs them; versions
+//! are hashes of the inputs, so they are stable across restarts and equal
+//! content never looks new.
+//!
+//! The cache also keeps the census — which zones the connected clients of
+//! each service are in — and turns it into traffic plans (`policy`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
+use tokio::sync::watch;
+
+use crate::model::{ClientKind, ServiceEndpoints, ServiceName, Zone};
+use crate::policy::{self, PerZone, Plan, Policy};
+use crate::resources::{self, ResourceType};
+
+/// Census changes that move no zone's share by this much or more are not pushed.
+pub const SHARE_THRESHOLD: f64 = 0.02;
+
+/// An encoded resource, shared by all streams that are sent it.
+#[derive(Debug)]
+pub struct Encoded {
+    pub name: String,
+    /// Hash of everything the resource was built from.
+    pub version: String,
+    pub resource: Any,
+}
+
+/// Who is on the other end of a stream, as far as resources differ by it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Client {
+    pub zone: Option<Zone>,
+    pub kind: ClientKind,
+}
+
+/// FNV-1a: deterministic across processes, unlike the std hasher's random seed.
+#[derive(Debug)]
+pub struct StableHasher(u64);
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        StableHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for StableHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+pub fn stable_hash(value: &impl Hash) -> u64 {
+    let mut h = StableHasher::default();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// One service as served: its endpoints, its policy, the census the plans
+/// were computed from, and the memo of encoded resources.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub name: ServiceName,
+    pub endpoints: Arc<ServiceEndpoints>,
+    pub policy: Policy,
+    /// The census the plans use (last applied, see [`Cache::apply_census`]).
+    pub census: PerZone,
+    pub capacity: PerZone,
+    endpoints_hash: u64,
+    plans: DashMap<Option<Zone>, Arc<Plan>>,
+    /// Shared with later entries of the same endpoints, so a census change
+    /// re-encodes only the zones whose plan changed.
+    encoded: Arc<DashMap<u64, Arc<Encoded>>>,
+}
+
+impl ServiceEntry {
+    fn new(
+        name: ServiceName,
+        endpoints: Arc<ServiceEndpoints>,
+        policy: Policy,
+        census: PerZone,
+    ) -> Self {
+        let endpoints_hash = stable_hash(&*endpoints);
+        let capacity = endpoints.capacity();
+        ServiceEntry {
+            name,
+            endpoints,
+            policy,
+            census,
+            capacity,
+            endpoints_hash,
+            plans: DashMap::new(),
+            encoded: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// The same endpoints under another census: keeps the encoded memo.
+    fn with_census(&self, census: PerZone) -> Self {
+        ServiceEntry {
+            name: self.name.clone(),
+            endpoints: self.endpoints.clone(),
+            policy: self.policy,
+            census,
+            capacity: self.capacity.clone(),
+            endpoints_hash: self.endpoints_hash,
+            plans: DashMap::new(),
+            encoded: self.encoded.clone(),
+        }
+    }
+
+    /// The plan for clients in `zone`. The census counts the asking zone at
+    /// least once, so a client is planned for as one of the clients it joins.
+    pub fn plan(&self, zone: Option<&Zone>) -> Arc<Plan> {
+        let key = zone.filter(|z| !z.is_unknown()).cloned();
+        if let Some(plan) = self.plans.get(&key) {
+            return plan.clone();
+        }
+        let plan = Arc::new(plan_for(
+            self.policy,
+            key.as_ref(),
+            &self.capacity,
+            &self.census,
+        ));
+        self.plans.insert(key, plan.clone());
+        plan
+    }
+
+    fn memo(&self, key: u64, build: impl FnOnce() -> (String, Any)) -> Arc<Encoded> {
+        if let Some(hit) = self.encoded.get(&key) {
+            return hit.clone();
+        }
+        // Plans from old censuses pile up in the shared memo; a handful per zone
+        // and kind is all that is ever live, so a full reset is cheap and rare.
+        if self.encoded.len() > 256 {
+            self.encoded.clear();
+        }
+        let (name, resource) = build();
+        let encoded = Arc::new(Encoded {
+            name,
+            version: format!("{key:016x}"),
+            resource,
+        });
+        self.encoded.insert(key, encoded.clone());
+        encoded
+    }
+
+    fn eds(&self, client: &Client) -> Arc<Encoded> {
+        let plan = self.plan(client.zone.as_ref());
+        let name = self.name.dial_name();
+        let key = stable_hash(&(
+            ResourceType::ClusterLoadAssignment,
+            &name,
+            self.endpoints_hash,
+            &*plan,
+            client.kind,
+        ));
+        self.memo(key, || {
+            let cla =
+                resources::cluster_load_assignment(&name, &self.endpoints, &plan, client.kind);
+            (name.clone(), pack_any(cla))
+        })
+    }
+}
+
+fn plan_for(policy: Policy, zone: Option<&Zone>, capacity: &PerZone, census: &PerZone) -> Plan {
+    let census = with_self(census, zone);
+    let shares = policy::shares(policy, zone, capacity, &census);
+    policy::plan(&shares, capacity)
+}
+
+fn with_self(census: &PerZone, zone: Option<&Zone>) -> PerZone {
+    let mut census = census.clone();
+    if let Some(zone) = zone.filter(|z| !z.is_unknown()) {
+        let count = census.entry(zone.clone()).or_insert(0);
+        *count = (*count).max(1);
+    }
+    census
+}
+
+/// Whether moving from census `old` to `new` shifts any zone's share by
+/// [`SHARE_THRESHOLD`] or more, for a client in any zone.
+fn shares_moved(policy: Policy, capacity: &PerZone, old: &PerZone, new: &PerZone) -> bool {
+    let zones: BTreeSet<&Zone> = capacity
+        .keys()
+        .chain(old.keys())
+        .chain(new.keys())
+        .collect();
+    zones.into_iter().any(|zone| {
+        let before = policy::shares(policy, Some(zone), capacity, &with_self(old, Some(zone)));
+        let after = policy::shares(policy, Some(zone), capacity, &with_self(new, Some(zone)));
+        let destinations: BTreeSet<&Zone> = before.keys().chain(after.keys()).collect();
+        destinations.into_iter().any(|d| {
+            let b = before.get(d).copied().unwrap_or(0.0);
+            let a = after.get(d).copied().unwrap_or(0.0);
+            (a - b).abs() >= SHARE_THRESHOLD
+        })
+    })
+}
+
+/// Every service, as of one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub services: BTreeMap<String, Arc<ServiceEntry>>,
+}
+
+impl Snapshot {
+    /// The service a listener or route name refers to: the dial name itself,
+    /// or the dial name with a `:PORT` suffix. Never split at dots: namespace
+    /// names contain them.
+    pub fn lookup(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        if let Some(entry) = self.services.get(name) {
+            return Some(entry);
+        }
+        let (host, port) = name.rsplit_once(':')?;
+        port.parse::<u16>().ok()?;
+        self.services.get(host)
+    }
+
+    /// The encoded resource `name` of type `ty` for `client`, if it exists.
+    pub fn resolve(&self, ty: ResourceType, name: &str, client: &Client) -> Option<Arc<Encoded>> {
+        match ty {
+            ResourceType::Listener => {
+                let entry = self.lookup(name)?;
+                let key = stable_hash(&(ty, name));
+                Some(entry.memo(key, || {
+                    (name.to_string(), pack_any(resources::listener(name)))
+                }))
+            }
+            ResourceType::RouteConfiguration => {
+                let entry = self.lookup(name)?;
+                let cluster = entry.name.dial_name();
+                let key = stable_hash(&(ty, name, &cluster));
+                Some(entry.memo(key, || {
+                    (
+                        name.to_string(),
+                        pack_any(resources::route_configuration(name, &cluster)),
+                    )
+                }))
+            }
+            ResourceType::Cluster => {
+                let entry = self.services.get(name)?;
+                let key = stable_hash(&(ty, name, client.kind));
+                Some(entry.memo(key, || {
+                    (
+                        name.to_string(),
+                        pack_any(resources::cluster(name, client.kind)),
+                    )
+                }))
+            }
+            ResourceType::ClusterLoadAssignment => Some(self.services.get(name)?.eds(client)),
+        }
+    }
+
+    /// The names a wildcard subscription to `ty` covers.
+    pub fn wildcard_names(&self, ty: ResourceType) -> Vec<String> {
+        match ty {
+            ResourceType::Listener | ResourceType::Cluster => {
+                self.services.keys().cloned().collect()
+            }
+            ResourceType::RouteConfiguration | ResourceType::ClusterLoadAssignment => Vec::new(),
+        }
+    }
+}
+
+/// The shared store. Writers are the Cloud Map watchers and the census
+/// debouncer; readers are the streams and the admin endpoints.
+#[derive(Debug)]
+pub struct Cache {
+    snapshot: RwLock<Arc<Snapshot>>,
+    changes: watch::Sender<u64>,
+    ready: AtomicBool,
+    /// Live census: clients per zone, per service dial name.
+    census: Mutex<BTreeMap<String, PerZone>>,
+    census_changed: tokio::sync::Notify,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            changes: watch::channel(0).0,
+            ready: AtomicBool::new(false),
+            census: Mutex::new(BTreeMap::new()),
+            census_changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Cache {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A receiver that wakes on every new snapshot generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// First Cloud Map sync done: streams may now be answered.
+    pub fn set_ready(&self) {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            self.changes.send_modify(|g| *g += 1);
+        }
+    }
+
+    fn publish(&self, edit: impl FnOnce(&mut BTreeMap<String, Arc<ServiceEntry>>) -> bool) -> bool {
+        let mut guard = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        let mut services = guard.services.clone();
+        if !edit(&mut services) {
+            return false;
+        }
+        let generation = guard.generation + 1;
+        *guard = Arc::new(Snapshot {
+            generation,
+            services,
+        });
+        drop(guard);
+        self.changes.send_replace(generation);
+        true
+    }
+
+    /// Set a service's endpoints and policy; no-op (no push) when nothing changed.
+    pub fn update_service(
+        &self,
+        name: &ServiceName,
+        endpoints: ServiceEndpoints,
+        policy: Policy,
+    ) -> bool {
+        let dial = name.dial_name();
+        let census = self.live_census(&dial);
+        self.publish(|services| {
+            if let Some(old) = services.get(&dial)
+                && *old.endpoints == endpoints
+                && old.policy == policy
+            {
+                return false;
+            }
+            let entry = ServiceEntry::new(name.clone(), Arc::new(endpoints), policy, census);
+            services.insert(dial.clone(), Arc::new(entry));
+            true
+        })
+    }
+
+    pub fn remove_service(&self, name: &ServiceName) -> bool {
+        let dial = name.dial_name();
+        self.publish(|services| services.remove(&dial).is_some())
+    }
+
+    fn live_census(&self, dial: &str) -> PerZone {
+        self.census
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(dial)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A client in `zone` subscribed to service `dial`'s endpoints. Clients
+    /// without a zone are not counted.
+    pub fn census_join(&self, dial: &str, zone: &Zone) {
+        if zone.is_unknown() {
+            return;
+        }
+        let mut census = self.census.lock().unwrap_or_else(|e| e.into_inner());
+        *census
+            .entry(dial.to_string())
+            .or_default()
+            .entry(zone.clone())
+            .or_insert(0) += 1;
+        drop(census);
+        self.census_changed.notify_one();
+    }
+
+    pub fn census_leave(&self, dial: &str, zone: &Zone) {
+        if zone.is_unknown() {
+            return;
+        }
+        let mut census = self.census.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(zones) = census.get_mut(dial) {
+            if let Some(count) = zones.get_mut(zone) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    zones.remove(zone);
+                }
+            }
+            if zones.is_empty() {
+                census.remove(dial);
+            }
+        }
+        drop(census);
+        self.census_changed.notify_one();
+    }
+
+    /// Resolves when the census changed since the last call.
+    pub async fn census_changed(&self) {
+        self.census_changed.notified().await
+    }
+
+    /// Move services to the live census where that shifts some share by at
+    /// least [`SHARE_THRESHOLD`]; returns whether anything was published.
+    pub fn apply_census(&self) -> bool {
+        let live = self
+            .census
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.publish(|services| {
+            let mut changed = false;
+            for (dial, entry) in services.iter_mut() {
+                let new = live.get(dial).cloned().unwrap_or_default();
+                if new == entry.census {
+                    continue;
+                }
+                if entry.policy != Policy::ZoneAware
+                    || !shares_moved(entry.policy, &entry.capacity, &entry.census, &new)
+                {
+                    continue;
+                }
+                *entry = Arc::new(entry.with_census(new));
+                changed = true;
+            }
+            changed
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Health};
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use prost::Message;
+
+    fn endpoints(zones: &[&str]) -> ServiceEndpoints {
+        ServiceEndpoints::new(
+            zones
+                .iter()
+                .enumerate()
+                .map(|(i, z)| Endpoint {
+                    instance_id: format!("i-{i}"),
+                    ip: std::net::IpAddr::from([10, 0, 0, i as u8 + 1]),
+                    port: 8080,
+                    zone: Zone::new(*z),
+                    region: "us-east-1".into(),
+                    health: Health::Healthy,
+                    weight: 1,
+                    attributes: BTreeMap::new(),
+                })
+                .collect(),
+            false,
+        )
+    }
+
+    fn grpc(zone: &str) -> Client {
+        Client {
+            zone: Some(Zone::new(zone)),
+            kind: ClientKind::Grpc,
+        }
+    }
+
+    fn eds_zones(e: &Encoded) -> Vec<(u32, String, u32)> {
+        let cla = ClusterLoadAssignment::decode(e.resource.value.as_slice()).expect("decodes");
+        cla.endpoints
+            .iter()
+            .map(|l| {
+                (
+                    l.priority,
+                    l.locality.clone().unwrap_or_default().zone,
+                    l.load_balancing_weight.clone().unwrap_or_default().value,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lookup_by_dial_name_with_optional_port() {
+        let cache = Cache::default();
+        cache.update_service(
+            &ServiceName::new("grpc.demo", "echo"),
+            endpoints(&["a"]),
+            Policy::LocalFirst,
+        );
+        let snap = cache.snapshot();
+        assert!(snap.lookup("echo.grpc.demo").is_some());
+        assert!(snap.lookup("echo.grpc.demo:50051").is_some());
+        assert!(snap.lookup("echo.grpc.demo:http").is_none());
+        assert!(snap.lookup("echo.grpc").is_none());
+        assert!(snap.lookup("grpc.demo").is_none());
+        let client = grpc("a");
+        let l = snap
+            .resolve(ResourceType::Listener, "echo.grpc.demo:50051", &client)
+            .expect("listener");
+        assert_eq!(l.name, "echo.grpc.demo:50051");
+        assert!(
+            snap.resolve(ResourceType::Cluster, "echo.grpc.demo:50051", &client)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn unchanged_update_publishes_nothing() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        assert!(cache.update_service(&name, endpoints(&["a", "b"]), Policy::ZoneAware));
+        let g = cache.snapshot().generation;
+        let mut reversed = endpoints(&["a", "b"]).endpoints;
+        reversed.reverse();
+        let reordered = ServiceEndpoints::new(reversed, false);
+        assert!(!cache.update_service(&name, reordered, Policy::ZoneAware));
+        assert_eq!(cache.snapshot().generation, g);
+        assert!(cache.update_service(&name, endpoints(&["a"]), Policy::ZoneAware));
+        assert!(cache.remove_service(&name));
+        assert!(!cache.remove_service(&name));
+    }
+
+    #[test]
+    fn versions_are_stable_and_encoded_once() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(&name, endpoints(&["a", "b", "c"]), Policy::LocalFirst);
+        let snap = cache.snapshot();
+        let first = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
+            .expect("eds");
+        let again = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
+            .expect("eds");
+        assert!(Arc::ptr_eq(&first, &again), "same variant is encoded once");
+        let other = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b"))
+            .expect("eds");
+        assert_ne!(first.version, other.version);
+        // A fresh cache (a restarted control plane) computes the same version.
+        let fresh = Cache::default();
+        fresh.update_service(&name, endpoints(&["a", "b", "c"]), Policy::LocalFirst);
+        let same = fresh
+            .snapshot()
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
+            .expect("eds");
+        assert_eq!(first.version, same.version);
+        assert_eq!(
+            eds_zones(&first),
+            vec![
+                (0, "a".into(), 10_000),
+                (1, "b".into(), 1),
+                (1, "c".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn census_drives_zone_aware_plans_and_spares_unaffected_zones() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(
+            &name,
+            endpoints(&["a", "a", "b", "b", "c", "c"]),
+            Policy::ZoneAware,
+        );
+        for zone in ["a", "b", "c"] {
+            cache.census_join("echo.demo", &Zone::new(zone));
+        }
+        assert!(cache.apply_census());
+        let snap = cache.snapshot();
+        let b_before = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b"))
+            .expect("eds");
+        let a = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
+            .expect("eds");
+        assert_eq!(
+            eds_zones(&a),
+            vec![
+                (0, "a".into(), 10_000),
+                (1, "b".into(), 2),
+                (1, "c".into(), 2)
+            ]
+        );
+
+        // Skew to 4/1/1: a spills half, b and c stay local — and b's resource is not re-encoded.
+        for _ in 0..3 {
+            cache.census_join("echo.demo", &Zone::new("a"));
+        }
+        assert!(cache.apply_census());
+        let snap = cache.snapshot();
+        let a = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
+            .expect("eds");
+        assert_eq!(
+            eds_zones(&a),
+            vec![
+                (0, "a".into(), 5_000),
+                (0, "b".into(), 2_500),
+                (0, "c".into(), 2_500)
+            ]
+        );
+        let b_after = snap
+            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b"))
+            .expect("eds");
+        assert!(Arc::ptr_eq(&b_before, &b_after));
+        assert_eq!(
+            cache.snapshot().services["echo.demo"]
+                .census
+                .get(&Zone::new("a")),
+            Some(&4)
+        );
+    }
+
+    #[test]
+    fn tiny_census_shifts_are_not_pushed() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(&name, endpoints(&["a", "b"]), Policy::ZoneAware);
+        for _ in 0..100 {
+            cache.census_join("echo.demo", &Zone::new("a"));
+            cache.census_join("echo.demo", &Zone::new("b"));
+        }
+        assert!(cache.apply_census());
+        // 101 vs 100 clients: both zones stay local, nothing moves.
+        cache.census_join("echo.demo", &Zone::new("a"));
+        assert!(!cache.apply_census());
+        // Non zone-aware services ignore the census.
+        cache.update_service(&name, endpoints(&["a", "b"]), Policy::LocalFirst);
+        for _ in 0..50 {
+            cache.census_join("echo.demo", &Zone::new("a"));
+        }
+        assert!(!cache.apply_census());
+    }
+
+    #[test]
+    fn census_leave_forgets_empty_zones() {
+        let cache = Cache::default();
+        cache.census_join("echo.demo", &Zone::new("a"));
+        cache.census_join("echo.demo", &Zone::default());
+        cache.census_leave("echo.demo", &Zone::new("a"));
+        cache.census_leave("echo.demo", &Zone::new("a"));
+        assert!(cache.live_census("echo.demo").is_empty());
+    }
+}

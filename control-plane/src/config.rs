@@ -1,0 +1,336 @@
+//! Command line, environment and the optional TOML file of per-service
+//! settings. Every flag has an environment variable (`CLOUDMAP_XDS_…`); the
+//! file holds what differs per service (health filter, attribute filters,
+//! weight attribute, traffic policy), with a `[default]` table for all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::model::ServiceName;
+use crate::policy::Policy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloudmap-xds",
+    version,
+    about = "Serve AWS Cloud Map services over xDS (ADS) to gRPC clients and Envoy, preferring same-zone endpoints."
+)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane (the default when no subcommand is given).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Cloud Map namespace to serve (every service in it); repeat or comma-separate for several.
+    #[arg(
+        long = "namespace",
+        env = "CLOUDMAP_XDS_NAMESPACE",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub namespaces: Vec<String>,
+
+    /// Address of the xDS (ADS) gRPC server.
+    #[arg(long, env = "CLOUDMAP_XDS_XDS_LISTEN", default_value = "0.0.0.0:18000")]
+    pub xds_listen: SocketAddr,
+
+    /// Address of the admin HTTP server (/healthz, /ready, /metrics). Keep it on loopback.
+    #[arg(
+        long,
+        env = "CLOUDMAP_XDS_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9901"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// How often to poll DiscoverInstancesRevision per service.
+    #[arg(long, env = "CLOUDMAP_XDS_REVISION_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub revision_interval: Duration,
+
+    /// How often to re-read all instances of a service even if the revision is unchanged
+    /// (health changes do not move the revision).
+    #[arg(long, env = "CLOUDMAP_XDS_REFRESH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
+
+    /// How often to list the services of each namespace (new services appear, deleted ones go).
+    #[arg(long, env = "CLOUDMAP_XDS_SERVICES_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub services_interval: Duration,
+
+    /// Longest wait between retries after Cloud Map errors or throttling.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_BACKOFF", default_value = "10s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    /// How long to gather client connects and disconnects before recomputing zone shares.
+    #[arg(long, env = "CLOUDMAP_XDS_CENSUS_DEBOUNCE", default_value = "1s", value_parser = parse_duration)]
+    pub census_debounce: Duration,
+
+    /// TOML file with per-service settings (see README, "Configuration").
+    #[arg(long, env = "CLOUDMAP_XDS_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "CLOUDMAP_XDS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Accepts `500ms`, `1s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 500ms, 1s, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s or m)"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("{text:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Cloud Map's `HealthStatus` filter for DiscoverInstances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthFilter {
+    Healthy,
+    Unhealthy,
+    All,
+    #[default]
+    HealthyOrElseAll,
+}
+
+/// One table of the TOML file; every field optional so a service's table
+/// overrides the `[default]` table field by field.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTable {
+    pub policy: Option<PolicyName>,
+    pub local_share: Option<f64>,
+    pub health_status: Option<HealthFilter>,
+    /// Cloud Map `QueryParameters`: only instances with these attribute values.
+    pub query_parameters: Option<BTreeMap<String, String>>,
+    /// Instance attribute holding a positive integer weight (0 = drained).
+    pub weight_attribute: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    ZoneAware,
+    LocalFirst,
+    FixedShare,
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub default: ServiceTable,
+    /// Keyed by `SERVICE.NAMESPACE`, the name clients dial.
+    #[serde(default)]
+    pub services: HashMap<String, ServiceTable>,
+}
+
+/// The settings in force for one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSettings {
+    pub policy: Policy,
+    pub health_status: HealthFilter,
+    pub query_parameters: BTreeMap<String, String>,
+    pub weight_attribute: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<FileConfig> {
+        let config: FileConfig = toml::from_str(text)?;
+        // Resolve every table once so mistakes surface at start, not at first use.
+        config.check(&config.default, "[default]")?;
+        for (name, table) in &config.services {
+            config.check(table, &format!("[services.{name:?}]"))?;
+        }
+        Ok(config)
+    }
+
+    fn check(&self, table: &ServiceTable, label: &str) -> anyhow::Result<()> {
+        let merged = merge(&self.default, table);
+        policy_of(&merged).with_context(|| label.to_string())?;
+        Ok(())
+    }
+
+    pub fn settings(&self, service: &ServiceName) -> ServiceSettings {
+        let table = self
+            .services
+            .get(&service.dial_name())
+            .cloned()
+            .unwrap_or_default();
+        let merged = merge(&self.default, &table);
+        ServiceSettings {
+            // Checked in `parse`; the fallback is unreachable for a parsed config.
+            policy: policy_of(&merged).unwrap_or_default(),
+            health_status: merged.health_status.unwrap_or_default(),
+            query_parameters: merged.query_parameters.unwrap_or_default(),
+            weight_attribute: merged.weight_attribute.filter(|w| !w.is_empty()),
+        }
+    }
+}
+
+fn merge(base: &ServiceTable, over: &ServiceTable) -> ServiceTable {
+    ServiceTable {
+        policy: over.policy.or(base.policy),
+        local_share: over.local_share.or(base.local_share),
+        health_status: over.health_status.or(base.health_status),
+        query_parameters: over
+            .query_parameters
+            .clone()
+            .or_else(|| base.query_parameters.clone()),
+        weight_attribute: over
+            .weight_attribute
+            .clone()
+            .or_else(|| base.weight_attribute.clone()),
+    }
+}
+
+fn policy_of(table: &ServiceTable) -> anyhow::Result<Policy> {
+    Ok(match table.policy.unwrap_or(PolicyName::ZoneAware) {
+        PolicyName::ZoneAware => Policy::ZoneAware,
+        PolicyName::LocalFirst => Policy::LocalFirst,
+        PolicyName::None => Policy::None,
+        PolicyName::FixedShare => {
+            let Some(local_share) = table.local_share else {
+                bail!("policy \"fixed-share\" needs local_share (a number from 0 to 1)");
+            };
+            if !(0.0..=1.0).contains(&local_share) {
+                bail!("local_share = {local_share} is outside 0..1");
+            }
+            Policy::FixedShare { local_share }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn service_tables_override_the_default_field_by_field() {
+        let config = FileConfig::parse(
+            r#"
+            [default]
+            policy = "local-first"
+            health_status = "HEALTHY"
+            weight_attribute = "weight"
+
+            [services."echo.grpc.demo"]
+            policy = "fixed-share"
+            local_share = 0.5
+            query_parameters = { stage = "prod" }
+            "#,
+        )
+        .expect("parses");
+        let echo = config.settings(&ServiceName::new("grpc.demo", "echo"));
+        assert_eq!(echo.policy, Policy::FixedShare { local_share: 0.5 });
+        assert_eq!(echo.health_status, HealthFilter::Healthy);
+        assert_eq!(echo.weight_attribute.as_deref(), Some("weight"));
+        assert_eq!(
+            echo.query_parameters.get("stage").map(String::as_str),
+            Some("prod")
+        );
+        let other = config.settings(&ServiceName::new("demo", "other"));
+        assert_eq!(other.policy, Policy::LocalFirst);
+        assert!(other.query_parameters.is_empty());
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let s = FileConfig::default().settings(&ServiceName::new("demo", "echo"));
+        assert_eq!(s.policy, Policy::ZoneAware);
+        assert_eq!(s.health_status, HealthFilter::HealthyOrElseAll);
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        for (text, needle) in [
+            ("[default]\npolicy = \"fixed-share\"", "local_share"),
+            (
+                "[default]\npolicy = \"fixed-share\"\nlocal_share = 1.5",
+                "outside",
+            ),
+            ("[default]\npolicy = \"random\"", "unknown variant"),
+            ("[default]\nhealth = \"ALL\"", "unknown field"),
+        ] {
+            let error = format!("{:#}", FileConfig::parse(text).expect_err(text));
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn cli_parses_repeated_and_env_style_namespaces() {
+        let cli = Cli::try_parse_from([
+            "cloudmap-xds",
+            "--namespace",
+            "demo",
+            "--namespace",
+            "a.b,c",
+        ])
+        .expect("parses");
+        assert_eq!(cli.serve.namespaces, vec!["demo", "a.b", "c"]);
+        assert_eq!(cli.serve.revision_interval, Duration::from_secs(1));
+        assert_eq!(cli.serve.refresh_interval, Duration::from_secs(5));
+        assert_eq!(cli.serve.xds_listen.to_string(), "0.0.0.0:18000");
+    }
+}

@@ -1,0 +1,155 @@
+//! The `cloudmap-xds` binary: parses flags, wires the stages, runs until
+//! SIGTERM or Ctrl-C. All logic lives in the library modules.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use cloudmap_xds::cache::Cache;
+use cloudmap_xds::cloudmap::{AwsCloudMap, Timing, Watcher};
+use cloudmap_xds::config::{Cli, Command, FileConfig, LogFormat, ServeArgs};
+use cloudmap_xds::server::AdsServer;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+    };
+    init_logging(args.log_format);
+    if let Err(e) = serve(args).await {
+        tracing::error!("{e:#}");
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+
+    let sdk = aws_config::load_from_env().await;
+    let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
+    if region.is_empty() {
+        tracing::warn!("no AWS region configured (set AWS_REGION); Cloud Map calls will fail");
+    }
+    let cache = Arc::new(Cache::default());
+    let watcher = Watcher {
+        api: Arc::new(AwsCloudMap::new(&sdk)),
+        cache: cache.clone(),
+        config: Arc::new(file),
+        timing: Timing {
+            revision_interval: args.revision_interval,
+            refresh_interval: args.refresh_interval,
+            services_interval: args.services_interval,
+            max_backoff: args.max_backoff,
+        },
+        default_region: region,
+    };
+    tracing::info!(namespaces = ?args.namespaces, "watching Cloud Map");
+    let watching = tokio::spawn(watcher.run(args.namespaces.clone()));
+    let census = tokio::spawn(apply_census(cache.clone(), args.census_debounce));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin = tokio::spawn(cloudmap_xds::admin::serve(
+        args.admin_listen,
+        cache.clone(),
+        metrics,
+        stopped(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(args.xds_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot bind the xDS address {} (set --xds-listen)",
+                args.xds_listen
+            )
+        })?;
+    tracing::info!(address = %args.xds_listen, "xDS (ADS) listening");
+    let ads = AggregatedDiscoveryServiceServer::new(AdsServer::new(cache.clone()));
+    let xds = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .add_service(ads)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stopped(),
+            ),
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    watching.abort();
+    census.abort();
+    // Streams end when the server stops; give them a moment, then go.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = xds.await;
+        let _ = admin.await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Recompute zone shares after bursts of connects and disconnects settle.
+async fn apply_census(cache: Arc<Cache>, debounce: std::time::Duration) {
+    loop {
+        cache.census_changed().await;
+        tokio::time::sleep(debounce).await;
+        if cache.apply_census() {
+            tracing::debug!("census changed zone shares");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,178 @@
+//! Plain types for what the control plane knows: services, their endpoints
+//! and zones. No AWS or Envoy types appear here, so every later stage
+//! (policy, resources, cache) can be tested with values built by hand.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// An availability-zone name such as `us-east-1a`, as Cloud Map's
+/// `AVAILABILITY_ZONE` attribute and a client's `node.locality.zone` spell it.
+/// The empty string stands for "zone unknown".
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Zone(pub String);
+
+impl Zone {
+    pub fn new(name: impl Into<String>) -> Self {
+        Zone(name.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_unknown(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("(none)")
+        } else {
+            f.write_str(&self.0)
+        }
+    }
+}
+
+/// A Cloud Map service, named the way clients dial it: `SERVICE.NAMESPACE`
+/// (`xds:///echo.demo`). Namespace names may contain dots, so the two parts
+/// are kept apart and never recovered by splitting the joined name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub service: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, service: impl Into<String>) -> Self {
+        ServiceName {
+            namespace: namespace.into(),
+            service: service.into(),
+        }
+    }
+    /// The name clients dial and the name of every xDS resource for this service.
+    pub fn dial_name(&self) -> String {
+        format!("{}.{}", self.service, self.namespace)
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.service, self.namespace)
+    }
+}
+
+/// Health as Cloud Map reports it for one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    /// No health check on the service, or fail-open (see [`ServiceEndpoints::fail_open`]).
+    Unknown,
+}
+
+impl Health {
+    /// Whether the endpoint should receive traffic.
+    pub fn is_serving(self) -> bool {
+        !matches!(self, Health::Unhealthy)
+    }
+}
+
+/// One reachable instance of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub instance_id: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub zone: Zone,
+    pub region: String,
+    pub health: Health,
+    /// Relative capacity, at least 1.
+    pub weight: u32,
+    /// Every Cloud Map attribute of the instance, passed on as endpoint metadata.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// The endpoints of one service as last read from Cloud Map, sorted by
+/// (zone, ip, port) so equal sets compare and encode equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ServiceEndpoints {
+    pub endpoints: Vec<Endpoint>,
+    /// No instance was healthy, so every instance is served as `Unknown`
+    /// rather than leaving clients with nothing (gRPC drops UNHEALTHY endpoints).
+    pub fail_open: bool,
+}
+
+impl ServiceEndpoints {
+    pub fn new(mut endpoints: Vec<Endpoint>, fail_open: bool) -> Self {
+        endpoints.sort_by(|a, b| (&a.zone, a.ip, a.port).cmp(&(&b.zone, b.ip, b.port)));
+        ServiceEndpoints {
+            endpoints,
+            fail_open,
+        }
+    }
+
+    /// Healthy weight per zone: the capacity the policy divides traffic by.
+    pub fn capacity(&self) -> BTreeMap<Zone, u64> {
+        let mut capacity = BTreeMap::new();
+        for e in self.endpoints.iter().filter(|e| e.health.is_serving()) {
+            *capacity.entry(e.zone.clone()).or_insert(0) += u64::from(e.weight);
+        }
+        capacity
+    }
+}
+
+/// What kind of xDS client is on a stream; decides how the same traffic
+/// shares are expressed (see `resources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientKind {
+    /// Proxyless gRPC (Go, Java, C-core, Node): priorities + weighted localities,
+    /// UNHEALTHY endpoints omitted.
+    Grpc,
+    /// Envoy: the same localities, UNHEALTHY endpoints kept and marked.
+    Envoy,
+    /// Clients that flatten localities (tonic-xds).
+    Flat,
+}
+
+impl ClientKind {
+    /// Guess the kind from `node.user_agent_name`.
+    pub fn from_user_agent(agent: &str) -> ClientKind {
+        let lower = agent.to_ascii_lowercase();
+        if lower == "envoy" || lower.starts_with("envoy ") {
+            ClientKind::Envoy
+        } else if lower.contains("tonic-xds") {
+            ClientKind::Flat
+        } else {
+            ClientKind::Grpc
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_kind_from_user_agent() {
+        for (agent, kind) in [
+            ("envoy", ClientKind::Envoy),
+            ("gRPC Go", ClientKind::Grpc),
+            ("gRPC C-core 1.85.0", ClientKind::Grpc),
+            ("gRPC Node Pure JS", ClientKind::Grpc),
+            ("gRPC Rust tonic-xds", ClientKind::Flat),
+            ("", ClientKind::Grpc),
+        ] {
+            assert_eq!(ClientKind::from_user_agent(agent), kind, "{agent:?}");
+        }
+    }
+
+    #[test]
+    fn dial_name_keeps_dotted_namespaces() {
+        assert_eq!(
+            ServiceName::new("grpc.demo", "echo").dial_name(),
+            "echo.grpc.demo"
+        );
+    }
+}

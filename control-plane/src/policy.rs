@@ -1,0 +1,525 @@
+//! Traffic shares per zone: the pure heart of same-zone routing.
+//!
+//! Inputs are the healthy capacity per zone of one service and the census
+//! (connected clients per zone subscribed to it); the output is, for a
+//! client in a given zone, the share of its traffic each zone should get,
+//! and the [`Plan`] that expresses those shares as xDS priorities and
+//! locality weights. No I/O; every policy is a function of its inputs.
+//! See `shared/notes/zone-aware.md` for the algorithm and a worked example.
+
+use std::collections::BTreeMap;
+
+use crate::model::Zone;
+
+/// Locality weights are shares scaled to this total (never 0: gRPC drops a
+/// locality of weight 0).
+pub const WEIGHT_SCALE: f64 = 10_000.0;
+
+/// How a service divides a client's traffic between zones.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum Policy {
+    /// Envoy's zone-aware algorithm with the census of connected clients as
+    /// the local cluster: stay local while the zone has capacity for its
+    /// clients, spill the excess to zones with spare capacity.
+    #[default]
+    ZoneAware,
+    /// Priority 0 = own zone, priority 1 = the rest.
+    LocalFirst,
+    /// Keep `local_share` of the traffic in the own zone, the rest by capacity.
+    FixedShare { local_share: f64 },
+    /// The same capacity-weighted localities for everyone.
+    None,
+}
+
+/// Per-zone counts: capacity (healthy endpoint weight) or demand (clients).
+pub type PerZone = BTreeMap<Zone, u64>;
+
+/// The fraction of a client's traffic each zone receives; sums to 1 over
+/// zones with capacity, or is empty when no zone has capacity.
+pub type Shares = BTreeMap<Zone, f64>;
+
+/// One locality of a priority and its weight (≥ 1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Weighted {
+    pub zone: Zone,
+    pub weight: u32,
+}
+
+/// Shares expressed for a priority-aware client: `priorities[0]` holds every
+/// zone with a share > 0; `priorities[1]` (if any) holds zones with capacity
+/// but no share, weighted by capacity, so clients still fail over to them
+/// when the zones of priority 0 die. Never an empty priority.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Plan {
+    pub priorities: Vec<Vec<Weighted>>,
+}
+
+impl Plan {
+    /// The weight given to `zone`, with its priority.
+    pub fn find(&self, zone: &Zone) -> Option<(u32, u32)> {
+        self.priorities
+            .iter()
+            .enumerate()
+            .find_map(|(p, localities)| {
+                localities
+                    .iter()
+                    .find(|l| &l.zone == zone)
+                    .map(|l| (p as u32, l.weight))
+            })
+    }
+}
+
+/// Shares for a client in `client_zone` (`None` or unknown zone = no preference).
+pub fn shares(
+    policy: Policy,
+    client_zone: Option<&Zone>,
+    capacity: &PerZone,
+    census: &PerZone,
+) -> Shares {
+    let capacity: PerZone = capacity
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(z, c)| (z.clone(), *c))
+        .collect();
+    let total_capacity: u64 = capacity.values().sum();
+    if total_capacity == 0 {
+        return Shares::new();
+    }
+    let by_capacity = proportional(&capacity, None);
+    let local = match client_zone.filter(|z| !z.is_unknown()) {
+        Some(z) if capacity.contains_key(z) => z,
+        // A client in a zone without capacity (or with no zone) has nothing local to prefer.
+        _ => return by_capacity,
+    };
+    match policy {
+        Policy::None => by_capacity,
+        Policy::LocalFirst => BTreeMap::from([(local.clone(), 1.0)]),
+        Policy::FixedShare { local_share } => {
+            let local_share = if local_share.is_finite() {
+                local_share.clamp(0.0, 1.0)
+            } else {
+                0.5
+            };
+            with_local(local, local_share, &capacity)
+        }
+        Policy::ZoneAware => {
+            let census: PerZone = census
+                .iter()
+                .filter(|(z, d)| **d > 0 && !z.is_unknown())
+                .map(|(z, d)| (z.clone(), *d))
+                .collect();
+            let total_demand: u64 = census.values().sum();
+            let demand_here = census.get(local).copied().unwrap_or(0);
+            if total_demand == 0 || demand_here == 0 {
+                return by_capacity;
+            }
+            let upstream =
+                |z: &Zone| capacity.get(z).copied().unwrap_or(0) as f64 / total_capacity as f64;
+            let demand =
+                |z: &Zone| census.get(z).copied().unwrap_or(0) as f64 / total_demand as f64;
+            let (up_local, demand_local) = (upstream(local), demand(local));
+            if up_local >= demand_local {
+                return BTreeMap::from([(local.clone(), 1.0)]);
+            }
+            let keep = up_local / demand_local;
+            let residual: BTreeMap<Zone, f64> = capacity
+                .keys()
+                .filter(|z| *z != local)
+                .map(|z| (z.clone(), (upstream(z) - demand(z)).max(0.0)))
+                .collect();
+            let total_residual: f64 = residual.values().sum();
+            let mut out = BTreeMap::from([(local.clone(), keep)]);
+            if total_residual > 0.0 {
+                for (z, r) in residual {
+                    if r > 0.0 {
+                        out.insert(z, (1.0 - keep) * r / total_residual);
+                    }
+                }
+            } else {
+                // Every zone is short of capacity: spread the excess by capacity.
+                for (z, share) in proportional(&capacity, Some(local)) {
+                    out.insert(z, (1.0 - keep) * share);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `local_share` in `local`, the rest over the other zones by capacity.
+fn with_local(local: &Zone, local_share: f64, capacity: &PerZone) -> Shares {
+    let others = proportional(capacity, Some(local));
+    if others.is_empty() {
+        return BTreeMap::from([(local.clone(), 1.0)]);
+    }
+    let mut out: Shares = others
+        .into_iter()
+        .map(|(z, s)| (z, s * (1.0 - local_share)))
+        .collect();
+    out.insert(local.clone(), local_share);
+    out
+}
+
+/// Capacity-proportional shares, leaving out `except`.
+fn proportional(capacity: &PerZone, except: Option<&Zone>) -> Shares {
+    let total: u64 = capacity
+        .iter()
+        .filter(|(z, _)| Some(*z) != except)
+        .map(|(_, c)| *c)
+        .sum();
+    if total == 0 {
+        return Shares::new();
+    }
+    capacity
+        .iter()
+        .filter(|(z, c)| Some(*z) != except && **c > 0)
+        .map(|(z, c)| (z.clone(), *c as f64 / total as f64))
+        .collect()
+}
+
+/// Express shares as priorities for a priority-aware client (see [`Plan`]).
+pub fn plan(shares: &Shares, capacity: &PerZone) -> Plan {
+    let mut first = Vec::new();
+    for (zone, share) in shares {
+        // Shares below half a weight unit round to 0: leave such zones to the failover priority.
+        let weight = (share * WEIGHT_SCALE).round();
+        if weight >= 1.0 {
+            first.push(Weighted {
+                zone: zone.clone(),
+                weight: weight.min(u32::MAX as f64) as u32,
+            });
+        }
+    }
+    let rest: Vec<Weighted> = capacity
+        .iter()
+        .filter(|(z, c)| **c > 0 && !first.iter().any(|w| &w.zone == *z))
+        .map(|(z, c)| Weighted {
+            zone: z.clone(),
+            weight: (*c).clamp(1, u64::from(u32::MAX)) as u32,
+        })
+        .collect();
+    let priorities = [first, rest]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect();
+    Plan { priorities }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn zones(pairs: &[(&str, u64)]) -> PerZone {
+        pairs.iter().map(|(z, c)| (Zone::new(*z), *c)).collect()
+    }
+
+    fn approx(shares: &Shares, expected: &[(&str, f64)]) {
+        let got: Vec<(String, f64)> = shares.iter().map(|(z, s)| (z.0.clone(), *s)).collect();
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "got {got:?}, expected {expected:?}"
+        );
+        for ((gz, gs), (ez, es)) in got.iter().zip(expected) {
+            assert_eq!(gz, ez, "got {got:?}");
+            assert!(
+                (gs - es).abs() < 1e-9,
+                "zone {gz}: got {gs}, expected {es} ({got:?})"
+            );
+        }
+    }
+
+    const THIRD: f64 = 1.0 / 3.0;
+
+    #[test]
+    fn table() {
+        let even = zones(&[("a", 2), ("b", 2), ("c", 2)]);
+        let balanced = zones(&[("a", 1), ("b", 1), ("c", 1)]);
+        let skewed = zones(&[("a", 4), ("b", 1), ("c", 1)]);
+        let za = Policy::ZoneAware;
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(
+            &str,
+            Policy,
+            Option<&str>,
+            PerZone,
+            PerZone,
+            Vec<(&str, f64)>,
+        )> = vec![
+            // The worked example of notes/zone-aware.md: a keeps 50 %, sends 25 % to b and c.
+            (
+                "worked example, a",
+                za,
+                Some("a"),
+                even.clone(),
+                skewed.clone(),
+                vec![("a", 0.5), ("b", 0.25), ("c", 0.25)],
+            ),
+            (
+                "worked example, b",
+                za,
+                Some("b"),
+                even.clone(),
+                skewed.clone(),
+                vec![("b", 1.0)],
+            ),
+            (
+                "balanced stays local",
+                za,
+                Some("a"),
+                even.clone(),
+                balanced.clone(),
+                vec![("a", 1.0)],
+            ),
+            (
+                "no census: by capacity",
+                za,
+                Some("a"),
+                even.clone(),
+                PerZone::new(),
+                vec![("a", THIRD), ("b", THIRD), ("c", THIRD)],
+            ),
+            (
+                "no zone: by capacity",
+                za,
+                None,
+                zones(&[("a", 1), ("b", 3)]),
+                balanced.clone(),
+                vec![("a", 0.25), ("b", 0.75)],
+            ),
+            (
+                "unknown zone: by capacity",
+                za,
+                Some(""),
+                zones(&[("a", 1), ("b", 3)]),
+                balanced.clone(),
+                vec![("a", 0.25), ("b", 0.75)],
+            ),
+            (
+                "own zone empty: by capacity",
+                za,
+                Some("d"),
+                even.clone(),
+                balanced.clone(),
+                vec![("a", THIRD), ("b", THIRD), ("c", THIRD)],
+            ),
+            (
+                "own zone not in census",
+                za,
+                Some("a"),
+                even.clone(),
+                zones(&[("b", 5)]),
+                vec![("a", THIRD), ("b", THIRD), ("c", THIRD)],
+            ),
+            (
+                "one zone only",
+                za,
+                Some("a"),
+                zones(&[("a", 3)]),
+                zones(&[("a", 9)]),
+                vec![("a", 1.0)],
+            ),
+            (
+                "zero capacity",
+                za,
+                Some("a"),
+                zones(&[("a", 0), ("b", 0)]),
+                balanced.clone(),
+                vec![],
+            ),
+            (
+                // a: upstream 1/4, demand 1/2 → keeps 1/2; b saturated, c has residual → all excess to c.
+                "residual goes where capacity is spare",
+                za,
+                Some("a"),
+                zones(&[("a", 1), ("b", 1), ("c", 2)]),
+                zones(&[("a", 2), ("b", 1), ("c", 1)]),
+                vec![("a", 0.5), ("c", 0.5)],
+            ),
+            (
+                // Clients in a zone without servers count in the demand but a still has room.
+                "census zone without servers",
+                za,
+                Some("a"),
+                zones(&[("a", 1), ("b", 1)]),
+                zones(&[("a", 1), ("b", 1), ("x", 2)]),
+                vec![("a", 1.0)],
+            ),
+            (
+                "local-first",
+                Policy::LocalFirst,
+                Some("b"),
+                even.clone(),
+                skewed.clone(),
+                vec![("b", 1.0)],
+            ),
+            (
+                "local-first, own zone dead",
+                Policy::LocalFirst,
+                Some("b"),
+                zones(&[("a", 2), ("c", 2)]),
+                skewed.clone(),
+                vec![("a", 0.5), ("c", 0.5)],
+            ),
+            (
+                "fixed-share 0.5",
+                Policy::FixedShare { local_share: 0.5 },
+                Some("a"),
+                even.clone(),
+                skewed.clone(),
+                vec![("a", 0.5), ("b", 0.25), ("c", 0.25)],
+            ),
+            (
+                "fixed-share 0",
+                Policy::FixedShare { local_share: 0.0 },
+                Some("a"),
+                even.clone(),
+                skewed.clone(),
+                vec![("a", 0.0), ("b", 0.5), ("c", 0.5)],
+            ),
+            (
+                "fixed-share NaN = 0.5",
+                Policy::FixedShare {
+                    local_share: f64::NAN,
+                },
+                Some("a"),
+                zones(&[("a", 1), ("b", 1)]),
+                skewed.clone(),
+                vec![("a", 0.5), ("b", 0.5)],
+            ),
+            (
+                "fixed-share alone",
+                Policy::FixedShare { local_share: 0.3 },
+                Some("a"),
+                zones(&[("a", 1)]),
+                skewed.clone(),
+                vec![("a", 1.0)],
+            ),
+            (
+                "none",
+                Policy::None,
+                Some("a"),
+                zones(&[("a", 1), ("b", 3)]),
+                skewed.clone(),
+                vec![("a", 0.25), ("b", 0.75)],
+            ),
+        ];
+        for (name, policy, zone, capacity, census, expected) in cases {
+            let zone = zone.map(Zone::new);
+            let got = shares(policy, zone.as_ref(), &capacity, &census);
+            eprintln!("case {name}");
+            approx(&got, &expected);
+        }
+    }
+
+    #[test]
+    fn spill_over_follows_residual_capacity() {
+        // a: upstream 1/2, demand 6/10 → keeps 5/6; b: upstream 1/2, demand 4/10 → takes the rest.
+        let capacity = zones(&[("a", 1), ("b", 1)]);
+        let s = shares(
+            Policy::ZoneAware,
+            Some(&Zone::new("a")),
+            &capacity,
+            &zones(&[("a", 6), ("b", 4)]),
+        );
+        approx(&s, &[("a", 0.5 / 0.6), ("b", 1.0 - 0.5 / 0.6)]);
+        // Three zones: a up .25 / demand .4 keeps .625; b residual .05, c residual .1 → 1:2.
+        let capacity = zones(&[("a", 1), ("b", 1), ("c", 2)]);
+        let s = shares(
+            Policy::ZoneAware,
+            Some(&Zone::new("a")),
+            &capacity,
+            &zones(&[("a", 40), ("b", 20), ("c", 40)]),
+        );
+        approx(&s, &[("a", 0.625), ("b", 0.125), ("c", 0.25)]);
+    }
+
+    #[test]
+    fn plan_expresses_shares_as_two_priorities() {
+        let capacity = zones(&[("a", 2), ("b", 2), ("c", 2)]);
+        let s = shares(
+            Policy::LocalFirst,
+            Some(&Zone::new("a")),
+            &capacity,
+            &PerZone::new(),
+        );
+        let p = plan(&s, &capacity);
+        assert_eq!(p.priorities.len(), 2);
+        assert_eq!(p.find(&Zone::new("a")), Some((0, 10_000)));
+        assert_eq!(p.find(&Zone::new("b")), Some((1, 2)));
+        assert_eq!(p.find(&Zone::new("c")), Some((1, 2)));
+
+        let s = shares(
+            Policy::ZoneAware,
+            Some(&Zone::new("a")),
+            &capacity,
+            &zones(&[("a", 4), ("b", 1), ("c", 1)]),
+        );
+        let p = plan(&s, &capacity);
+        assert_eq!(p.priorities.len(), 1);
+        assert_eq!(p.find(&Zone::new("a")), Some((0, 5_000)));
+        assert_eq!(p.find(&Zone::new("b")), Some((0, 2_500)));
+
+        let s = shares(Policy::None, None, &capacity, &PerZone::new());
+        assert_eq!(plan(&s, &capacity).priorities.len(), 1);
+        assert_eq!(plan(&Shares::new(), &PerZone::new()), Plan::default());
+    }
+
+    fn per_zone() -> impl Strategy<Value = PerZone> {
+        prop::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "c", "d", "e", ""]).prop_map(Zone::new),
+            0u64..50,
+            0..6,
+        )
+    }
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        prop_oneof![
+            Just(Policy::ZoneAware),
+            Just(Policy::LocalFirst),
+            Just(Policy::None),
+            (0.0f64..=1.0).prop_map(|local_share| Policy::FixedShare { local_share }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn shares_are_a_distribution_over_capacity(
+            policy in policy(),
+            capacity in per_zone(),
+            census in per_zone(),
+            zone in prop::option::of(prop::sample::select(vec!["a", "b", "c", "x", ""]).prop_map(Zone::new)),
+        ) {
+            let s = shares(policy, zone.as_ref(), &capacity, &census);
+            let total_capacity: u64 = capacity.values().sum();
+            if total_capacity == 0 {
+                prop_assert!(s.is_empty());
+            } else {
+                let sum: f64 = s.values().sum();
+                prop_assert!((sum - 1.0).abs() < 1e-9, "sum {sum} for {s:?}");
+                for (z, share) in &s {
+                    prop_assert!(*share >= 0.0 && share.is_finite());
+                    prop_assert!(capacity.get(z).copied().unwrap_or(0) > 0, "share for zone without capacity");
+                }
+            }
+            let p = plan(&s, &capacity);
+            prop_assert!(p.priorities.len() <= 2);
+            let mut listed = std::collections::BTreeSet::new();
+            for priority in &p.priorities {
+                prop_assert!(!priority.is_empty(), "empty priority (priorities must be contiguous)");
+                for l in priority {
+                    prop_assert!(l.weight >= 1, "locality weight 0");
+                    prop_assert!(listed.insert(l.zone.clone()), "zone listed twice");
+                }
+            }
+            // Every zone with capacity is reachable for failover.
+            for (z, c) in &capacity {
+                if *c > 0 {
+                    prop_assert!(listed.contains(z), "zone {z} with capacity missing from plan");
+                }
+            }
+        }
+    }
+}

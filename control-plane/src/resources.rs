@@ -1,0 +1,605 @@
+//! Model + plan → Envoy/xDS resources. Pure builders, one per resource type,
+//! shaped to pass the checks real clients apply (see
+//! `shared/notes/xds-rules.md`): an `api_listener` with the router filter
+//! last, RDS and EDS from ADS, locality always set, weights never 0,
+//! contiguous priorities. The same traffic plan is expressed differently
+//! per [`ClientKind`]; the plan itself comes from `policy`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata,
+    SocketAddress, address, config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value};
+use envoy_types::util::pack_any;
+
+use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, Zone};
+use crate::policy::Plan;
+
+/// The four resource types served over ADS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceType {
+    Listener,
+    RouteConfiguration,
+    Cluster,
+    ClusterLoadAssignment,
+}
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Listener,
+        ResourceType::RouteConfiguration,
+        ResourceType::Cluster,
+        ResourceType::ClusterLoadAssignment,
+    ];
+
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            ResourceType::RouteConfiguration => {
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+            }
+            ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            ResourceType::ClusterLoadAssignment => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<ResourceType> {
+        ResourceType::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// Short name for logs and metric labels.
+    pub fn short(self) -> &'static str {
+        match self {
+            ResourceType::Listener => "lds",
+            ResourceType::RouteConfiguration => "rds",
+            ResourceType::Cluster => "cds",
+            ResourceType::ClusterLoadAssignment => "eds",
+        }
+    }
+
+    /// LDS and CDS responses carry the whole subscribed set: a name left out is deleted.
+    pub fn is_full_set(self) -> bool {
+        matches!(self, ResourceType::Listener | ResourceType::Cluster)
+    }
+}
+
+/// The metadata filter key endpoint attributes are published under.
+pub const METADATA_KEY: &str = "cloudmap";
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+/// The listener a gRPC client asks for when dialing `xds:///NAME`: an API
+/// listener whose route configuration (named like the listener) comes over ADS.
+pub fn listener(name: &str) -> Listener {
+    let manager = HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.to_string(),
+        })),
+        // gRPC NACKs a listener whose last filter is not the router.
+        http_filters: vec![HttpFilter {
+            name: ROUTER_FILTER.to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack_any(manager)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One virtual host matching any authority (the listener already chose the
+/// service), routing everything to `cluster`.
+pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: name.to_string(),
+            domains: vec!["*".to_string()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        cluster.to_string(),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An EDS cluster over ADS, round robin. Envoy additionally gets
+/// `locality_weighted_lb_config`, without which it ignores locality weights.
+pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
+    let mut c = Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.to_string(),
+        }),
+        lb_policy: cluster::LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    if kind == ClientKind::Envoy {
+        c.common_lb_config = Some(cluster::CommonLbConfig {
+            locality_config_specifier: Some(
+                cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                    cluster::common_lb_config::LocalityWeightedLbConfig {},
+                ),
+            ),
+            ..Default::default()
+        });
+    }
+    c
+}
+
+/// The endpoints of one service as a client of `kind` should see them under `plan`.
+///
+/// - gRPC: the plan's priorities and weights; UNHEALTHY endpoints left out
+///   (gRPC would drop them anyway, and a locality left empty by them is a NACK
+///   risk in C-core).
+/// - Envoy: the same, with UNHEALTHY endpoints kept and marked so Envoy's own
+///   failover maths sees them; zones that have only unhealthy endpoints go in
+///   one more, last, priority.
+/// - Flat: one priority; the endpoint *set* approximates the shares, since
+///   such clients ignore localities and weights.
+pub fn cluster_load_assignment(
+    name: &str,
+    service: &ServiceEndpoints,
+    plan: &Plan,
+    kind: ClientKind,
+) -> ClusterLoadAssignment {
+    let mut by_zone: BTreeMap<&Zone, Vec<&Endpoint>> = BTreeMap::new();
+    for e in &service.endpoints {
+        by_zone.entry(&e.zone).or_default().push(e);
+    }
+    let mut localities = Vec::new();
+    match kind {
+        ClientKind::Grpc | ClientKind::Envoy => {
+            let keep_unhealthy = kind == ClientKind::Envoy;
+            for (priority, zones) in plan.priorities.iter().enumerate() {
+                for weighted in zones {
+                    let members = by_zone
+                        .get(&weighted.zone)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    let lb: Vec<LbEndpoint> = members
+                        .iter()
+                        .filter(|e| keep_unhealthy || e.health.is_serving())
+                        .map(|e| lb_endpoint(e))
+                        .collect();
+                    if !lb.is_empty() {
+                        localities.push(locality(
+                            &weighted.zone,
+                            members,
+                            lb,
+                            weighted.weight,
+                            priority as u32,
+                        ));
+                    }
+                }
+            }
+            if keep_unhealthy {
+                let last = plan.priorities.len() as u32;
+                for (zone, members) in &by_zone {
+                    if plan.find(zone).is_none() {
+                        let lb = members.iter().map(|e| lb_endpoint(e)).collect();
+                        localities.push(locality(zone, members, lb, 1, last));
+                    }
+                }
+            }
+        }
+        ClientKind::Flat => {
+            let counts = flat_counts(plan, &by_zone);
+            for (zone, members) in &by_zone {
+                let take = counts.get(*zone).copied().unwrap_or(0);
+                let lb: Vec<LbEndpoint> = members
+                    .iter()
+                    .filter(|e| e.health.is_serving())
+                    .take(take)
+                    .map(|e| lb_endpoint(e))
+                    .collect();
+                if !lb.is_empty() {
+                    let weight = lb.len() as u32;
+                    localities.push(locality(zone, members, lb, weight, 0));
+                }
+            }
+        }
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: localities,
+        ..Default::default()
+    }
+}
+
+/// How many serving endpoints of each zone a flat client gets so that its
+/// per-endpoint round robin approximates the shares of the plan's first
+/// priority: the largest total K with round(share × K) ≤ available in every
+/// zone, at least one per zone with a share.
+fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<&Endpoint>>) -> HashMap<Zone, usize> {
+    let serving = |z: &Zone| {
+        by_zone
+            .get(z)
+            .map(|m| m.iter().filter(|e| e.health.is_serving()).count())
+            .unwrap_or(0)
+    };
+    let first = plan
+        .priorities
+        .first()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let total_weight: f64 = first.iter().map(|w| f64::from(w.weight)).sum();
+    let positive: Vec<(&Zone, f64)> = first
+        .iter()
+        .filter(|w| serving(&w.zone) > 0)
+        .map(|w| (&w.zone, f64::from(w.weight) / total_weight))
+        .collect();
+    let total = positive
+        .iter()
+        .map(|(z, s)| serving(z) as f64 / s)
+        .fold(f64::INFINITY, f64::min);
+    positive
+        .into_iter()
+        .map(|(z, s)| {
+            let k = if total.is_finite() {
+                (s * total).round() as usize
+            } else {
+                1
+            };
+            (z.clone(), k.clamp(1, serving(z)))
+        })
+        .collect()
+}
+
+fn locality(
+    zone: &Zone,
+    members: &[&Endpoint],
+    lb: Vec<LbEndpoint>,
+    weight: u32,
+    priority: u32,
+) -> LocalityLbEndpoints {
+    LocalityLbEndpoints {
+        locality: Some(Locality {
+            region: members
+                .first()
+                .map(|e| e.region.clone())
+                .unwrap_or_default(),
+            zone: zone.as_str().to_string(),
+            ..Default::default()
+        }),
+        lb_endpoints: lb,
+        load_balancing_weight: Some(UInt32Value {
+            value: weight.max(1),
+        }),
+        priority,
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
+    let health = match e.health {
+        Health::Healthy => core_v3::HealthStatus::Healthy,
+        Health::Unhealthy => core_v3::HealthStatus::Unhealthy,
+        Health::Unknown => core_v3::HealthStatus::Unknown,
+    };
+    let attributes = Struct {
+        fields: e
+            .attributes
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Value {
+                        kind: Some(value::Kind::StringValue(v.clone())),
+                    },
+                )
+            })
+            .collect(),
+    };
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    protocol: socket_address::Protocol::Tcp as i32,
+                    address: e.ip.to_string(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                        e.port,
+                    ))),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        health_status: health as i32,
+        metadata: Some(Metadata {
+            filter_metadata: HashMap::from([(METADATA_KEY.to_string(), attributes)]),
+            ..Default::default()
+        }),
+        // Unset means 1; an explicit 0 is a NACK.
+        load_balancing_weight: (e.weight != 1).then_some(UInt32Value {
+            value: e.weight.max(1),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{self, PerZone, Policy};
+    use std::collections::BTreeSet;
+
+    fn ep(id: &str, ip: &str, zone: &str, health: Health) -> Endpoint {
+        Endpoint {
+            instance_id: id.into(),
+            ip: ip.parse().unwrap_or_else(|_| panic!("test ip {ip}")),
+            port: 50051,
+            zone: Zone::new(zone),
+            region: "us-east-1".into(),
+            health,
+            weight: 1,
+            attributes: BTreeMap::from([("AVAILABILITY_ZONE".to_string(), zone.to_string())]),
+        }
+    }
+
+    fn six() -> ServiceEndpoints {
+        ServiceEndpoints::new(
+            vec![
+                ep("a1", "10.0.0.1", "a", Health::Healthy),
+                ep("a2", "10.0.0.2", "a", Health::Healthy),
+                ep("b1", "10.0.1.1", "b", Health::Healthy),
+                ep("b2", "10.0.1.2", "b", Health::Unhealthy),
+                ep("c1", "10.0.2.1", "c", Health::Unhealthy),
+                ep("c2", "10.0.2.2", "c", Health::Unhealthy),
+            ],
+            false,
+        )
+    }
+
+    fn build(
+        policy: Policy,
+        zone: &str,
+        census: &PerZone,
+        kind: ClientKind,
+    ) -> ClusterLoadAssignment {
+        let service = six();
+        let capacity = service.capacity();
+        let shares = policy::shares(policy, Some(&Zone::new(zone)), &capacity, census);
+        let plan = policy::plan(&shares, &capacity);
+        cluster_load_assignment("echo.demo", &service, &plan, kind)
+    }
+
+    /// The checks gRPC clients apply (xds-rules.md), as one predicate.
+    fn assert_grpc_valid(cla: &ClusterLoadAssignment) {
+        let priorities: BTreeSet<u32> = cla.endpoints.iter().map(|l| l.priority).collect();
+        assert_eq!(
+            priorities,
+            (0..priorities.len() as u32).collect(),
+            "priorities contiguous from 0"
+        );
+        let mut seen_localities = BTreeSet::new();
+        let mut seen_addresses = BTreeSet::new();
+        for l in &cla.endpoints {
+            let locality = l.locality.as_ref().expect("locality set");
+            assert!(
+                seen_localities.insert((l.priority, locality.zone.clone())),
+                "locality twice in a priority"
+            );
+            assert!(
+                l.load_balancing_weight
+                    .as_ref()
+                    .is_some_and(|w| w.value > 0),
+                "locality weight > 0"
+            );
+            assert!(!l.lb_endpoints.is_empty());
+            for e in &l.lb_endpoints {
+                assert_ne!(e.load_balancing_weight.as_ref().map(|w| w.value), Some(0));
+                let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &e.host_identifier
+                else {
+                    panic!("endpoint")
+                };
+                let Some(address::Address::SocketAddress(sa)) =
+                    endpoint.address.as_ref().and_then(|a| a.address.clone())
+                else {
+                    panic!("socket address")
+                };
+                assert!(sa.address.parse::<std::net::IpAddr>().is_ok());
+                assert!(
+                    seen_addresses.insert((sa.address.clone(), format!("{:?}", sa.port_specifier))),
+                    "duplicate address"
+                );
+            }
+        }
+    }
+
+    fn zones_at(cla: &ClusterLoadAssignment, priority: u32) -> Vec<(String, u32, usize)> {
+        cla.endpoints
+            .iter()
+            .filter(|l| l.priority == priority)
+            .map(|l| {
+                (
+                    l.locality
+                        .as_ref()
+                        .map(|x| x.zone.clone())
+                        .unwrap_or_default(),
+                    l.load_balancing_weight
+                        .as_ref()
+                        .map(|w| w.value)
+                        .unwrap_or(0),
+                    l.lb_endpoints.len(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grpc_local_first() {
+        let cla = build(Policy::LocalFirst, "a", &PerZone::new(), ClientKind::Grpc);
+        assert_grpc_valid(&cla);
+        assert_eq!(zones_at(&cla, 0), vec![("a".into(), 10_000, 2)]);
+        // c has no serving endpoint: left out for gRPC; b keeps its healthy one.
+        assert_eq!(zones_at(&cla, 1), vec![("b".into(), 1, 1)]);
+    }
+
+    #[test]
+    fn grpc_own_zone_without_capacity_gets_one_priority() {
+        let cla = build(Policy::LocalFirst, "c", &PerZone::new(), ClientKind::Grpc);
+        assert_grpc_valid(&cla);
+        assert_eq!(
+            zones_at(&cla, 0),
+            vec![("a".into(), 6_667, 2), ("b".into(), 3_333, 1)]
+        );
+        assert!(zones_at(&cla, 1).is_empty());
+    }
+
+    #[test]
+    fn envoy_keeps_unhealthy_marked() {
+        let cla = build(Policy::LocalFirst, "a", &PerZone::new(), ClientKind::Envoy);
+        assert_grpc_valid(&cla);
+        assert_eq!(zones_at(&cla, 1), vec![("b".into(), 1, 2)]);
+        assert_eq!(zones_at(&cla, 2), vec![("c".into(), 1, 2)]);
+        let unhealthy = cla
+            .endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .filter(|e| e.health_status == core_v3::HealthStatus::Unhealthy as i32)
+            .count();
+        assert_eq!(unhealthy, 3);
+    }
+
+    #[test]
+    fn flat_set_approximates_shares() {
+        let service = ServiceEndpoints::new(
+            (0..6)
+                .map(|i| {
+                    let zone = ["a", "b", "c"][i / 2];
+                    ep(
+                        &format!("{zone}{i}"),
+                        &format!("10.0.0.{i}"),
+                        zone,
+                        Health::Healthy,
+                    )
+                })
+                .collect(),
+            false,
+        );
+        let capacity = service.capacity();
+        let census = PerZone::from([
+            (Zone::new("a"), 4),
+            (Zone::new("b"), 1),
+            (Zone::new("c"), 1),
+        ]);
+        let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &census);
+        let plan = policy::plan(&shares, &capacity);
+        let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat);
+        assert_grpc_valid(&cla);
+        // Shares .5/.25/.25 → 2/1/1 endpoints.
+        let counts: Vec<usize> = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).collect();
+        assert_eq!(counts, vec![2, 1, 1]);
+        let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("b")), &capacity, &census);
+        let cla = cluster_load_assignment(
+            "echo.demo",
+            &service,
+            &policy::plan(&shares, &capacity),
+            ClientKind::Flat,
+        );
+        assert_eq!(zones_at(&cla, 0), vec![("b".into(), 2, 2)]);
+    }
+
+    #[test]
+    fn endpoint_carries_attributes_and_weight() {
+        let mut e = ep("a1", "10.0.0.1", "a", Health::Healthy);
+        let lb = lb_endpoint(&e);
+        assert!(lb.load_balancing_weight.is_none());
+        let meta = lb
+            .metadata
+            .as_ref()
+            .and_then(|m| m.filter_metadata.get(METADATA_KEY))
+            .expect("metadata");
+        assert!(meta.fields.contains_key("AVAILABILITY_ZONE"));
+        e.weight = 3;
+        assert_eq!(
+            lb_endpoint(&e).load_balancing_weight.map(|w| w.value),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn listener_has_router_last_and_rds_over_ads() {
+        use prost::Message;
+        let l = listener("echo.demo:50051");
+        let any = l
+            .api_listener
+            .and_then(|a| a.api_listener)
+            .expect("api listener");
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("decodes");
+        assert_eq!(
+            hcm.http_filters.last().map(|f| f.name.as_str()),
+            Some(ROUTER_FILTER)
+        );
+        let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
+            panic!("rds")
+        };
+        assert_eq!(rds.route_config_name, "echo.demo:50051");
+        assert!(matches!(
+            rds.config_source.and_then(|c| c.config_source_specifier),
+            Some(config_source::ConfigSourceSpecifier::Ads(_))
+        ));
+    }
+
+    #[test]
+    fn type_urls_round_trip() {
+        for t in ResourceType::ALL {
+            assert_eq!(ResourceType::from_type_url(t.type_url()), Some(t));
+        }
+        assert_eq!(ResourceType::from_type_url("type.googleapis.com/foo"), None);
+    }
+}
