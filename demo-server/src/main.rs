@@ -261,8 +261,10 @@ async fn resolve_identity(args: &Args) -> Identity {
 /// GETs `${base}/task` with a short timeout.
 async fn fetch_task_metadata(base: &str) -> Result<TaskMetadata> {
     let url = format!("{}/task", base.trim_end_matches('/'));
+    // The endpoint is link-local to the task: never route it through a proxy.
     let client = reqwest::Client::builder()
         .timeout(METADATA_TIMEOUT)
+        .no_proxy()
         .build()
         .context("building the HTTP client")?;
     let body = client
