@@ -36,13 +36,11 @@ pub async fn serve(
     metrics: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot bind the admin address {listen}: {e} (set --admin-listen)")
-    })?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the admin address {listen}: {e} (set --admin-listen)"))?;
     tracing::info!(address = %listen, "admin HTTP listening");
-    axum::serve(listener, router(cache, metrics))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(listener, router(cache, metrics)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
@@ -50,21 +48,13 @@ async fn ready(State(state): State<AdminState>) -> Response {
     if state.cache.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first Cloud Map sync\n",
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first Cloud Map sync\n").into_response()
     }
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {
     state.metrics.run_upkeep();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 
 async fn config_dump(State(state): State<AdminState>) -> Response {
@@ -88,16 +78,10 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                     })
                 })
                 .collect();
-            let capacity: serde_json::Map<_, _> = entry
-                .capacity
-                .iter()
-                .map(|(z, c)| (z.as_str().to_string(), json!(c)))
-                .collect();
-            let census: serde_json::Map<_, _> = entry
-                .census
-                .iter()
-                .map(|(z, c)| (z.as_str().to_string(), json!(c)))
-                .collect();
+            let capacity: serde_json::Map<_, _> =
+                entry.capacity.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
+            let census: serde_json::Map<_, _> =
+                entry.census.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
             json!({
                 "name": entry.name.dial_name(),
                 "namespace": entry.name.namespace,

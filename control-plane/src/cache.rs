@@ -10,8 +10,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use dashmap::DashMap;
 use envoy_types::pb::google::protobuf::Any;
@@ -87,12 +88,7 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    fn new(
-        name: ServiceName,
-        endpoints: Arc<ServiceEndpoints>,
-        policy: Policy,
-        census: PerZone,
-    ) -> Self {
+    fn new(name: ServiceName, endpoints: Arc<ServiceEndpoints>, policy: Policy, census: PerZone) -> Self {
         let endpoints_hash = stable_hash(&*endpoints);
         let capacity = endpoints.capacity();
         ServiceEntry {
@@ -128,12 +124,7 @@ impl ServiceEntry {
         if let Some(plan) = self.plans.get(&key) {
             return plan.clone();
         }
-        let plan = Arc::new(plan_for(
-            self.policy,
-            key.as_ref(),
-            &self.capacity,
-            &self.census,
-        ));
+        let plan = Arc::new(plan_for(self.policy, key.as_ref(), &self.capacity, &self.census));
         self.plans.insert(key, plan.clone());
         plan
     }
@@ -148,11 +139,7 @@ impl ServiceEntry {
             self.encoded.clear();
         }
         let (name, resource) = build();
-        let encoded = Arc::new(Encoded {
-            name,
-            version: format!("{key:016x}"),
-            resource,
-        });
+        let encoded = Arc::new(Encoded { name, version: format!("{key:016x}"), resource });
         self.encoded.insert(key, encoded.clone());
         encoded
     }
@@ -160,16 +147,9 @@ impl ServiceEntry {
     fn eds(&self, client: &Client) -> Arc<Encoded> {
         let plan = self.plan(client.zone.as_ref());
         let name = self.name.dial_name();
-        let key = stable_hash(&(
-            ResourceType::ClusterLoadAssignment,
-            &name,
-            self.endpoints_hash,
-            &*plan,
-            client.kind,
-        ));
+        let key = stable_hash(&(ResourceType::ClusterLoadAssignment, &name, self.endpoints_hash, &*plan, client.kind));
         self.memo(key, || {
-            let cla =
-                resources::cluster_load_assignment(&name, &self.endpoints, &plan, client.kind);
+            let cla = resources::cluster_load_assignment(&name, &self.endpoints, &plan, client.kind);
             (name.clone(), pack_any(cla))
         })
     }
@@ -193,11 +173,7 @@ fn with_self(census: &PerZone, zone: Option<&Zone>) -> PerZone {
 /// Whether moving from census `old` to `new` shifts any zone's share by
 /// [`SHARE_THRESHOLD`] or more, for a client in any zone.
 fn shares_moved(policy: Policy, capacity: &PerZone, old: &PerZone, new: &PerZone) -> bool {
-    let zones: BTreeSet<&Zone> = capacity
-        .keys()
-        .chain(old.keys())
-        .chain(new.keys())
-        .collect();
+    let zones: BTreeSet<&Zone> = capacity.keys().chain(old.keys()).chain(new.keys()).collect();
     zones.into_iter().any(|zone| {
         let before = policy::shares(policy, Some(zone), capacity, &with_self(old, Some(zone)));
         let after = policy::shares(policy, Some(zone), capacity, &with_self(new, Some(zone)));
@@ -215,6 +191,10 @@ fn shares_moved(policy: Policy, capacity: &PerZone, old: &PerZone, new: &PerZone
 pub struct Snapshot {
     pub generation: u64,
     pub services: BTreeMap<String, Arc<ServiceEntry>>,
+    /// Where the Envoy egress listener binds, if enabled.
+    pub egress: Option<SocketAddr>,
+    egress_listener: OnceLock<Arc<Encoded>>,
+    egress_routes: OnceLock<Arc<Encoded>>,
 }
 
 impl Snapshot {
@@ -230,47 +210,65 @@ impl Snapshot {
         self.services.get(host)
     }
 
+    fn egress(&self, ty: ResourceType) -> Option<Arc<Encoded>> {
+        let address = self.egress?;
+        let encode = |resource: Any, inputs: u64| {
+            Arc::new(Encoded { name: resources::EGRESS.to_string(), version: format!("{inputs:016x}"), resource })
+        };
+        Some(match ty {
+            ResourceType::Listener => self
+                .egress_listener
+                .get_or_init(|| encode(pack_any(resources::egress_listener(address)), stable_hash(&(ty, address))))
+                .clone(),
+            ResourceType::RouteConfiguration => self
+                .egress_routes
+                .get_or_init(|| {
+                    let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+                    encode(
+                        pack_any(resources::egress_route_configuration(names.iter().copied())),
+                        stable_hash(&(ty, &names)),
+                    )
+                })
+                .clone(),
+            _ => return None,
+        })
+    }
+
     /// The encoded resource `name` of type `ty` for `client`, if it exists.
     pub fn resolve(&self, ty: ResourceType, name: &str, client: &Client) -> Option<Arc<Encoded>> {
+        if name == resources::EGRESS {
+            return self.egress(ty);
+        }
         match ty {
             ResourceType::Listener => {
                 let entry = self.lookup(name)?;
                 let key = stable_hash(&(ty, name));
-                Some(entry.memo(key, || {
-                    (name.to_string(), pack_any(resources::listener(name)))
-                }))
+                Some(entry.memo(key, || (name.to_string(), pack_any(resources::listener(name)))))
             }
             ResourceType::RouteConfiguration => {
                 let entry = self.lookup(name)?;
                 let cluster = entry.name.dial_name();
                 let key = stable_hash(&(ty, name, &cluster));
-                Some(entry.memo(key, || {
-                    (
-                        name.to_string(),
-                        pack_any(resources::route_configuration(name, &cluster)),
-                    )
-                }))
+                Some(entry.memo(key, || (name.to_string(), pack_any(resources::route_configuration(name, &cluster)))))
             }
             ResourceType::Cluster => {
                 let entry = self.services.get(name)?;
                 let key = stable_hash(&(ty, name, client.kind));
-                Some(entry.memo(key, || {
-                    (
-                        name.to_string(),
-                        pack_any(resources::cluster(name, client.kind)),
-                    )
-                }))
+                Some(entry.memo(key, || (name.to_string(), pack_any(resources::cluster(name, client.kind)))))
             }
             ResourceType::ClusterLoadAssignment => Some(self.services.get(name)?.eds(client)),
         }
     }
 
-    /// The names a wildcard subscription to `ty` covers.
-    pub fn wildcard_names(&self, ty: ResourceType) -> Vec<String> {
+    /// The names a wildcard subscription to `ty` covers for `client`. Envoy's
+    /// wildcard LDS gets the egress listener only: the API listeners gRPC
+    /// clients use mean nothing to a proxy.
+    pub fn wildcard_names(&self, ty: ResourceType, client: &Client) -> Vec<String> {
         match ty {
-            ResourceType::Listener | ResourceType::Cluster => {
-                self.services.keys().cloned().collect()
+            ResourceType::Listener if client.kind == ClientKind::Envoy => {
+                self.egress.iter().map(|_| resources::EGRESS.to_string()).collect()
             }
+            ResourceType::Listener | ResourceType::Cluster => self.services.keys().cloned().collect(),
             ResourceType::RouteConfiguration | ResourceType::ClusterLoadAssignment => Vec::new(),
         }
     }
@@ -280,6 +278,7 @@ impl Snapshot {
 /// debouncer; readers are the streams and the admin endpoints.
 #[derive(Debug)]
 pub struct Cache {
+    egress: Option<SocketAddr>,
     snapshot: RwLock<Arc<Snapshot>>,
     changes: watch::Sender<u64>,
     ready: AtomicBool,
@@ -290,22 +289,25 @@ pub struct Cache {
 
 impl Default for Cache {
     fn default() -> Self {
+        Cache::new(None)
+    }
+}
+
+impl Cache {
+    /// `egress`: where Envoy's egress listener binds; `None` serves none.
+    pub fn new(egress: Option<SocketAddr>) -> Self {
         Cache {
-            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            egress,
+            snapshot: RwLock::new(Arc::new(Snapshot { egress, ..Default::default() })),
             changes: watch::channel(0).0,
             ready: AtomicBool::new(false),
             census: Mutex::new(BTreeMap::new()),
             census_changed: tokio::sync::Notify::new(),
         }
     }
-}
 
-impl Cache {
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A receiver that wakes on every new snapshot generation.
@@ -331,22 +333,14 @@ impl Cache {
             return false;
         }
         let generation = guard.generation + 1;
-        *guard = Arc::new(Snapshot {
-            generation,
-            services,
-        });
+        *guard = Arc::new(Snapshot { generation, services, egress: self.egress, ..Default::default() });
         drop(guard);
         self.changes.send_replace(generation);
         true
     }
 
     /// Set a service's endpoints and policy; no-op (no push) when nothing changed.
-    pub fn update_service(
-        &self,
-        name: &ServiceName,
-        endpoints: ServiceEndpoints,
-        policy: Policy,
-    ) -> bool {
+    pub fn update_service(&self, name: &ServiceName, endpoints: ServiceEndpoints, policy: Policy) -> bool {
         let dial = name.dial_name();
         let census = self.live_census(&dial);
         self.publish(|services| {
@@ -368,12 +362,7 @@ impl Cache {
     }
 
     fn live_census(&self, dial: &str) -> PerZone {
-        self.census
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(dial)
-            .cloned()
-            .unwrap_or_default()
+        self.census.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default()
     }
 
     /// A client in `zone` subscribed to service `dial`'s endpoints. Clients
@@ -383,11 +372,7 @@ impl Cache {
             return;
         }
         let mut census = self.census.lock().unwrap_or_else(|e| e.into_inner());
-        *census
-            .entry(dial.to_string())
-            .or_default()
-            .entry(zone.clone())
-            .or_insert(0) += 1;
+        *census.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0) += 1;
         drop(census);
         self.census_changed.notify_one();
     }
@@ -420,11 +405,7 @@ impl Cache {
     /// Move services to the live census where that shifts some share by at
     /// least [`SHARE_THRESHOLD`]; returns whether anything was published.
     pub fn apply_census(&self) -> bool {
-        let live = self
-            .census
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let live = self.census.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.publish(|services| {
             let mut changed = false;
             for (dial, entry) in services.iter_mut() {
@@ -473,10 +454,7 @@ mod tests {
     }
 
     fn grpc(zone: &str) -> Client {
-        Client {
-            zone: Some(Zone::new(zone)),
-            kind: ClientKind::Grpc,
-        }
+        Client { zone: Some(Zone::new(zone)), kind: ClientKind::Grpc }
     }
 
     fn eds_zones(e: &Encoded) -> Vec<(u32, String, u32)> {
@@ -487,7 +465,7 @@ mod tests {
                 (
                     l.priority,
                     l.locality.clone().unwrap_or_default().zone,
-                    l.load_balancing_weight.clone().unwrap_or_default().value,
+                    l.load_balancing_weight.unwrap_or_default().value,
                 )
             })
             .collect()
@@ -496,11 +474,7 @@ mod tests {
     #[test]
     fn lookup_by_dial_name_with_optional_port() {
         let cache = Cache::default();
-        cache.update_service(
-            &ServiceName::new("grpc.demo", "echo"),
-            endpoints(&["a"]),
-            Policy::LocalFirst,
-        );
+        cache.update_service(&ServiceName::new("grpc.demo", "echo"), endpoints(&["a"]), Policy::LocalFirst);
         let snap = cache.snapshot();
         assert!(snap.lookup("echo.grpc.demo").is_some());
         assert!(snap.lookup("echo.grpc.demo:50051").is_some());
@@ -508,14 +482,9 @@ mod tests {
         assert!(snap.lookup("echo.grpc").is_none());
         assert!(snap.lookup("grpc.demo").is_none());
         let client = grpc("a");
-        let l = snap
-            .resolve(ResourceType::Listener, "echo.grpc.demo:50051", &client)
-            .expect("listener");
+        let l = snap.resolve(ResourceType::Listener, "echo.grpc.demo:50051", &client).expect("listener");
         assert_eq!(l.name, "echo.grpc.demo:50051");
-        assert!(
-            snap.resolve(ResourceType::Cluster, "echo.grpc.demo:50051", &client)
-                .is_none()
-        );
+        assert!(snap.resolve(ResourceType::Cluster, "echo.grpc.demo:50051", &client).is_none());
     }
 
     #[test]
@@ -540,63 +509,32 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b", "c"]), Policy::LocalFirst);
         let snap = cache.snapshot();
-        let first = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
-            .expect("eds");
-        let again = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
-            .expect("eds");
+        let first = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
+        let again = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
         assert!(Arc::ptr_eq(&first, &again), "same variant is encoded once");
-        let other = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b"))
-            .expect("eds");
+        let other = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b")).expect("eds");
         assert_ne!(first.version, other.version);
         // A fresh cache (a restarted control plane) computes the same version.
         let fresh = Cache::default();
         fresh.update_service(&name, endpoints(&["a", "b", "c"]), Policy::LocalFirst);
-        let same = fresh
-            .snapshot()
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
-            .expect("eds");
+        let same = fresh.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
         assert_eq!(first.version, same.version);
-        assert_eq!(
-            eds_zones(&first),
-            vec![
-                (0, "a".into(), 10_000),
-                (1, "b".into(), 1),
-                (1, "c".into(), 1)
-            ]
-        );
+        assert_eq!(eds_zones(&first), vec![(0, "a".into(), 10_000), (1, "b".into(), 1), (1, "c".into(), 1)]);
     }
 
     #[test]
     fn census_drives_zone_aware_plans_and_spares_unaffected_zones() {
         let cache = Cache::default();
         let name = ServiceName::new("demo", "echo");
-        cache.update_service(
-            &name,
-            endpoints(&["a", "a", "b", "b", "c", "c"]),
-            Policy::ZoneAware,
-        );
+        cache.update_service(&name, endpoints(&["a", "a", "b", "b", "c", "c"]), Policy::ZoneAware);
         for zone in ["a", "b", "c"] {
             cache.census_join("echo.demo", &Zone::new(zone));
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
-        let b_before = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b"))
-            .expect("eds");
-        let a = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
-            .expect("eds");
-        assert_eq!(
-            eds_zones(&a),
-            vec![
-                (0, "a".into(), 10_000),
-                (1, "b".into(), 2),
-                (1, "c".into(), 2)
-            ]
-        );
+        let b_before = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b")).expect("eds");
+        let a = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
+        assert_eq!(eds_zones(&a), vec![(0, "a".into(), 10_000), (1, "b".into(), 2), (1, "c".into(), 2)]);
 
         // Skew to 4/1/1: a spills half, b and c stay local — and b's resource is not re-encoded.
         for _ in 0..3 {
@@ -604,27 +542,11 @@ mod tests {
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
-        let a = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a"))
-            .expect("eds");
-        assert_eq!(
-            eds_zones(&a),
-            vec![
-                (0, "a".into(), 5_000),
-                (0, "b".into(), 2_500),
-                (0, "c".into(), 2_500)
-            ]
-        );
-        let b_after = snap
-            .resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b"))
-            .expect("eds");
+        let a = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
+        assert_eq!(eds_zones(&a), vec![(0, "a".into(), 5_000), (0, "b".into(), 2_500), (0, "c".into(), 2_500)]);
+        let b_after = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("b")).expect("eds");
         assert!(Arc::ptr_eq(&b_before, &b_after));
-        assert_eq!(
-            cache.snapshot().services["echo.demo"]
-                .census
-                .get(&Zone::new("a")),
-            Some(&4)
-        );
+        assert_eq!(cache.snapshot().services["echo.demo"].census.get(&Zone::new("a")), Some(&4));
     }
 
     #[test]
@@ -646,6 +568,23 @@ mod tests {
             cache.census_join("echo.demo", &Zone::new("a"));
         }
         assert!(!cache.apply_census());
+    }
+
+    #[test]
+    fn envoy_wildcard_lds_is_the_egress_listener() {
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a"]), Policy::ZoneAware);
+        let snap = cache.snapshot();
+        let envoy = Client { zone: None, kind: ClientKind::Envoy };
+        assert_eq!(snap.wildcard_names(ResourceType::Listener, &envoy), vec![resources::EGRESS]);
+        assert_eq!(snap.wildcard_names(ResourceType::Cluster, &envoy), vec!["echo.demo"]);
+        let routes = snap.resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("routes");
+        let before = routes.version.clone();
+        cache.update_service(&ServiceName::new("demo", "other"), endpoints(&["a"]), Policy::ZoneAware);
+        let after =
+            cache.snapshot().resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("routes");
+        assert_ne!(before, after.version, "a new service changes the egress routes");
+        assert!(Cache::default().snapshot().resolve(ResourceType::Listener, resources::EGRESS, &envoy).is_none());
     }
 
     #[test]

@@ -51,15 +51,9 @@ pub struct Namespace {
 /// The part of the Cloud Map API the control plane uses: reads only.
 pub trait CloudMap: Send + Sync + 'static {
     /// Find a namespace by its name or HTTP name.
-    fn find_namespace(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<Namespace>, CloudMapError>> + Send;
+    fn find_namespace(&self, name: &str) -> impl Future<Output = Result<Option<Namespace>, CloudMapError>> + Send;
     /// Names of the services in the namespace with this id.
-    fn list_services(
-        &self,
-        namespace_id: &str,
-    ) -> impl Future<Output = Result<Vec<String>, CloudMapError>> + Send;
+    fn list_services(&self, namespace_id: &str) -> impl Future<Output = Result<Vec<String>, CloudMapError>> + Send;
     fn discover_instances(
         &self,
         namespace: &str,
@@ -118,30 +112,17 @@ impl AwsCloudMap {
         if custom_endpoint {
             config = config.interceptor(NoHostPrefix);
         }
-        AwsCloudMap {
-            client: sd::Client::from_conf(config.build()),
-            service_namespaces: Default::default(),
-        }
+        AwsCloudMap { client: sd::Client::from_conf(config.build()), service_namespaces: Default::default() }
     }
 
     async fn namespace_of(&self, service_id: &str) -> Result<Option<String>, CloudMapError> {
         if let Some(ns) = self.service_namespaces.get(service_id) {
             return Ok(Some(ns.clone()));
         }
-        let out = self
-            .client
-            .get_service()
-            .id(service_id)
-            .send()
-            .await
-            .map_err(|e| error("GetService", e))?;
-        let ns = out
-            .service()
-            .and_then(|s| s.namespace_id())
-            .map(str::to_string);
+        let out = self.client.get_service().id(service_id).send().await.map_err(|e| error("GetService", e))?;
+        let ns = out.service().and_then(|s| s.namespace_id()).map(str::to_string);
         if let Some(ns) = &ns {
-            self.service_namespaces
-                .insert(service_id.to_string(), ns.clone());
+            self.service_namespaces.insert(service_id.to_string(), ns.clone());
         }
         Ok(ns)
     }
@@ -153,17 +134,10 @@ where
     R: std::fmt::Debug + 'static,
 {
     let code = e.code().map(str::to_string);
-    let throttled = matches!(
-        code.as_deref(),
-        Some("RequestLimitExceeded" | "ThrottlingException" | "Throttling")
-    );
+    let throttled = matches!(code.as_deref(), Some("RequestLimitExceeded" | "ThrottlingException" | "Throttling"));
     metrics::counter!("cloudmap_xds_cloudmap_errors_total", "operation" => operation, "code" => code.unwrap_or_else(|| "none".into()))
         .increment(1);
-    CloudMapError {
-        operation,
-        message: DisplayErrorContext(&e).to_string(),
-        throttled,
-    }
+    CloudMapError { operation, message: DisplayErrorContext(&e).to_string(), throttled }
 }
 
 fn health_filter(filter: HealthFilter) -> sd::types::HealthStatusFilter {
@@ -195,17 +169,11 @@ impl CloudMap for AwsCloudMap {
             while let Some(page) = pages.next().await {
                 let page = page.map_err(|e| error("ListNamespaces", e))?;
                 for ns in page.namespaces() {
-                    let http_name = ns
-                        .properties()
-                        .and_then(|p| p.http_properties())
-                        .and_then(|h| h.http_name());
+                    let http_name = ns.properties().and_then(|p| p.http_properties()).and_then(|h| h.http_name());
                     if ns.name() == Some(name) || http_name == Some(name) {
                         let Some(id) = ns.id() else { continue };
                         let http_name = http_name.or(ns.name()).unwrap_or(name).to_string();
-                        return Ok(Some(Namespace {
-                            id: id.to_string(),
-                            http_name,
-                        }));
+                        return Ok(Some(Namespace { id: id.to_string(), http_name }));
                     }
                 }
             }
@@ -221,17 +189,8 @@ impl CloudMap for AwsCloudMap {
                 .values(namespace_id)
                 .condition(sd::types::FilterCondition::Eq)
                 .build()
-                .map_err(|e| CloudMapError {
-                    operation: "ListServices",
-                    message: e.to_string(),
-                    throttled: false,
-                })?;
-            let mut pages = self
-                .client
-                .list_services()
-                .filters(filter)
-                .into_paginator()
-                .send();
+                .map_err(|e| CloudMapError { operation: "ListServices", message: e.to_string(), throttled: false })?;
+            let mut pages = self.client.list_services().filters(filter).into_paginator().send();
             let mut names = Vec::new();
             while let Some(page) = pages.next().await {
                 let page = page.map_err(|e| error("ListServices", e))?;
@@ -256,11 +215,8 @@ impl CloudMap for AwsCloudMap {
         settings: &ServiceSettings,
     ) -> Result<(Vec<RawInstance>, Option<i64>), CloudMapError> {
         timed("DiscoverInstances", async {
-            let query: HashMap<String, String> = settings
-                .query_parameters
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let query: HashMap<String, String> =
+                settings.query_parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let out = self
                 .client
                 .discover_instances()
@@ -289,11 +245,7 @@ impl CloudMap for AwsCloudMap {
         .await
     }
 
-    async fn discover_revision(
-        &self,
-        namespace: &str,
-        service: &str,
-    ) -> Result<Option<i64>, CloudMapError> {
+    async fn discover_revision(&self, namespace: &str, service: &str) -> Result<Option<i64>, CloudMapError> {
         timed("DiscoverInstancesRevision", async {
             let out = self
                 .client
@@ -365,9 +317,7 @@ impl<C: CloudMap> Watcher<C> {
         for name in namespaces {
             let (tx, rx) = oneshot::channel();
             synced.push(rx);
-            tasks.push(AbortOnDrop(tokio::spawn(
-                self.clone().watch_namespace(name, tx),
-            )));
+            tasks.push(AbortOnDrop(tokio::spawn(self.clone().watch_namespace(name, tx))));
         }
         for rx in synced {
             // A dropped sender means the task ended, which only happens on shutdown.
@@ -425,11 +375,7 @@ impl<C: CloudMap> Watcher<C> {
                         }
                         let (tx, rx) = oneshot::channel();
                         first_reads.push(rx);
-                        let task = self.clone().watch_service(
-                            ns.clone(),
-                            ServiceName::new(&name, &service),
-                            tx,
-                        );
+                        let task = self.clone().watch_service(ns.clone(), ServiceName::new(&name, &service), tx);
                         services.insert(service, AbortOnDrop(tokio::spawn(task)));
                     }
                     if let Some(tx) = synced.take() {
@@ -445,24 +391,15 @@ impl<C: CloudMap> Watcher<C> {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(namespace = %name, error = %e, "listing services failed; keeping the last known services");
-                    backoff(
-                        failures,
-                        self.timing.revision_interval,
-                        self.timing.max_backoff,
-                    )
-                    .max(self.timing.revision_interval)
+                    backoff(failures, self.timing.revision_interval, self.timing.max_backoff)
+                        .max(self.timing.revision_interval)
                 }
             };
             tokio::time::sleep(wait).await;
         }
     }
 
-    async fn watch_service(
-        self,
-        namespace: Namespace,
-        name: ServiceName,
-        synced: oneshot::Sender<()>,
-    ) {
+    async fn watch_service(self, namespace: Namespace, name: ServiceName, synced: oneshot::Sender<()>) {
         let mut synced = Some(synced);
         let settings = self.config.settings(&name);
         let options = TranslateOptions {
@@ -517,11 +454,7 @@ impl<C: CloudMap> Watcher<C> {
                 }
                 Err(e) => {
                     failures += 1;
-                    let wait = backoff(
-                        failures,
-                        self.timing.revision_interval,
-                        self.timing.max_backoff,
-                    );
+                    let wait = backoff(failures, self.timing.revision_interval, self.timing.max_backoff);
                     tracing::warn!(service = %name, error = %e, throttled = e.throttled, retry_in = ?wait, "Cloud Map call failed; keeping the last good endpoints");
                     wait
                 }
@@ -532,10 +465,7 @@ impl<C: CloudMap> Watcher<C> {
 }
 
 fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 #[cfg(test)]
@@ -558,20 +488,13 @@ mod tests {
 
     impl Fake {
         fn fail<T>(&self, operation: &'static str) -> Result<T, CloudMapError> {
-            Err(CloudMapError {
-                operation,
-                message: "boom".into(),
-                throttled: true,
-            })
+            Err(CloudMapError { operation, message: "boom".into(), throttled: true })
         }
     }
 
     impl CloudMap for Fake {
         async fn find_namespace(&self, name: &str) -> Result<Option<Namespace>, CloudMapError> {
-            Ok(Some(Namespace {
-                id: "ns-1".into(),
-                http_name: name.into(),
-            }))
+            Ok(Some(Namespace { id: "ns-1".into(), http_name: name.into() }))
         }
         async fn list_services(&self, _namespace_id: &str) -> Result<Vec<String>, CloudMapError> {
             Ok(vec!["echo".into()])
@@ -589,11 +512,7 @@ mod tests {
             let instances = self.instances.lock().map(|i| i.clone()).unwrap_or_default();
             Ok((instances, Some(*self.revision.lock().expect("lock"))))
         }
-        async fn discover_revision(
-            &self,
-            _namespace: &str,
-            _service: &str,
-        ) -> Result<Option<i64>, CloudMapError> {
+        async fn discover_revision(&self, _namespace: &str, _service: &str) -> Result<Option<i64>, CloudMapError> {
             self.revision_calls.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
                 return self.fail("DiscoverInstancesRevision");
@@ -606,23 +525,15 @@ mod tests {
         RawInstance {
             instance_id: id.into(),
             health: Some("HEALTHY".into()),
-            attributes: [
-                ("AWS_INSTANCE_IPV4", ip),
-                ("AWS_INSTANCE_PORT", "80"),
-                ("AVAILABILITY_ZONE", "us-east-1a"),
-            ]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+            attributes: [("AWS_INSTANCE_IPV4", ip), ("AWS_INSTANCE_PORT", "80"), ("AVAILABILITY_ZONE", "us-east-1a")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     fn endpoint_count(cache: &Cache) -> Option<usize> {
-        cache
-            .snapshot()
-            .services
-            .get("echo.demo")
-            .map(|s| s.endpoints.endpoints.len())
+        cache.snapshot().services.get("echo.demo").map(|s| s.endpoints.endpoints.len())
     }
 
     #[tokio::test(start_paused = true)]
@@ -646,33 +557,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(cache.is_ready());
         assert_eq!(endpoint_count(&cache), Some(1));
-        assert_eq!(
-            cache.snapshot().services["echo.demo"].policy,
-            Policy::ZoneAware
-        );
+        assert_eq!(cache.snapshot().services["echo.demo"].policy, Policy::ZoneAware);
 
         // A registration moves the revision: picked up at the next poll.
-        fake.instances
-            .lock()
-            .expect("lock")
-            .push(instance("i-2", "10.0.0.2"));
+        fake.instances.lock().expect("lock").push(instance("i-2", "10.0.0.2"));
         *fake.revision.lock().expect("lock") += 1;
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(endpoint_count(&cache), Some(2));
 
         // Outage for 60 s: state kept, calls bounded by the backoff (max 5 s → ≥ ~12 waits of ≥ 2.5 s).
         fake.failing.store(true, Ordering::SeqCst);
-        let calls_before =
-            fake.revision_calls.load(Ordering::SeqCst) + fake.discover_calls.load(Ordering::SeqCst);
+        let calls_before = fake.revision_calls.load(Ordering::SeqCst) + fake.discover_calls.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let calls = fake.revision_calls.load(Ordering::SeqCst)
-            + fake.discover_calls.load(Ordering::SeqCst)
-            - calls_before;
+        let calls =
+            fake.revision_calls.load(Ordering::SeqCst) + fake.discover_calls.load(Ordering::SeqCst) - calls_before;
         assert_eq!(endpoint_count(&cache), Some(2), "an outage removes nothing");
-        assert!(
-            calls <= 30,
-            "{calls} calls in 60 s of outage: backoff not applied"
-        );
+        assert!(calls <= 30, "{calls} calls in 60 s of outage: backoff not applied");
         assert!(calls >= 10, "{calls} calls: still retrying");
 
         // Recovery: the next successful poll brings changes in.
@@ -693,10 +593,7 @@ mod tests {
         for failures in 0..40 {
             let d = backoff(failures, base, max);
             let ceiling = base.saturating_mul(1 << failures.min(16)).min(max);
-            assert!(
-                d >= ceiling / 2 && d <= ceiling,
-                "{failures}: {d:?} vs {ceiling:?}"
-            );
+            assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?} vs {ceiling:?}");
         }
     }
 }

@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Bootstrap(args)) => return cloudmap_xds::bootstrap::run(args).await,
         None => cli.serve,
     };
     init_logging(args.log_format);
@@ -28,12 +29,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -54,7 +52,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if region.is_empty() {
         tracing::warn!("no AWS region configured (set AWS_REGION); Cloud Map calls will fail");
     }
-    let cache = Arc::new(Cache::default());
+    let egress = args.envoy_egress_port.map(|port| std::net::SocketAddr::new(args.envoy_egress_address, port));
+    let cache = Arc::new(Cache::new(egress));
     let watcher = Watcher {
         api: Arc::new(AwsCloudMap::new(&sdk)),
         cache: cache.clone(),
@@ -78,31 +77,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let admin = tokio::spawn(cloudmap_xds::admin::serve(
-        args.admin_listen,
-        cache.clone(),
-        metrics,
-        stopped(),
-    ));
+    let admin = tokio::spawn(cloudmap_xds::admin::serve(args.admin_listen, cache.clone(), metrics, stopped()));
 
     let listener = tokio::net::TcpListener::bind(args.xds_listen)
         .await
-        .with_context(|| {
-            format!(
-                "cannot bind the xDS address {} (set --xds-listen)",
-                args.xds_listen
-            )
-        })?;
+        .with_context(|| format!("cannot bind the xDS address {} (set --xds-listen)", args.xds_listen))?;
     tracing::info!(address = %args.xds_listen, "xDS (ADS) listening");
     let ads = AggregatedDiscoveryServiceServer::new(AdsServer::new(cache.clone()));
     let xds = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(ads)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stopped(),
-            ),
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped()),
     );
 
     shutdown_signal().await;

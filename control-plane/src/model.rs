@@ -26,11 +26,7 @@ impl Zone {
 
 impl fmt::Display for Zone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            f.write_str("(none)")
-        } else {
-            f.write_str(&self.0)
-        }
+        if self.0.is_empty() { f.write_str("(none)") } else { f.write_str(&self.0) }
     }
 }
 
@@ -45,10 +41,7 @@ pub struct ServiceName {
 
 impl ServiceName {
     pub fn new(namespace: impl Into<String>, service: impl Into<String>) -> Self {
-        ServiceName {
-            namespace: namespace.into(),
-            service: service.into(),
-        }
+        ServiceName { namespace: namespace.into(), service: service.into() }
     }
     /// The name clients dial and the name of every xDS resource for this service.
     pub fn dial_name(&self) -> String {
@@ -106,10 +99,7 @@ pub struct ServiceEndpoints {
 impl ServiceEndpoints {
     pub fn new(mut endpoints: Vec<Endpoint>, fail_open: bool) -> Self {
         endpoints.sort_by(|a, b| (&a.zone, a.ip, a.port).cmp(&(&b.zone, b.ip, b.port)));
-        ServiceEndpoints {
-            endpoints,
-            fail_open,
-        }
+        ServiceEndpoints { endpoints, fail_open }
     }
 
     /// Healthy weight per zone: the capacity the policy divides traffic by.
@@ -170,9 +160,6 @@ mod tests {
 
     #[test]
     fn dial_name_keeps_dotted_namespaces() {
-        assert_eq!(
-            ServiceName::new("grpc.demo", "echo").dial_name(),
-            "echo.grpc.demo"
-        );
+        assert_eq!(ServiceName::new("grpc.demo", "echo").dial_name(), "echo.grpc.demo");
     }
 }

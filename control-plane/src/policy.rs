@@ -61,27 +61,13 @@ impl Plan {
         self.priorities
             .iter()
             .enumerate()
-            .find_map(|(p, localities)| {
-                localities
-                    .iter()
-                    .find(|l| &l.zone == zone)
-                    .map(|l| (p as u32, l.weight))
-            })
+            .find_map(|(p, localities)| localities.iter().find(|l| &l.zone == zone).map(|l| (p as u32, l.weight)))
     }
 }
 
 /// Shares for a client in `client_zone` (`None` or unknown zone = no preference).
-pub fn shares(
-    policy: Policy,
-    client_zone: Option<&Zone>,
-    capacity: &PerZone,
-    census: &PerZone,
-) -> Shares {
-    let capacity: PerZone = capacity
-        .iter()
-        .filter(|(_, c)| **c > 0)
-        .map(|(z, c)| (z.clone(), *c))
-        .collect();
+pub fn shares(policy: Policy, client_zone: Option<&Zone>, capacity: &PerZone, census: &PerZone) -> Shares {
+    let capacity: PerZone = capacity.iter().filter(|(_, c)| **c > 0).map(|(z, c)| (z.clone(), *c)).collect();
     let total_capacity: u64 = capacity.values().sum();
     if total_capacity == 0 {
         return Shares::new();
@@ -96,28 +82,19 @@ pub fn shares(
         Policy::None => by_capacity,
         Policy::LocalFirst => BTreeMap::from([(local.clone(), 1.0)]),
         Policy::FixedShare { local_share } => {
-            let local_share = if local_share.is_finite() {
-                local_share.clamp(0.0, 1.0)
-            } else {
-                0.5
-            };
+            let local_share = if local_share.is_finite() { local_share.clamp(0.0, 1.0) } else { 0.5 };
             with_local(local, local_share, &capacity)
         }
         Policy::ZoneAware => {
-            let census: PerZone = census
-                .iter()
-                .filter(|(z, d)| **d > 0 && !z.is_unknown())
-                .map(|(z, d)| (z.clone(), *d))
-                .collect();
+            let census: PerZone =
+                census.iter().filter(|(z, d)| **d > 0 && !z.is_unknown()).map(|(z, d)| (z.clone(), *d)).collect();
             let total_demand: u64 = census.values().sum();
             let demand_here = census.get(local).copied().unwrap_or(0);
             if total_demand == 0 || demand_here == 0 {
                 return by_capacity;
             }
-            let upstream =
-                |z: &Zone| capacity.get(z).copied().unwrap_or(0) as f64 / total_capacity as f64;
-            let demand =
-                |z: &Zone| census.get(z).copied().unwrap_or(0) as f64 / total_demand as f64;
+            let upstream = |z: &Zone| capacity.get(z).copied().unwrap_or(0) as f64 / total_capacity as f64;
+            let demand = |z: &Zone| census.get(z).copied().unwrap_or(0) as f64 / total_demand as f64;
             let (up_local, demand_local) = (upstream(local), demand(local));
             if up_local >= demand_local {
                 return BTreeMap::from([(local.clone(), 1.0)]);
@@ -153,21 +130,14 @@ fn with_local(local: &Zone, local_share: f64, capacity: &PerZone) -> Shares {
     if others.is_empty() {
         return BTreeMap::from([(local.clone(), 1.0)]);
     }
-    let mut out: Shares = others
-        .into_iter()
-        .map(|(z, s)| (z, s * (1.0 - local_share)))
-        .collect();
+    let mut out: Shares = others.into_iter().map(|(z, s)| (z, s * (1.0 - local_share))).collect();
     out.insert(local.clone(), local_share);
     out
 }
 
 /// Capacity-proportional shares, leaving out `except`.
 fn proportional(capacity: &PerZone, except: Option<&Zone>) -> Shares {
-    let total: u64 = capacity
-        .iter()
-        .filter(|(z, _)| Some(*z) != except)
-        .map(|(_, c)| *c)
-        .sum();
+    let total: u64 = capacity.iter().filter(|(z, _)| Some(*z) != except).map(|(_, c)| *c).sum();
     if total == 0 {
         return Shares::new();
     }
@@ -185,24 +155,15 @@ pub fn plan(shares: &Shares, capacity: &PerZone) -> Plan {
         // Shares below half a weight unit round to 0: leave such zones to the failover priority.
         let weight = (share * WEIGHT_SCALE).round();
         if weight >= 1.0 {
-            first.push(Weighted {
-                zone: zone.clone(),
-                weight: weight.min(u32::MAX as f64) as u32,
-            });
+            first.push(Weighted { zone: zone.clone(), weight: weight.min(u32::MAX as f64) as u32 });
         }
     }
     let rest: Vec<Weighted> = capacity
         .iter()
         .filter(|(z, c)| **c > 0 && !first.iter().any(|w| &w.zone == *z))
-        .map(|(z, c)| Weighted {
-            zone: z.clone(),
-            weight: (*c).clamp(1, u64::from(u32::MAX)) as u32,
-        })
+        .map(|(z, c)| Weighted { zone: z.clone(), weight: (*c).clamp(1, u64::from(u32::MAX)) as u32 })
         .collect();
-    let priorities = [first, rest]
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect();
+    let priorities = [first, rest].into_iter().filter(|p| !p.is_empty()).collect();
     Plan { priorities }
 }
 
@@ -217,17 +178,10 @@ mod tests {
 
     fn approx(shares: &Shares, expected: &[(&str, f64)]) {
         let got: Vec<(String, f64)> = shares.iter().map(|(z, s)| (z.0.clone(), *s)).collect();
-        assert_eq!(
-            got.len(),
-            expected.len(),
-            "got {got:?}, expected {expected:?}"
-        );
+        assert_eq!(got.len(), expected.len(), "got {got:?}, expected {expected:?}");
         for ((gz, gs), (ez, es)) in got.iter().zip(expected) {
             assert_eq!(gz, ez, "got {got:?}");
-            assert!(
-                (gs - es).abs() < 1e-9,
-                "zone {gz}: got {gs}, expected {es} ({got:?})"
-            );
+            assert!((gs - es).abs() < 1e-9, "zone {gz}: got {gs}, expected {es} ({got:?})");
         }
     }
 
@@ -240,14 +194,7 @@ mod tests {
         let skewed = zones(&[("a", 4), ("b", 1), ("c", 1)]);
         let za = Policy::ZoneAware;
         #[allow(clippy::type_complexity)]
-        let cases: Vec<(
-            &str,
-            Policy,
-            Option<&str>,
-            PerZone,
-            PerZone,
-            Vec<(&str, f64)>,
-        )> = vec![
+        let cases: Vec<(&str, Policy, Option<&str>, PerZone, PerZone, Vec<(&str, f64)>)> = vec![
             // The worked example of notes/zone-aware.md: a keeps 50 %, sends 25 % to b and c.
             (
                 "worked example, a",
@@ -257,22 +204,8 @@ mod tests {
                 skewed.clone(),
                 vec![("a", 0.5), ("b", 0.25), ("c", 0.25)],
             ),
-            (
-                "worked example, b",
-                za,
-                Some("b"),
-                even.clone(),
-                skewed.clone(),
-                vec![("b", 1.0)],
-            ),
-            (
-                "balanced stays local",
-                za,
-                Some("a"),
-                even.clone(),
-                balanced.clone(),
-                vec![("a", 1.0)],
-            ),
+            ("worked example, b", za, Some("b"), even.clone(), skewed.clone(), vec![("b", 1.0)]),
+            ("balanced stays local", za, Some("a"), even.clone(), balanced.clone(), vec![("a", 1.0)]),
             (
                 "no census: by capacity",
                 za,
@@ -313,22 +246,8 @@ mod tests {
                 zones(&[("b", 5)]),
                 vec![("a", THIRD), ("b", THIRD), ("c", THIRD)],
             ),
-            (
-                "one zone only",
-                za,
-                Some("a"),
-                zones(&[("a", 3)]),
-                zones(&[("a", 9)]),
-                vec![("a", 1.0)],
-            ),
-            (
-                "zero capacity",
-                za,
-                Some("a"),
-                zones(&[("a", 0), ("b", 0)]),
-                balanced.clone(),
-                vec![],
-            ),
+            ("one zone only", za, Some("a"), zones(&[("a", 3)]), zones(&[("a", 9)]), vec![("a", 1.0)]),
+            ("zero capacity", za, Some("a"), zones(&[("a", 0), ("b", 0)]), balanced.clone(), vec![]),
             (
                 // a: upstream 1/4, demand 1/2 → keeps 1/2; b saturated, c has residual → all excess to c.
                 "residual goes where capacity is spare",
@@ -347,14 +266,7 @@ mod tests {
                 zones(&[("a", 1), ("b", 1), ("x", 2)]),
                 vec![("a", 1.0)],
             ),
-            (
-                "local-first",
-                Policy::LocalFirst,
-                Some("b"),
-                even.clone(),
-                skewed.clone(),
-                vec![("b", 1.0)],
-            ),
+            ("local-first", Policy::LocalFirst, Some("b"), even.clone(), skewed.clone(), vec![("b", 1.0)]),
             (
                 "local-first, own zone dead",
                 Policy::LocalFirst,
@@ -381,9 +293,7 @@ mod tests {
             ),
             (
                 "fixed-share NaN = 0.5",
-                Policy::FixedShare {
-                    local_share: f64::NAN,
-                },
+                Policy::FixedShare { local_share: f64::NAN },
                 Some("a"),
                 zones(&[("a", 1), ("b", 1)]),
                 skewed.clone(),
@@ -418,45 +328,25 @@ mod tests {
     fn spill_over_follows_residual_capacity() {
         // a: upstream 1/2, demand 6/10 → keeps 5/6; b: upstream 1/2, demand 4/10 → takes the rest.
         let capacity = zones(&[("a", 1), ("b", 1)]);
-        let s = shares(
-            Policy::ZoneAware,
-            Some(&Zone::new("a")),
-            &capacity,
-            &zones(&[("a", 6), ("b", 4)]),
-        );
+        let s = shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &zones(&[("a", 6), ("b", 4)]));
         approx(&s, &[("a", 0.5 / 0.6), ("b", 1.0 - 0.5 / 0.6)]);
         // Three zones: a up .25 / demand .4 keeps .625; b residual .05, c residual .1 → 1:2.
         let capacity = zones(&[("a", 1), ("b", 1), ("c", 2)]);
-        let s = shares(
-            Policy::ZoneAware,
-            Some(&Zone::new("a")),
-            &capacity,
-            &zones(&[("a", 40), ("b", 20), ("c", 40)]),
-        );
+        let s = shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &zones(&[("a", 40), ("b", 20), ("c", 40)]));
         approx(&s, &[("a", 0.625), ("b", 0.125), ("c", 0.25)]);
     }
 
     #[test]
     fn plan_expresses_shares_as_two_priorities() {
         let capacity = zones(&[("a", 2), ("b", 2), ("c", 2)]);
-        let s = shares(
-            Policy::LocalFirst,
-            Some(&Zone::new("a")),
-            &capacity,
-            &PerZone::new(),
-        );
+        let s = shares(Policy::LocalFirst, Some(&Zone::new("a")), &capacity, &PerZone::new());
         let p = plan(&s, &capacity);
         assert_eq!(p.priorities.len(), 2);
         assert_eq!(p.find(&Zone::new("a")), Some((0, 10_000)));
         assert_eq!(p.find(&Zone::new("b")), Some((1, 2)));
         assert_eq!(p.find(&Zone::new("c")), Some((1, 2)));
 
-        let s = shares(
-            Policy::ZoneAware,
-            Some(&Zone::new("a")),
-            &capacity,
-            &zones(&[("a", 4), ("b", 1), ("c", 1)]),
-        );
+        let s = shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &zones(&[("a", 4), ("b", 1), ("c", 1)]));
         let p = plan(&s, &capacity);
         assert_eq!(p.priorities.len(), 1);
         assert_eq!(p.find(&Zone::new("a")), Some((0, 5_000)));

@@ -9,21 +9,21 @@ use std::collections::{BTreeMap, HashMap};
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata,
-    SocketAddress, address, config_source, socket_address,
+    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, SocketAddress,
+    address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
-    route_match,
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
 use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value};
 use envoy_types::util::pack_any;
 
@@ -50,13 +50,9 @@ impl ResourceType {
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
-            ResourceType::RouteConfiguration => {
-                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-            }
+            ResourceType::RouteConfiguration => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
             ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            ResourceType::ClusterLoadAssignment => {
-                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-            }
+            ResourceType::ClusterLoadAssignment => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
         }
     }
 
@@ -80,6 +76,11 @@ impl ResourceType {
     }
 }
 
+/// The name of the optional Envoy egress listener and of its route configuration.
+pub const EGRESS: &str = "cloudmap-xds-egress";
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
+
 /// The metadata filter key endpoint attributes are published under.
 pub const METADATA_KEY: &str = "cloudmap";
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
@@ -87,9 +88,7 @@ const ROUTER_FILTER: &str = "envoy.filters.http.router";
 fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-            AggregatedConfigSource {},
-        )),
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
         ..Default::default()
     }
 }
@@ -106,20 +105,74 @@ pub fn listener(name: &str) -> Listener {
         // gRPC NACKs a listener whose last filter is not the router.
         http_filters: vec![HttpFilter {
             name: ROUTER_FILTER.to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
             ..Default::default()
         }],
         ..Default::default()
     };
     Listener {
         name: name.to_string(),
-        api_listener: Some(ApiListener {
-            api_listener: Some(pack_any(manager)),
-        }),
+        api_listener: Some(ApiListener { api_listener: Some(pack_any(manager)) }),
         ..Default::default()
     }
+}
+
+fn router_filters() -> Vec<HttpFilter> {
+    vec![HttpFilter {
+        name: ROUTER_FILTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+        ..Default::default()
+    }]
+}
+
+/// Envoy's egress listener: plaintext HTTP/2 (gRPC) on `address`, routed by
+/// `:authority` to the service of that name, like App Mesh's egress.
+pub fn egress_listener(address: std::net::SocketAddr) -> Listener {
+    let manager = HttpConnectionManager {
+        stat_prefix: "egress".to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        // `echo.demo:50051` and `echo.demo` both match the virtual host `echo.demo`.
+        strip_port_mode: Some(http_connection_manager::StripPortMode::StripAnyHostPort(true)),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: EGRESS.to_string(),
+        })),
+        http_filters: router_filters(),
+        ..Default::default()
+    };
+    Listener {
+        name: EGRESS.to_string(),
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                protocol: socket_address::Protocol::Tcp as i32,
+                address: address.ip().to_string(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(address.port()))),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: HCM_FILTER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(manager))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The egress route configuration: one virtual host per service, named and
+/// matched by the service's dial name, routing to its cluster.
+pub fn egress_route_configuration<'a>(services: impl IntoIterator<Item = &'a str>) -> RouteConfiguration {
+    let virtual_hosts = services
+        .into_iter()
+        .map(|service| {
+            let mut host = route_configuration(service, service).virtual_hosts.remove(0);
+            host.domains = vec![service.to_string()];
+            host
+        })
+        .collect();
+    RouteConfiguration { name: EGRESS.to_string(), virtual_hosts, ..Default::default() }
 }
 
 /// One virtual host matching any authority (the listener already chose the
@@ -136,9 +189,7 @@ pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
                     ..Default::default()
                 }),
                 action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                        cluster.to_string(),
-                    )),
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -154,21 +205,27 @@ pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
 pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::Eds as i32,
-        )),
-        eds_cluster_config: Some(cluster::EdsClusterConfig {
-            eds_config: Some(ads()),
-            service_name: name.to_string(),
-        }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
-        connect_timeout: Some(Duration {
-            seconds: 5,
-            nanos: 0,
-        }),
+        connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
         ..Default::default()
     };
     if kind == ClientKind::Envoy {
+        // Cloud Map services here are gRPC: Envoy must speak HTTP/2 upstream.
+        let http2 = HttpProtocolOptions {
+            upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            core_v3::Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options = HashMap::from([(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(http2))]);
         c.common_lb_config = Some(cluster::CommonLbConfig {
             locality_config_specifier: Some(
                 cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
@@ -207,23 +264,14 @@ pub fn cluster_load_assignment(
             let keep_unhealthy = kind == ClientKind::Envoy;
             for (priority, zones) in plan.priorities.iter().enumerate() {
                 for weighted in zones {
-                    let members = by_zone
-                        .get(&weighted.zone)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default();
+                    let members = by_zone.get(&weighted.zone).map(Vec::as_slice).unwrap_or_default();
                     let lb: Vec<LbEndpoint> = members
                         .iter()
                         .filter(|e| keep_unhealthy || e.health.is_serving())
                         .map(|e| lb_endpoint(e))
                         .collect();
                     if !lb.is_empty() {
-                        localities.push(locality(
-                            &weighted.zone,
-                            members,
-                            lb,
-                            weighted.weight,
-                            priority as u32,
-                        ));
+                        localities.push(locality(&weighted.zone, members, lb, weighted.weight, priority as u32));
                     }
                 }
             }
@@ -241,12 +289,8 @@ pub fn cluster_load_assignment(
             let counts = flat_counts(plan, &by_zone);
             for (zone, members) in &by_zone {
                 let take = counts.get(*zone).copied().unwrap_or(0);
-                let lb: Vec<LbEndpoint> = members
-                    .iter()
-                    .filter(|e| e.health.is_serving())
-                    .take(take)
-                    .map(|e| lb_endpoint(e))
-                    .collect();
+                let lb: Vec<LbEndpoint> =
+                    members.iter().filter(|e| e.health.is_serving()).take(take).map(|e| lb_endpoint(e)).collect();
                 if !lb.is_empty() {
                     let weight = lb.len() as u32;
                     localities.push(locality(zone, members, lb, weight, 0));
@@ -254,11 +298,7 @@ pub fn cluster_load_assignment(
             }
         }
     }
-    ClusterLoadAssignment {
-        cluster_name: name.to_string(),
-        endpoints: localities,
-        ..Default::default()
-    }
+    ClusterLoadAssignment { cluster_name: name.to_string(), endpoints: localities, ..Default::default() }
 }
 
 /// How many serving endpoints of each zone a flat client gets so that its
@@ -266,35 +306,16 @@ pub fn cluster_load_assignment(
 /// priority: the largest total K with round(share × K) ≤ available in every
 /// zone, at least one per zone with a share.
 fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<&Endpoint>>) -> HashMap<Zone, usize> {
-    let serving = |z: &Zone| {
-        by_zone
-            .get(z)
-            .map(|m| m.iter().filter(|e| e.health.is_serving()).count())
-            .unwrap_or(0)
-    };
-    let first = plan
-        .priorities
-        .first()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let serving = |z: &Zone| by_zone.get(z).map(|m| m.iter().filter(|e| e.health.is_serving()).count()).unwrap_or(0);
+    let first = plan.priorities.first().map(Vec::as_slice).unwrap_or_default();
     let total_weight: f64 = first.iter().map(|w| f64::from(w.weight)).sum();
-    let positive: Vec<(&Zone, f64)> = first
-        .iter()
-        .filter(|w| serving(&w.zone) > 0)
-        .map(|w| (&w.zone, f64::from(w.weight) / total_weight))
-        .collect();
-    let total = positive
-        .iter()
-        .map(|(z, s)| serving(z) as f64 / s)
-        .fold(f64::INFINITY, f64::min);
+    let positive: Vec<(&Zone, f64)> =
+        first.iter().filter(|w| serving(&w.zone) > 0).map(|w| (&w.zone, f64::from(w.weight) / total_weight)).collect();
+    let total = positive.iter().map(|(z, s)| serving(z) as f64 / s).fold(f64::INFINITY, f64::min);
     positive
         .into_iter()
         .map(|(z, s)| {
-            let k = if total.is_finite() {
-                (s * total).round() as usize
-            } else {
-                1
-            };
+            let k = if total.is_finite() { (s * total).round() as usize } else { 1 };
             (z.clone(), k.clamp(1, serving(z)))
         })
         .collect()
@@ -309,17 +330,12 @@ fn locality(
 ) -> LocalityLbEndpoints {
     LocalityLbEndpoints {
         locality: Some(Locality {
-            region: members
-                .first()
-                .map(|e| e.region.clone())
-                .unwrap_or_default(),
+            region: members.first().map(|e| e.region.clone()).unwrap_or_default(),
             zone: zone.as_str().to_string(),
             ..Default::default()
         }),
         lb_endpoints: lb,
-        load_balancing_weight: Some(UInt32Value {
-            value: weight.max(1),
-        }),
+        load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
         priority,
         ..Default::default()
     }
@@ -335,14 +351,7 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
         fields: e
             .attributes
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    Value {
-                        kind: Some(value::Kind::StringValue(v.clone())),
-                    },
-                )
-            })
+            .map(|(k, v)| (k.clone(), Value { kind: Some(value::Kind::StringValue(v.clone())) }))
             .collect(),
     };
     LbEndpoint {
@@ -351,9 +360,7 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
                 address: Some(address::Address::SocketAddress(SocketAddress {
                     protocol: socket_address::Protocol::Tcp as i32,
                     address: e.ip.to_string(),
-                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
-                        e.port,
-                    ))),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(e.port))),
                     ..Default::default()
                 })),
             }),
@@ -365,9 +372,7 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
             ..Default::default()
         }),
         // Unset means 1; an explicit 0 is a NACK.
-        load_balancing_weight: (e.weight != 1).then_some(UInt32Value {
-            value: e.weight.max(1),
-        }),
+        load_balancing_weight: (e.weight != 1).then_some(UInt32Value { value: e.weight.max(1) }),
     }
 }
 
@@ -404,12 +409,7 @@ mod tests {
         )
     }
 
-    fn build(
-        policy: Policy,
-        zone: &str,
-        census: &PerZone,
-        kind: ClientKind,
-    ) -> ClusterLoadAssignment {
+    fn build(policy: Policy, zone: &str, census: &PerZone, kind: ClientKind) -> ClusterLoadAssignment {
         let service = six();
         let capacity = service.capacity();
         let shares = policy::shares(policy, Some(&Zone::new(zone)), &capacity, census);
@@ -420,30 +420,17 @@ mod tests {
     /// The checks gRPC clients apply (xds-rules.md), as one predicate.
     fn assert_grpc_valid(cla: &ClusterLoadAssignment) {
         let priorities: BTreeSet<u32> = cla.endpoints.iter().map(|l| l.priority).collect();
-        assert_eq!(
-            priorities,
-            (0..priorities.len() as u32).collect(),
-            "priorities contiguous from 0"
-        );
+        assert_eq!(priorities, (0..priorities.len() as u32).collect(), "priorities contiguous from 0");
         let mut seen_localities = BTreeSet::new();
         let mut seen_addresses = BTreeSet::new();
         for l in &cla.endpoints {
             let locality = l.locality.as_ref().expect("locality set");
-            assert!(
-                seen_localities.insert((l.priority, locality.zone.clone())),
-                "locality twice in a priority"
-            );
-            assert!(
-                l.load_balancing_weight
-                    .as_ref()
-                    .is_some_and(|w| w.value > 0),
-                "locality weight > 0"
-            );
+            assert!(seen_localities.insert((l.priority, locality.zone.clone())), "locality twice in a priority");
+            assert!(l.load_balancing_weight.as_ref().is_some_and(|w| w.value > 0), "locality weight > 0");
             assert!(!l.lb_endpoints.is_empty());
             for e in &l.lb_endpoints {
                 assert_ne!(e.load_balancing_weight.as_ref().map(|w| w.value), Some(0));
-                let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &e.host_identifier
-                else {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &e.host_identifier else {
                     panic!("endpoint")
                 };
                 let Some(address::Address::SocketAddress(sa)) =
@@ -466,14 +453,8 @@ mod tests {
             .filter(|l| l.priority == priority)
             .map(|l| {
                 (
-                    l.locality
-                        .as_ref()
-                        .map(|x| x.zone.clone())
-                        .unwrap_or_default(),
-                    l.load_balancing_weight
-                        .as_ref()
-                        .map(|w| w.value)
-                        .unwrap_or(0),
+                    l.locality.as_ref().map(|x| x.zone.clone()).unwrap_or_default(),
+                    l.load_balancing_weight.as_ref().map(|w| w.value).unwrap_or(0),
                     l.lb_endpoints.len(),
                 )
             })
@@ -493,10 +474,7 @@ mod tests {
     fn grpc_own_zone_without_capacity_gets_one_priority() {
         let cla = build(Policy::LocalFirst, "c", &PerZone::new(), ClientKind::Grpc);
         assert_grpc_valid(&cla);
-        assert_eq!(
-            zones_at(&cla, 0),
-            vec![("a".into(), 6_667, 2), ("b".into(), 3_333, 1)]
-        );
+        assert_eq!(zones_at(&cla, 0), vec![("a".into(), 6_667, 2), ("b".into(), 3_333, 1)]);
         assert!(zones_at(&cla, 1).is_empty());
     }
 
@@ -521,22 +499,13 @@ mod tests {
             (0..6)
                 .map(|i| {
                     let zone = ["a", "b", "c"][i / 2];
-                    ep(
-                        &format!("{zone}{i}"),
-                        &format!("10.0.0.{i}"),
-                        zone,
-                        Health::Healthy,
-                    )
+                    ep(&format!("{zone}{i}"), &format!("10.0.0.{i}"), zone, Health::Healthy)
                 })
                 .collect(),
             false,
         );
         let capacity = service.capacity();
-        let census = PerZone::from([
-            (Zone::new("a"), 4),
-            (Zone::new("b"), 1),
-            (Zone::new("c"), 1),
-        ]);
+        let census = PerZone::from([(Zone::new("a"), 4), (Zone::new("b"), 1), (Zone::new("c"), 1)]);
         let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &census);
         let plan = policy::plan(&shares, &capacity);
         let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat);
@@ -545,12 +514,7 @@ mod tests {
         let counts: Vec<usize> = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).collect();
         assert_eq!(counts, vec![2, 1, 1]);
         let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("b")), &capacity, &census);
-        let cla = cluster_load_assignment(
-            "echo.demo",
-            &service,
-            &policy::plan(&shares, &capacity),
-            ClientKind::Flat,
-        );
+        let cla = cluster_load_assignment("echo.demo", &service, &policy::plan(&shares, &capacity), ClientKind::Flat);
         assert_eq!(zones_at(&cla, 0), vec![("b".into(), 2, 2)]);
     }
 
@@ -559,40 +523,44 @@ mod tests {
         let mut e = ep("a1", "10.0.0.1", "a", Health::Healthy);
         let lb = lb_endpoint(&e);
         assert!(lb.load_balancing_weight.is_none());
-        let meta = lb
-            .metadata
-            .as_ref()
-            .and_then(|m| m.filter_metadata.get(METADATA_KEY))
-            .expect("metadata");
+        let meta = lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).expect("metadata");
         assert!(meta.fields.contains_key("AVAILABILITY_ZONE"));
         e.weight = 3;
-        assert_eq!(
-            lb_endpoint(&e).load_balancing_weight.map(|w| w.value),
-            Some(3)
-        );
+        assert_eq!(lb_endpoint(&e).load_balancing_weight.map(|w| w.value), Some(3));
     }
 
     #[test]
     fn listener_has_router_last_and_rds_over_ads() {
         use prost::Message;
         let l = listener("echo.demo:50051");
-        let any = l
-            .api_listener
-            .and_then(|a| a.api_listener)
-            .expect("api listener");
+        let any = l.api_listener.and_then(|a| a.api_listener).expect("api listener");
         let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("decodes");
-        assert_eq!(
-            hcm.http_filters.last().map(|f| f.name.as_str()),
-            Some(ROUTER_FILTER)
-        );
-        let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
-            panic!("rds")
-        };
+        assert_eq!(hcm.http_filters.last().map(|f| f.name.as_str()), Some(ROUTER_FILTER));
+        let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier else { panic!("rds") };
         assert_eq!(rds.route_config_name, "echo.demo:50051");
         assert!(matches!(
             rds.config_source.and_then(|c| c.config_source_specifier),
             Some(config_source::ConfigSourceSpecifier::Ads(_))
         ));
+    }
+
+    #[test]
+    fn envoy_cluster_speaks_http2_and_weights_localities() {
+        let c = cluster("echo.demo", ClientKind::Envoy);
+        assert!(c.typed_extension_protocol_options.contains_key(HTTP_PROTOCOL_OPTIONS));
+        assert!(c.common_lb_config.is_some());
+        let g = cluster("echo.demo", ClientKind::Grpc);
+        assert!(g.typed_extension_protocol_options.is_empty() && g.common_lb_config.is_none());
+    }
+
+    #[test]
+    fn egress_routes_one_virtual_host_per_service() {
+        let r = egress_route_configuration(["echo.demo", "echo.grpc.demo"]);
+        assert_eq!(r.name, EGRESS);
+        let domains: Vec<_> = r.virtual_hosts.iter().map(|v| v.domains.clone()).collect();
+        assert_eq!(domains, vec![vec!["echo.demo".to_string()], vec!["echo.grpc.demo".to_string()]]);
+        let l = egress_listener("127.0.0.1:15001".parse().expect("addr"));
+        assert_eq!(l.filter_chains.len(), 1);
     }
 
     #[test]

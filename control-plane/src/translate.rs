@@ -79,24 +79,17 @@ pub fn translate(instances: &[RawInstance], options: &TranslateOptions) -> Trans
     // Cloud Map's HEALTHY_OR_ELSE_ALL returns every instance when none is healthy.
     // gRPC clients drop UNHEALTHY endpoints, so serving them as such would leave
     // clients with nothing: fail open and let clients try them.
-    let fail_open =
-        !endpoints.is_empty() && endpoints.iter().all(|e| e.health == Health::Unhealthy);
+    let fail_open = !endpoints.is_empty() && endpoints.iter().all(|e| e.health == Health::Unhealthy);
     if fail_open {
         for e in &mut endpoints {
             e.health = Health::Unknown;
         }
     }
-    Translation {
-        endpoints: ServiceEndpoints::new(endpoints, fail_open),
-        skipped,
-    }
+    Translation { endpoints: ServiceEndpoints::new(endpoints, fail_open), skipped }
 }
 
 fn skip(instance: &RawInstance, reason: String) -> Skipped {
-    Skipped {
-        instance_id: instance.instance_id.clone(),
-        reason,
-    }
+    Skipped { instance_id: instance.instance_id.clone(), reason }
 }
 
 fn socket(ip: IpAddr, port: u16) -> String {
@@ -104,10 +97,7 @@ fn socket(ip: IpAddr, port: u16) -> String {
 }
 
 /// `Ok(None)` means deliberately not served (weight 0 = drained).
-fn endpoint(
-    instance: &RawInstance,
-    options: &TranslateOptions,
-) -> Result<Option<Endpoint>, String> {
+fn endpoint(instance: &RawInstance, options: &TranslateOptions) -> Result<Option<Endpoint>, String> {
     let attrs = &instance.attributes;
     let ip = match (attrs.get(ATTR_IPV4), attrs.get(ATTR_IPV6)) {
         (Some(v4), _) => v4
@@ -175,31 +165,16 @@ mod tests {
         RawInstance {
             instance_id: id.into(),
             health: Some(health.into()),
-            attributes: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
     fn ecs(id: &str, ip: &str, port: &str, zone: &str) -> RawInstance {
-        inst(
-            id,
-            "HEALTHY",
-            &[
-                (ATTR_IPV4, ip),
-                (ATTR_PORT, port),
-                (ATTR_ZONE, zone),
-                (ATTR_REGION, "us-east-1"),
-            ],
-        )
+        inst(id, "HEALTHY", &[(ATTR_IPV4, ip), (ATTR_PORT, port), (ATTR_ZONE, zone), (ATTR_REGION, "us-east-1")])
     }
 
     fn opts() -> TranslateOptions {
-        TranslateOptions {
-            default_region: "eu-west-1".into(),
-            weight_attribute: Some("weight".into()),
-        }
+        TranslateOptions { default_region: "eu-west-1".into(), weight_attribute: Some("weight".into()) }
     }
 
     #[test]
@@ -213,100 +188,34 @@ mod tests {
         assert_eq!(e.region, "us-east-1");
         assert_eq!(e.health, Health::Healthy);
         assert_eq!(e.weight, 1);
-        assert_eq!(
-            e.attributes.get(ATTR_ZONE).map(String::as_str),
-            Some("us-east-1a")
-        );
+        assert_eq!(e.attributes.get(ATTR_ZONE).map(String::as_str), Some("us-east-1a"));
     }
 
     #[test]
     fn skips_unusable_instances_with_a_reason() {
         let cases: &[(RawInstance, &str)] = &[
-            (
-                inst("no-ip", "HEALTHY", &[(ATTR_PORT, "1")]),
-                "no AWS_INSTANCE_IPV4",
-            ),
-            (
-                inst(
-                    "bad-ip",
-                    "HEALTHY",
-                    &[(ATTR_IPV4, "not-an-ip"), (ATTR_PORT, "1")],
-                ),
-                "not an IPv4",
-            ),
-            (
-                inst(
-                    "v6-in-v4",
-                    "HEALTHY",
-                    &[(ATTR_IPV4, "::1"), (ATTR_PORT, "1")],
-                ),
-                "not an IPv4",
-            ),
-            (
-                inst("no-port", "HEALTHY", &[(ATTR_IPV4, "10.0.0.1")]),
-                "no AWS_INSTANCE_PORT",
-            ),
-            (
-                inst(
-                    "bad-port",
-                    "HEALTHY",
-                    &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "abc")],
-                ),
-                "not a port",
-            ),
-            (
-                inst(
-                    "zero-port",
-                    "HEALTHY",
-                    &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "0")],
-                ),
-                "not a port",
-            ),
-            (
-                inst(
-                    "big-port",
-                    "HEALTHY",
-                    &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "70000")],
-                ),
-                "not a port",
-            ),
-            (
-                inst(
-                    "bad-weight",
-                    "HEALTHY",
-                    &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "1"), ("weight", "-3")],
-                ),
-                "weight",
-            ),
+            (inst("no-ip", "HEALTHY", &[(ATTR_PORT, "1")]), "no AWS_INSTANCE_IPV4"),
+            (inst("bad-ip", "HEALTHY", &[(ATTR_IPV4, "not-an-ip"), (ATTR_PORT, "1")]), "not an IPv4"),
+            (inst("v6-in-v4", "HEALTHY", &[(ATTR_IPV4, "::1"), (ATTR_PORT, "1")]), "not an IPv4"),
+            (inst("no-port", "HEALTHY", &[(ATTR_IPV4, "10.0.0.1")]), "no AWS_INSTANCE_PORT"),
+            (inst("bad-port", "HEALTHY", &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "abc")]), "not a port"),
+            (inst("zero-port", "HEALTHY", &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "0")]), "not a port"),
+            (inst("big-port", "HEALTHY", &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "70000")]), "not a port"),
+            (inst("bad-weight", "HEALTHY", &[(ATTR_IPV4, "10.0.0.1"), (ATTR_PORT, "1"), ("weight", "-3")]), "weight"),
         ];
         for (instance, reason) in cases {
-            let t = translate(
-                &[instance.clone(), ecs("good", "10.9.9.9", "80", "a")],
-                &opts(),
-            );
+            let t = translate(&[instance.clone(), ecs("good", "10.9.9.9", "80", "a")], &opts());
             assert_eq!(t.endpoints.endpoints.len(), 1, "{}", instance.instance_id);
             assert_eq!(t.endpoints.endpoints[0].instance_id, "good");
             assert_eq!(t.skipped.len(), 1);
             assert_eq!(t.skipped[0].instance_id, instance.instance_id);
-            assert!(
-                t.skipped[0].reason.contains(reason),
-                "{}: {}",
-                instance.instance_id,
-                t.skipped[0].reason
-            );
+            assert!(t.skipped[0].reason.contains(reason), "{}: {}", instance.instance_id, t.skipped[0].reason);
         }
     }
 
     #[test]
     fn ipv6_and_defaults() {
-        let t = translate(
-            &[inst(
-                "v6",
-                "UNKNOWN",
-                &[(ATTR_IPV6, "fd00::1"), (ATTR_PORT, "443")],
-            )],
-            &opts(),
-        );
+        let t = translate(&[inst("v6", "UNKNOWN", &[(ATTR_IPV6, "fd00::1"), (ATTR_PORT, "443")])], &opts());
         let e = &t.endpoints.endpoints[0];
         assert_eq!(e.ip.to_string(), "fd00::1");
         assert!(e.zone.is_unknown());
@@ -316,13 +225,7 @@ mod tests {
 
     #[test]
     fn duplicate_address_keeps_first_instance_id() {
-        let t = translate(
-            &[
-                ecs("i-2", "10.0.0.1", "80", "a"),
-                ecs("i-1", "10.0.0.1", "80", "b"),
-            ],
-            &opts(),
-        );
+        let t = translate(&[ecs("i-2", "10.0.0.1", "80", "a"), ecs("i-1", "10.0.0.1", "80", "b")], &opts());
         assert_eq!(t.endpoints.endpoints.len(), 1);
         assert_eq!(t.endpoints.endpoints[0].instance_id, "i-1");
         assert_eq!(t.skipped[0].instance_id, "i-2");
@@ -330,13 +233,7 @@ mod tests {
 
     #[test]
     fn duplicate_instance_id_keeps_one() {
-        let t = translate(
-            &[
-                ecs("i-1", "10.0.0.1", "80", "a"),
-                ecs("i-1", "10.0.0.2", "80", "a"),
-            ],
-            &opts(),
-        );
+        let t = translate(&[ecs("i-1", "10.0.0.1", "80", "a"), ecs("i-1", "10.0.0.2", "80", "a")], &opts());
         assert_eq!(t.endpoints.endpoints.len(), 1);
         assert_eq!(t.skipped.len(), 1);
     }
@@ -361,33 +258,18 @@ mod tests {
         b.health = Some("UNHEALTHY".into());
         let t = translate(&[a.clone(), b], &opts());
         assert!(t.endpoints.fail_open);
-        assert!(
-            t.endpoints
-                .endpoints
-                .iter()
-                .all(|e| e.health == Health::Unknown)
-        );
+        assert!(t.endpoints.endpoints.iter().all(|e| e.health == Health::Unknown));
 
         // One healthy instance: no fail-open, the unhealthy one stays unhealthy.
         let t = translate(&[a, ecs("c", "10.0.0.3", "80", "c")], &opts());
         assert!(!t.endpoints.fail_open);
-        assert_eq!(
-            t.endpoints
-                .endpoints
-                .iter()
-                .filter(|e| e.health == Health::Unhealthy)
-                .count(),
-            1
-        );
+        assert_eq!(t.endpoints.endpoints.iter().filter(|e| e.health == Health::Unhealthy).count(), 1);
     }
 
     #[test]
     fn order_does_not_matter() {
         let a = ecs("a", "10.0.0.1", "80", "z2");
         let b = ecs("b", "10.0.0.2", "80", "z1");
-        assert_eq!(
-            translate(&[a.clone(), b.clone()], &opts()),
-            translate(&[b, a], &opts())
-        );
+        assert_eq!(translate(&[a.clone(), b.clone()], &opts()), translate(&[b, a], &opts()));
     }
 }

@@ -1,0 +1,339 @@
+//! The Delta (incremental) protocol, as Envoy speaks it with `DELTA_GRPC`:
+//! subscriptions change by `resource_names_subscribe`/`_unsubscribe`, each
+//! resource has its own version, only changed resources are sent, deletions
+//! go in `removed_resources`, and on reconnect the client's
+//! `initial_resource_versions` say what it already has — so it is sent only
+//! what changed while it was away. Versions are hashes of content, stable
+//! across control-plane restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use tonic::Status;
+
+use super::{ClientInfo, Nack, Outcome, Protocol};
+use crate::cache::{Snapshot, stable_hash};
+use crate::resources::ResourceType;
+
+/// Per-type Delta state of one stream.
+#[derive(Debug, Clone, Default)]
+pub struct DeltaTypeState {
+    pub wildcard: bool,
+    /// Explicitly subscribed names.
+    pub names: BTreeSet<String>,
+    /// What the client holds: name → version (from `initial_resource_versions`
+    /// and from what was sent).
+    pub known: BTreeMap<String, String>,
+    /// Explicitly subscribed names already reported as not existing.
+    absent_reported: BTreeSet<String>,
+    pub last_nonce: Option<String>,
+    pub acked_nonce: Option<String>,
+    pub nack: Option<Nack>,
+    must_respond: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct DeltaState {
+    pub client: Option<ClientInfo>,
+    pub types: BTreeMap<ResourceType, DeltaTypeState>,
+    nonce: u64,
+}
+
+impl Protocol for DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+
+    fn client(&self) -> Option<&ClientInfo> {
+        self.client.as_ref()
+    }
+
+    fn request_type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
+    }
+
+    fn response_type_url(response: &DeltaDiscoveryResponse) -> &str {
+        &response.type_url
+    }
+
+    fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> Result<(ResourceType, Outcome), Status> {
+        if self.client.is_none() {
+            self.client = Some(ClientInfo::from_node(request.node.as_ref()));
+        }
+        if request.type_url.is_empty() {
+            return Err(Status::invalid_argument(
+                "DeltaDiscoveryRequest.type_url is empty; ADS needs it on every request",
+            ));
+        }
+        let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
+            return Ok((ResourceType::Listener, Outcome::UnknownType));
+        };
+        let first = !self.types.contains_key(&ty);
+        let state = self.types.entry(ty).or_default();
+
+        let outcome = if request.response_nonce.is_empty() {
+            Outcome::Subscribe
+        } else if let Some(error) = &request.error_detail {
+            // The client kept its previous resources. The rejected versions stay
+            // recorded as "known", so they are not re-sent; a new version is.
+            let version = state.last_nonce.clone().unwrap_or_default();
+            state.nack = Some(Nack { version, message: error.message.clone() });
+            Outcome::Nack(error.message.clone())
+        } else {
+            state.acked_nonce = Some(request.response_nonce.clone());
+            state.nack = None;
+            Outcome::Ack
+        };
+
+        if first {
+            state.must_respond = true;
+            state.known = request.initial_resource_versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            // Legacy wildcard: a first LDS/CDS request that names nothing.
+            if ty.is_full_set() && request.resource_names_subscribe.is_empty() {
+                state.wildcard = true;
+            }
+        }
+        for name in &request.resource_names_subscribe {
+            if name == "*" {
+                state.must_respond |= !state.wildcard;
+                state.wildcard = true;
+            } else if state.names.insert(name.clone()) {
+                state.absent_reported.remove(name);
+                state.must_respond = true;
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(name);
+                state.absent_reported.remove(name);
+            }
+            // An unsubscribed resource is dropped by the client: forget it so a
+            // later subscription sends it again.
+            if !state.wildcard {
+                state.known.remove(name);
+            }
+        }
+        Ok((ty, outcome))
+    }
+
+    fn responses(&mut self, snapshot: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+        let Some(client) = self.client.as_ref().map(ClientInfo::client) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (ty, state) in self.types.iter_mut() {
+            let mut wanted: BTreeSet<String> = state.names.clone();
+            if state.wildcard {
+                wanted.extend(snapshot.wildcard_names(*ty, &client));
+            }
+            let present: BTreeMap<String, _> = wanted
+                .iter()
+                .filter_map(|name| snapshot.resolve(*ty, name, &client).map(|r| (name.clone(), r)))
+                .collect();
+            let updated: Vec<_> =
+                present.iter().filter(|(name, r)| state.known.get(*name) != Some(&r.version)).collect();
+            // Gone from the wildcard set, or no longer existing.
+            let mut removed: Vec<String> =
+                state.known.keys().filter(|name| !present.contains_key(*name)).cloned().collect();
+            // Named but never existed: say so once, so the client does not wait for it.
+            for name in &state.names {
+                if !present.contains_key(name)
+                    && !state.known.contains_key(name)
+                    && !state.absent_reported.contains(name)
+                {
+                    removed.push(name.clone());
+                }
+            }
+            if updated.is_empty() && removed.is_empty() && !state.must_respond {
+                continue;
+            }
+            self.nonce += 1;
+            let nonce = self.nonce.to_string();
+            let resources: Vec<Resource> = updated
+                .iter()
+                .map(|(name, r)| Resource {
+                    name: (*name).clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.resource.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            for (name, r) in &updated {
+                state.known.insert((*name).clone(), r.version.clone());
+            }
+            for name in &removed {
+                state.known.remove(name);
+                if state.names.contains(name) {
+                    state.absent_reported.insert(name.clone());
+                }
+            }
+            let system_version = stable_hash(&present.iter().map(|(n, r)| (n, &r.version)).collect::<Vec<_>>());
+            out.push(DeltaDiscoveryResponse {
+                system_version_info: format!("{system_version:016x}"),
+                resources,
+                type_url: ty.type_url().to_string(),
+                removed_resources: removed,
+                nonce: nonce.clone(),
+                ..Default::default()
+            });
+            state.last_nonce = Some(nonce);
+            state.must_respond = false;
+        }
+        out
+    }
+
+    fn eds_names(&self) -> BTreeSet<String> {
+        self.types.get(&ResourceType::ClusterLoadAssignment).map(|s| s.names.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use crate::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
+    use crate::policy::Policy;
+    use ResourceType::{Cluster as CDS, ClusterLoadAssignment as EDS, Listener as LDS};
+    use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+    use envoy_types::pb::google::rpc;
+    use std::collections::HashMap;
+
+    fn envoy_node() -> Node {
+        Node {
+            id: "envoy-1".into(),
+            user_agent_name: "envoy".into(),
+            locality: Some(Locality { zone: "a".into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn service(cache: &Cache, name: &str, ip: u8) {
+        let endpoint = Endpoint {
+            instance_id: format!("i-{ip}"),
+            ip: std::net::IpAddr::from([10, 0, 0, ip]),
+            port: 50051,
+            zone: Zone::new("a"),
+            region: "r".into(),
+            health: Health::Healthy,
+            weight: 1,
+            attributes: Default::default(),
+        };
+        cache.update_service(
+            &ServiceName::new("demo", name),
+            ServiceEndpoints::new(vec![endpoint], false),
+            Policy::ZoneAware,
+        );
+    }
+
+    fn request(ty: ResourceType, subscribe: &[&str], unsubscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: ty.type_url().into(),
+            resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
+        r.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    fn setup() -> (Cache, DeltaState) {
+        let cache = Cache::default();
+        service(&cache, "echo", 1);
+        service(&cache, "other", 2);
+        cache.set_ready();
+        let mut s = DeltaState::default();
+        let mut first = request(CDS, &[], &[], "");
+        first.node = Some(envoy_node());
+        assert_eq!(s.on_request(&first).ok().map(|r| r.1), Some(Outcome::Subscribe));
+        (cache, s)
+    }
+
+    #[test]
+    fn wildcard_cds_sends_changes_only() {
+        let (cache, mut s) = setup();
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["echo.demo", "other.demo"]);
+        assert!(s.on_request(&request(CDS, &[], &[], &r[0].nonce)).is_ok());
+        assert!(s.responses(&cache.snapshot()).is_empty(), "ACK is not answered");
+        // A new service: only it is sent. Its endpoints change: CDS unchanged.
+        service(&cache, "new", 3);
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["new.demo"]);
+        assert!(r[0].removed_resources.is_empty());
+        service(&cache, "new", 4);
+        assert!(s.responses(&cache.snapshot()).is_empty());
+        // A removed service goes in removed_resources.
+        cache.remove_service(&ServiceName::new("demo", "other"));
+        let r = s.responses(&cache.snapshot());
+        assert!(r[0].resources.is_empty());
+        assert_eq!(r[0].removed_resources, vec!["other.demo"]);
+    }
+
+    #[test]
+    fn named_eds_subscribe_unsubscribe_and_absent_names() {
+        let (cache, mut s) = setup();
+        s.responses(&cache.snapshot());
+        s.on_request(&request(EDS, &["echo.demo", "ghost.demo"], &[], "")).expect("ok");
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["echo.demo"]);
+        assert_eq!(r[0].removed_resources, vec!["ghost.demo"], "absent names are reported once");
+        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert_eq!(s.eds_names(), BTreeSet::from(["echo.demo".to_string(), "ghost.demo".to_string()]));
+        // Endpoint change: the one resource is re-sent with a new version.
+        service(&cache, "echo", 9);
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["echo.demo"]);
+        // Unsubscribe, then subscribe again: sent again.
+        s.on_request(&request(EDS, &[], &["echo.demo"], "")).expect("ok");
+        assert!(s.responses(&cache.snapshot()).is_empty());
+        s.on_request(&request(EDS, &["echo.demo"], &[], "")).expect("ok");
+        assert_eq!(names(&s.responses(&cache.snapshot())[0]), vec!["echo.demo"]);
+    }
+
+    #[test]
+    fn reconnect_with_initial_versions_sends_only_what_changed() {
+        let (cache, mut s) = setup();
+        let r = s.responses(&cache.snapshot());
+        let versions: HashMap<String, String> =
+            r[0].resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+        // While away: "other" is removed and "new" added.
+        cache.remove_service(&ServiceName::new("demo", "other"));
+        service(&cache, "new", 3);
+        let mut again = DeltaState::default();
+        let mut first = request(CDS, &[], &[], "");
+        first.node = Some(envoy_node());
+        first.initial_resource_versions = versions;
+        again.on_request(&first).expect("ok");
+        let r = again.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["new.demo"], "echo.demo is unchanged and not re-sent");
+        assert_eq!(r[0].removed_resources, vec!["other.demo"]);
+    }
+
+    #[test]
+    fn nack_does_not_cause_a_resend_loop() {
+        let (cache, mut s) = setup();
+        let r = s.responses(&cache.snapshot());
+        let mut nack = request(CDS, &[], &[], &r[0].nonce);
+        nack.error_detail = Some(rpc::Status { code: 3, message: "no".into(), ..Default::default() });
+        assert_eq!(s.on_request(&nack).ok().map(|r| r.1), Some(Outcome::Nack("no".into())));
+        for _ in 0..3 {
+            assert!(s.responses(&cache.snapshot()).is_empty());
+        }
+        assert!(s.types[&CDS].nack.is_some());
+    }
+
+    #[test]
+    fn envoy_wildcard_lds_is_empty_without_egress_but_answered() {
+        let (cache, mut s) = setup();
+        s.responses(&cache.snapshot());
+        s.on_request(&request(LDS, &[], &[], "")).expect("ok");
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(r.len(), 1, "the first request is answered so Envoy's init does not wait");
+        assert!(r[0].resources.is_empty());
+    }
+}

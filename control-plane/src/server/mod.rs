@@ -1,0 +1,249 @@
+//! The ADS server: one task per stream running a protocol state machine —
+//! State-of-the-World ([`sotw::SotwState`]) or Delta ([`delta::DeltaState`])
+//! — against the shared [`Cache`]. The state machines are pure (requests in,
+//! responses out) and share the cache and the resource builders; only the
+//! bookkeeping of what the client has differs.
+//!
+//! Rules kept by both (see `shared/notes/xds-rules.md`): the Node is read
+//! from the first request and remembered; a NACK (a request with
+//! `error_detail`) is recorded and the rejected version is never re-sent —
+//! only a new version is; newly named resources are answered at once.
+//! Nothing is sent before the first Cloud Map sync, so a restarted control
+//! plane never tells clients their resources are gone.
+
+pub mod delta;
+pub mod sotw;
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::{Cache, Client, Snapshot};
+use crate::model::{ClientKind, Zone};
+use crate::resources::ResourceType;
+
+/// Who a stream belongs to, from the Node of its first request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub node_id: String,
+    pub user_agent: String,
+    pub zone: Option<Zone>,
+    pub kind: ClientKind,
+}
+
+impl ClientInfo {
+    pub fn from_node(node: Option<&Node>) -> ClientInfo {
+        let node = node.cloned().unwrap_or_default();
+        let zone = node.locality.map(|l| Zone::new(l.zone)).filter(|z| !z.is_unknown());
+        ClientInfo {
+            kind: ClientKind::from_user_agent(&node.user_agent_name),
+            node_id: node.id,
+            user_agent: node.user_agent_name,
+            zone,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client { zone: self.zone.clone(), kind: self.kind }
+    }
+}
+
+/// What a request meant, for logs, metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// First request of a type on this stream (or after a reconnect).
+    Subscribe,
+    Ack,
+    Nack(String),
+    /// The nonce is not the latest sent for this type: ignored.
+    Stale,
+    /// A type this server does not serve: ignored.
+    UnknownType,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nack {
+    pub version: String,
+    pub message: String,
+}
+
+/// A stream's protocol state machine: requests in, responses out, no I/O.
+pub trait Protocol: Default + Send + 'static {
+    type Request: prost::Message + Send + 'static;
+    type Response: Send + 'static;
+    const NAME: &'static str;
+
+    fn on_request(&mut self, request: &Self::Request) -> Result<(ResourceType, Outcome), Status>;
+    /// The responses due now against `snapshot`.
+    fn responses(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
+    fn client(&self) -> Option<&ClientInfo>;
+    /// Services whose endpoints this stream watches (for the census).
+    fn eds_names(&self) -> BTreeSet<String>;
+    fn request_type_url(request: &Self::Request) -> &str;
+    fn response_type_url(response: &Self::Response) -> &str;
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The tonic service. Cheap to clone; all state is in the cache and the streams.
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    cache: Arc<Cache>,
+    next_stream: Arc<AtomicU64>,
+}
+
+impl AdsServer {
+    pub fn new(cache: Arc<Cache>) -> Self {
+        AdsServer { cache, next_stream: Arc::new(AtomicU64::new(1)) }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        // Small on purpose: a client that stops reading blocks only its own task.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(run_stream::<sotw::SotwState>(self.cache.clone(), id, peer, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(run_stream::<delta::DeltaState>(self.cache.clone(), id, peer, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Keeps a stream's census entries and removes them when the stream ends,
+/// however it ends.
+struct CensusGuard {
+    cache: Arc<Cache>,
+    zone: Option<Zone>,
+    services: BTreeSet<String>,
+}
+
+impl CensusGuard {
+    fn update(&mut self, services: BTreeSet<String>) {
+        let Some(zone) = self.zone.clone() else {
+            return;
+        };
+        for gone in self.services.difference(&services) {
+            self.cache.census_leave(gone, &zone);
+        }
+        for new in services.difference(&self.services) {
+            self.cache.census_join(new, &zone);
+        }
+        self.services = services;
+    }
+}
+
+impl Drop for CensusGuard {
+    fn drop(&mut self) {
+        self.update(BTreeSet::new());
+    }
+}
+
+async fn run_stream<P: Protocol>(
+    cache: Arc<Cache>,
+    id: u64,
+    peer: Option<std::net::SocketAddr>,
+    mut inbound: Streaming<P::Request>,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
+) {
+    let mut changes = cache.subscribe();
+    let mut state = P::default();
+    let mut census: Option<CensusGuard> = None;
+    let mut labels: Option<(String, String)> = None;
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(request)) => match state.on_request(&request) {
+                    Ok((ty, outcome)) => record(id, ty, P::request_type_url(&request), &outcome),
+                    Err(status) => {
+                        tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(stream = id, error = %status, "stream closed by transport error");
+                    break;
+                }
+            },
+            changed = changes.changed() => if changed.is_err() { break },
+        }
+        if let (None, Some(client)) = (&census, state.client()) {
+            tracing::info!(
+                stream = id, ?peer, protocol = P::NAME, node = %client.node_id, zone = ?client.zone.as_ref().map(Zone::as_str),
+                agent = %client.user_agent, kind = ?client.kind, "client connected"
+            );
+            let zone = client.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
+            let kind = format!("{:?}", client.kind).to_ascii_lowercase();
+            metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
+            labels = Some((zone, kind));
+            census = Some(CensusGuard { cache: cache.clone(), zone: client.zone.clone(), services: BTreeSet::new() });
+        }
+        if let Some(guard) = census.as_mut() {
+            guard.update(state.eds_names());
+        }
+        if !cache.is_ready() {
+            continue;
+        }
+        let snapshot = cache.snapshot();
+        for response in state.responses(&snapshot) {
+            let type_url = P::response_type_url(&response).to_string();
+            tracing::debug!(stream = id, %type_url, "push");
+            metrics::counter!("cloudmap_xds_pushes_total", "type_url" => type_url).increment(1);
+            if tx.send(Ok(response)).await.is_err() {
+                break;
+            }
+        }
+    }
+    if let Some((zone, kind)) = labels {
+        metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
+    }
+    tracing::info!(stream = id, "stream ended");
+}
+
+fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
+    let label = type_url.to_string();
+    match outcome {
+        Outcome::Ack => metrics::counter!("cloudmap_xds_acks_total", "type_url" => label).increment(1),
+        Outcome::Nack(message) => {
+            metrics::counter!("cloudmap_xds_nacks_total", "type_url" => label).increment(1);
+            tracing::warn!(stream = id, %type_url, %message, "client rejected (NACK)");
+        }
+        Outcome::UnknownType => {
+            tracing::warn!(stream = id, %type_url, "ignoring request for a type this server does not serve");
+        }
+        Outcome::Stale => tracing::debug!(stream = id, ty = ty.short(), "stale nonce ignored"),
+        Outcome::Subscribe => tracing::debug!(stream = id, ty = ty.short(), "subscribe"),
+    }
+}
