@@ -25,4 +25,4 @@ export PEERS_PY="${PEERS_PY:-$ROOT/.peers/py}"
 echo "==> pytest tests/integration (cloudmap-xds=$CLOUDMAP_XDS_BIN demo-server=$DEMO_SERVER_BIN)"
 # A missing peer or binary fails the suite (conftest raises, it never skips); pytest's
 # exit code 5 (no tests collected) is non-zero too, so it fails this script.
-exec "$PEERS_PY/bin/python" -m pytest "$ROOT/tests/integration" -p no:cacheprovider -ra "$@"
+exec "$PEERS_PY/bin/python" -m pytest "$ROOT/tests/integration" -ra "$@"

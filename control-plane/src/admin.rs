@@ -14,25 +14,28 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 use crate::cache::Cache;
+use crate::server::registry::{Registry, StreamStatus};
 
 #[derive(Clone)]
 struct AdminState {
     cache: Arc<Cache>,
+    registry: Arc<Registry>,
     metrics: PrometheusHandle,
 }
 
-pub fn router(cache: Arc<Cache>, metrics: PrometheusHandle) -> Router {
+pub fn router(cache: Arc<Cache>, registry: Arc<Registry>, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/config_dump", get(config_dump))
-        .with_state(AdminState { cache, metrics })
+        .with_state(AdminState { cache, registry, metrics })
 }
 
 pub async fn serve(
     listen: SocketAddr,
     cache: Arc<Cache>,
+    registry: Arc<Registry>,
     metrics: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -40,7 +43,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the admin address {listen}: {e} (set --admin-listen)"))?;
     tracing::info!(address = %listen, "admin HTTP listening");
-    axum::serve(listener, router(cache, metrics)).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(cache, registry, metrics)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
@@ -94,10 +97,43 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
             })
         })
         .collect();
+    let clients: Vec<_> = state.registry.list().iter().map(client_json).collect();
     axum::Json(json!({
         "ready": state.cache.is_ready(),
         "generation": snapshot.generation,
         "services": services,
+        "clients": clients,
     }))
     .into_response()
+}
+
+/// One connected client: who it is, what it subscribed to, what it holds,
+/// and what it last ACKed or NACKed.
+fn client_json(stream: &StreamStatus) -> serde_json::Value {
+    let types: Vec<_> = stream
+        .types
+        .iter()
+        .map(|t| {
+            json!({
+                "type_url": t.type_url,
+                "subscribed": t.subscribed,
+                "last_sent": t.sent,
+                "last_acked": t.acked,
+                "last_nack": t.nack.as_ref().map(|n| json!({"version": n.version, "message": n.message})),
+                "resources": t.resources,
+            })
+        })
+        .collect();
+    let connected = stream.connected_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    json!({
+        "stream": stream.id,
+        "protocol": stream.protocol,
+        "peer": stream.peer.map(|p| p.to_string()),
+        "connected_at_unix": connected,
+        "node_id": stream.client.as_ref().map(|c| c.node_id.clone()),
+        "zone": stream.client.as_ref().and_then(|c| c.zone.as_ref().map(|z| z.as_str().to_string())),
+        "user_agent": stream.client.as_ref().map(|c| c.user_agent.clone()),
+        "kind": stream.client.as_ref().map(|c| c.kind),
+        "types": types,
+    })
 }

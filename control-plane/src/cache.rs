@@ -285,6 +285,7 @@ pub struct Cache {
     /// Live census: clients per zone, per service dial name.
     census: Mutex<BTreeMap<String, PerZone>>,
     census_changed: tokio::sync::Notify,
+    census_new_zone: AtomicBool,
 }
 
 impl Default for Cache {
@@ -303,6 +304,7 @@ impl Cache {
             ready: AtomicBool::new(false),
             census: Mutex::new(BTreeMap::new()),
             census_changed: tokio::sync::Notify::new(),
+            census_new_zone: AtomicBool::new(false),
         }
     }
 
@@ -372,7 +374,13 @@ impl Cache {
             return;
         }
         let mut census = self.census.lock().unwrap_or_else(|e| e.into_inner());
-        *census.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0) += 1;
+        let count = census.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            // A zone new to this service changes its shares the most (from
+            // "by capacity" to "local"); there are few zones, so apply soon.
+            self.census_new_zone.store(true, Ordering::Release);
+        }
         drop(census);
         self.census_changed.notify_one();
     }
@@ -397,9 +405,11 @@ impl Cache {
         self.census_changed.notify_one();
     }
 
-    /// Resolves when the census changed since the last call.
-    pub async fn census_changed(&self) {
-        self.census_changed.notified().await
+    /// Resolves when the census changed since the last call; `true` when a
+    /// zone joined a service's census (worth applying without the full debounce).
+    pub async fn census_changed(&self) -> bool {
+        self.census_changed.notified().await;
+        self.census_new_zone.swap(false, Ordering::AcqRel)
     }
 
     /// Move services to the live census where that shifts some share by at

@@ -33,6 +33,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the control plane (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Write a gRPC xDS bootstrap file (gRPC A27) that points a proxyless gRPC
+    /// client at this control plane, then exit.
+    ///
+    /// The client's zone comes from --zone, else ECS task metadata v4, else EC2
+    /// instance metadata (IMDSv2); without one, same-zone routing does not apply
+    /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. Only
+    /// insecure channel credentials are written (no TLS yet).
+    Bootstrap(crate::bootstrap::BootstrapArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,12 +52,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Cloud Map namespace to serve (every service in it); repeat or comma-separate for several.
-    #[arg(
-        long = "namespace",
-        env = "CLOUDMAP_XDS_NAMESPACE",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "namespace", env = "CLOUDMAP_XDS_NAMESPACE", value_delimiter = ',', required = true)]
     pub namespaces: Vec<String>,
 
     /// Address of the xDS (ADS) gRPC server.
@@ -57,11 +60,7 @@ pub struct ServeArgs {
     pub xds_listen: SocketAddr,
 
     /// Address of the admin HTTP server (/healthz, /ready, /metrics). Keep it on loopback.
-    #[arg(
-        long,
-        env = "CLOUDMAP_XDS_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9901"
-    )]
+    #[arg(long, env = "CLOUDMAP_XDS_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
     pub admin_listen: SocketAddr,
 
     /// How often to poll DiscoverInstancesRevision per service.
@@ -89,34 +88,44 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Serve Envoy an egress listener on this port: plaintext gRPC to
+    /// `localhost:PORT` with `:authority` = `SERVICE.NAMESPACE` reaches that service.
+    #[arg(long, env = "CLOUDMAP_XDS_ENVOY_EGRESS_PORT")]
+    pub envoy_egress_port: Option<u16>,
+
+    /// Address the Envoy egress listener binds to (inside the Envoy).
+    #[arg(long, env = "CLOUDMAP_XDS_ENVOY_EGRESS_ADDRESS", default_value = "127.0.0.1")]
+    pub envoy_egress_address: std::net::IpAddr,
+
+    /// Most concurrent ADS streams; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_STREAMS", default_value_t = 20_000)]
+    pub max_streams: usize,
+
+    /// Most resource names one request may subscribe or unsubscribe.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_RESOURCE_NAMES", default_value_t = 10_000)]
+    pub max_resource_names: usize,
+
+    /// Largest request message accepted on the xDS port, in bytes.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_size: usize,
+
     /// Log format.
-    #[arg(
-        long,
-        env = "CLOUDMAP_XDS_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, env = "CLOUDMAP_XDS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
 /// Accepts `500ms`, `1s`, `2m`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (try 500ms, 1s, 2m)"))?;
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (try 500ms, 1s, 2m)"))?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use ms, s or m)"
-            ));
+            return Err(format!("unknown unit {other:?} in {text:?} (use ms, s or m)"));
         }
     };
     if !seconds.is_finite() || seconds <= 0.0 {
@@ -180,8 +189,7 @@ pub struct ServiceSettings {
 
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
     }
 
@@ -202,11 +210,7 @@ impl FileConfig {
     }
 
     pub fn settings(&self, service: &ServiceName) -> ServiceSettings {
-        let table = self
-            .services
-            .get(&service.dial_name())
-            .cloned()
-            .unwrap_or_default();
+        let table = self.services.get(&service.dial_name()).cloned().unwrap_or_default();
         let merged = merge(&self.default, &table);
         ServiceSettings {
             // Checked in `parse`; the fallback is unreachable for a parsed config.
@@ -223,14 +227,8 @@ fn merge(base: &ServiceTable, over: &ServiceTable) -> ServiceTable {
         policy: over.policy.or(base.policy),
         local_share: over.local_share.or(base.local_share),
         health_status: over.health_status.or(base.health_status),
-        query_parameters: over
-            .query_parameters
-            .clone()
-            .or_else(|| base.query_parameters.clone()),
-        weight_attribute: over
-            .weight_attribute
-            .clone()
-            .or_else(|| base.weight_attribute.clone()),
+        query_parameters: over.query_parameters.clone().or_else(|| base.query_parameters.clone()),
+        weight_attribute: over.weight_attribute.clone().or_else(|| base.weight_attribute.clone()),
     }
 }
 
@@ -286,10 +284,7 @@ mod tests {
         assert_eq!(echo.policy, Policy::FixedShare { local_share: 0.5 });
         assert_eq!(echo.health_status, HealthFilter::Healthy);
         assert_eq!(echo.weight_attribute.as_deref(), Some("weight"));
-        assert_eq!(
-            echo.query_parameters.get("stage").map(String::as_str),
-            Some("prod")
-        );
+        assert_eq!(echo.query_parameters.get("stage").map(String::as_str), Some("prod"));
         let other = config.settings(&ServiceName::new("demo", "other"));
         assert_eq!(other.policy, Policy::LocalFirst);
         assert!(other.query_parameters.is_empty());
@@ -306,10 +301,7 @@ mod tests {
     fn mistakes_are_reported() {
         for (text, needle) in [
             ("[default]\npolicy = \"fixed-share\"", "local_share"),
-            (
-                "[default]\npolicy = \"fixed-share\"\nlocal_share = 1.5",
-                "outside",
-            ),
+            ("[default]\npolicy = \"fixed-share\"\nlocal_share = 1.5", "outside"),
             ("[default]\npolicy = \"random\"", "unknown variant"),
             ("[default]\nhealth = \"ALL\"", "unknown field"),
         ] {
@@ -320,14 +312,7 @@ mod tests {
 
     #[test]
     fn cli_parses_repeated_and_env_style_namespaces() {
-        let cli = Cli::try_parse_from([
-            "cloudmap-xds",
-            "--namespace",
-            "demo",
-            "--namespace",
-            "a.b,c",
-        ])
-        .expect("parses");
+        let cli = Cli::try_parse_from(["cloudmap-xds", "--namespace", "demo", "--namespace", "a.b,c"]).expect("parses");
         assert_eq!(cli.serve.namespaces, vec!["demo", "a.b", "c"]);
         assert_eq!(cli.serve.revision_interval, Duration::from_secs(1));
         assert_eq!(cli.serve.refresh_interval, Duration::from_secs(5));

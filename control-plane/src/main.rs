@@ -8,8 +8,11 @@ use clap::Parser;
 use cloudmap_xds::cache::Cache;
 use cloudmap_xds::cloudmap::{AwsCloudMap, Timing, Watcher};
 use cloudmap_xds::config::{Cli, Command, FileConfig, LogFormat, ServeArgs};
-use cloudmap_xds::server::AdsServer;
+use cloudmap_xds::server::csds::CsdsServer;
+use cloudmap_xds::server::registry::Registry;
+use cloudmap_xds::server::{AdsServer, Limits};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 use tokio::sync::watch;
 
 #[tokio::main]
@@ -77,17 +80,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let admin = tokio::spawn(cloudmap_xds::admin::serve(args.admin_listen, cache.clone(), metrics, stopped()));
+    let registry = Arc::new(Registry::new(args.max_streams));
+    let admin = tokio::spawn(cloudmap_xds::admin::serve(
+        args.admin_listen,
+        cache.clone(),
+        registry.clone(),
+        metrics,
+        stopped(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(args.xds_listen)
         .await
         .with_context(|| format!("cannot bind the xDS address {} (set --xds-listen)", args.xds_listen))?;
     tracing::info!(address = %args.xds_listen, "xDS (ADS) listening");
-    let ads = AggregatedDiscoveryServiceServer::new(AdsServer::new(cache.clone()));
+    let limits = Limits { max_resource_names: args.max_resource_names };
+    let ads = AggregatedDiscoveryServiceServer::new(AdsServer::new(cache.clone(), registry.clone(), limits))
+        .max_decoding_message_size(args.max_message_size);
+    let csds = ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry: registry.clone() })
+        .max_decoding_message_size(args.max_message_size);
     let xds = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(ads)
+            .add_service(csds)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped()),
     );
 
@@ -107,9 +122,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Recompute zone shares after bursts of connects and disconnects settle.
 async fn apply_census(cache: Arc<Cache>, debounce: std::time::Duration) {
+    // Connects that arrive together (a deploy, a control-plane restart) are
+    // gathered; a zone new to a service waits only a short moment.
+    let new_zone_debounce = debounce.min(std::time::Duration::from_millis(100));
     loop {
-        cache.census_changed().await;
-        tokio::time::sleep(debounce).await;
+        let new_zone = cache.census_changed().await;
+        tokio::time::sleep(if new_zone { new_zone_debounce } else { debounce }).await;
         if cache.apply_census() {
             tracing::debug!("census changed zone shares");
         }

@@ -177,8 +177,20 @@ class Deployment:
         """One client per zone, started together; returns {zone: client} after each's first success."""
         cs = {z: self.client(z, target=target, node_id=f"client-{z[-1]}") for z in ZONES}
         for c in cs.values():
-            c.wait_first_success(timeout=30)
+            self.wait_first_success(c)
         return cs
+
+    def wait_first_success(self, c: XdsClient, timeout: float = 30) -> float:
+        try:
+            return c.wait_first_success(timeout=timeout)
+        except AssertionError as e:
+            extra = ""
+            if self.cp is not None and self.cp.proc.alive():
+                try:
+                    extra = f"\ncontrol plane nacks: {self.cp.metric_values('cloudmap_xds_nacks_total')}"
+                except Exception as me:  # noqa: BLE001
+                    extra = f"\n(/metrics unavailable: {me!r})"
+            raise AssertionError(f"{e}{extra}") from None
 
     def standard(self, namespace: str = "demo", target: str = "xds:///echo.demo") -> dict[str, XdsClient]:
         """The standard topology: two servers per zone (i-a1, i-a2, i-b1, ...), control plane

@@ -11,6 +11,7 @@ import collections
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -98,6 +99,21 @@ def binary(env_name: str, default_rel: str) -> Path:
     return p
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL if the test process dies (e.g. is killed itself), so no
+    server outlives a crashed run. Normal cleanup still stops every process by PID."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 — best effort (Linux only)
+        pass
+
+
+def spawn(args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, preexec_fn=_die_with_parent, **kw)
+
+
 class Proc:
     """A started process with its log files; stop() ends it by PID (TERM, then KILL)."""
 
@@ -107,11 +123,23 @@ class Proc:
         self.pid = popen.pid
         self.logs = logs
 
+    stopped_by_us = False
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def exit_note(self) -> str | None:
+        """None while running or when we stopped it; else how it ended on its own."""
+        rc = self.popen.poll()
+        if rc is None or self.stopped_by_us:
+            return None
+        how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+        return f"{self.name} (pid {self.pid}) ended on its own with {how}"
+
     def stop(self, grace: float = 5.0) -> int | None:
         p = self.popen
+        if p.poll() is None:
+            self.stopped_by_us = True
         if p.poll() is None:
             try:
                 os.kill(self.pid, signal.SIGTERM)
@@ -144,7 +172,12 @@ class ProcRegistry:
         self.procs.append(p)
         return p
 
+    def died(self) -> list[str]:
+        return [n for n in (p.exit_note() for p in self.procs) if n]
+
     def stop_all(self) -> None:
+        """Stop everything; then fail if a process had ended on its own during the test."""
+        died = self.died()
         errors = []
         for p in reversed(self.procs):
             try:
@@ -153,14 +186,19 @@ class ProcRegistry:
                 errors.append(f"{p.name} (pid {p.pid}): {e!r}")
         if errors:
             raise RuntimeError("could not stop: " + "; ".join(errors))
+        if died:
+            raise AssertionError("processes ended during the test without being stopped: " + "; ".join(died))
 
     def report_sections(self) -> list[tuple[str, str]]:
         out = []
+        died = self.died()
+        if died:
+            out.append(("processes that ended on their own", "\n".join(died)))
         for p in self.procs:
             for label, path in p.logs.items():
                 if p.name.startswith("demo-server") and label == "stdout":
                     continue  # only its ready line
-                n = 80 if p.name.startswith("cloudmap-xds") else 15
+                n = 80 if p.name.startswith("cloudmap-xds") else (5 if label == "calls" else 15)
                 text = tail(path, n)
                 if text.strip():
                     out.append((f"{p.name} (pid {p.pid}) {label} tail: {path}", text))
@@ -182,7 +220,7 @@ class MotoServer:
         log = log_dir / "moto.log"
         self.log = log
         f = open(log, "wb")
-        popen = subprocess.Popen(
+        popen = spawn(
             [str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
             stdin=subprocess.DEVNULL,
             stdout=f,
@@ -296,7 +334,7 @@ class DemoServer:
         out = log_dir / f"demo-{instance_id}.stdout"
         err = log_dir / f"demo-{instance_id}.stderr"
         ferr = open(err, "wb")
-        popen = subprocess.Popen(
+        popen = spawn(
             [str(exe), "--listen", "127.0.0.1:0", "--zone", zone, "--instance-id", instance_id],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -403,8 +441,10 @@ class ControlPlane:
             "--revision-interval", revision_interval,
             "--refresh-interval", refresh_interval,
             *extra_args,
+            *shlex.split(os.environ.get("CLOUDMAP_XDS_EXTRA_ARGS", "")),
         ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # Nothing from the caller's AWS or CLOUDMAP_XDS_* settings leaks in (clap reads CLOUDMAP_XDS_*).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CLOUDMAP_XDS_"))}
         env.update(
             AWS_REGION=REGION,
             AWS_ACCESS_KEY_ID="test",
@@ -416,7 +456,7 @@ class ControlPlane:
         )
         self.args = args
         fo, fe = open(self.stdout_path, "wb"), open(self.stderr_path, "wb")
-        popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env)
+        popen = spawn(args, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env)
         fo.close()
         fe.close()
         self.proc = registry.add(Proc(name, popen, {"stderr": self.stderr_path, "stdout": self.stdout_path}))
@@ -449,6 +489,23 @@ class ControlPlane:
 
         wait_until(ready, timeout, f"{self.admin}/ready == 200")
         return time.monotonic() - t0
+
+    def config_dump(self) -> dict:
+        status, body = self.get("/config_dump")
+        assert status == 200, f"/config_dump answered {status}: {body[:200]}"
+        return json.loads(body)
+
+    def census(self, service: str = "echo.demo") -> dict[str, int]:
+        """The census the control plane's plans for `service` currently use (applied, not live)."""
+        for svc in self.config_dump()["services"]:
+            if svc["name"] == service:
+                return svc["census"]
+        return {}
+
+    def wait_census(self, expected: dict[str, int], service: str = "echo.demo", timeout: float = 10) -> float:
+        """Wait until the applied census of `service` equals `expected`; returns the time seen."""
+        wait_until(lambda: self.census(service) == expected, timeout, f"census of {service} == {expected}")
+        return time.time()
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         status, body = self.get("/metrics")
@@ -572,7 +629,7 @@ class XdsClient:
             "--caller", node_id, "--max-seconds", "900",
         ]  # fmt: skip
         fe = open(self.stderr_path, "wb")
-        popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env=env)
+        popen = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env=env)
         fe.close()
         self.proc = registry.add(
             Proc(f"xds-client {node_id}", popen, {"stderr": self.stderr_path, "calls": self.stdout_path})
@@ -640,8 +697,9 @@ class XdsClient:
         try:
             return wait_until(ok, timeout, f"first successful call of client {self.node_id} ({self.target})")
         except AssertionError as e:
-            s = self.summary(self.calls(measured=False))
-            raise AssertionError(f"{e}; calls so far: {s}") from None
+            calls = self.calls(measured=False)
+            errors = list(dict.fromkeys(f"{c.get('code')}: {c.get('error')}" for c in calls if not c.get("ok")))
+            raise AssertionError(f"{e}; {len(calls)} calls so far, distinct errors (last 3): {errors[-3:]}") from None
 
     def wait_for(self, pred: Callable[["XdsClient"], Any], timeout: float, desc: str) -> Any:
         def check():
@@ -649,6 +707,20 @@ class XdsClient:
             return pred(self)
 
         return wait_until(check, timeout, f"{desc} (client {self.node_id})")
+
+    def wait_settled(self, zones: set[str], streak: int = 10, since: float | None = None, timeout: float = 10) -> float:
+        """Wait until `streak` consecutive successful calls since `since` all went to `zones`
+        (the client applied its newest EDS); returns the time of the last of them."""
+
+        def settled(c):
+            run = 0
+            for x in c.calls(since=since):
+                run = run + 1 if x.get("ok") and x.get("zone") in zones else 0
+                if run >= streak:
+                    return x["t"]
+            return None
+
+        return self.wait_for(settled, timeout, f"{streak} consecutive calls to {sorted(zones)}")
 
     def wait_calls(self, n: int, since: float | None = None, timeout: float = 30) -> list[dict]:
         """Wait until n measured calls were made since `since`; return exactly the first n."""

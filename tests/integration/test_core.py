@@ -43,13 +43,26 @@ def first_call_to(client, instance, since):
 
 def test_each_client_is_served_in_its_own_zone(deploy):
     clients = deploy.standard()
+    # Zone-aware routing starts from the census: once every client is counted (1/1/1), each
+    # zone has capacity for its clients and keeps all their traffic. Measure from then on.
+    applied = deploy.cp.wait_census({z: 1 for z in clients})
+    problems = []
     for zone, c in clients.items():
-        calls = c.wait_calls(200, timeout=30)
+        start = c.wait_settled({zone}, since=applied)
+        calls = c.wait_calls(200, since=start, timeout=30)
         s = c.summary(calls)
-        assert s.failed == 0, f"{zone}: {s}"
-        assert s.own_zone_share >= 0.95, f"{zone}: only {s.own_zone_share:.1%} of 200 calls in own zone: {s}"
+        if s.failed:
+            problems.append(f"{zone}: {s.failed} of 200 calls failed: {s}")
+        if s.own_zone_share < 0.95:
+            off = [x["t"] - calls[0]["t"] for x in calls if x.get("ok") and x.get("zone") != zone]
+            problems.append(
+                f"{zone}: only {s.own_zone_share:.1%} of the first 200 calls after the first success were in "
+                f"its own zone (off-zone calls from {min(off):.2f}s to {max(off):.2f}s after it): {s}"
+            )
         own = {f"i-{zone[-1]}1", f"i-{zone[-1]}2"}
-        assert own <= set(s.per_instance), f"{zone}: not every own-zone instance was used: {s}"
+        if not own <= set(s.per_instance):
+            problems.append(f"{zone}: not every own-zone instance was used: {s}")
+    assert not problems, "\n".join(problems)
     assert_no_failures(deploy.clients)
     deploy.cp.assert_acked_no_nacks()
 
@@ -224,10 +237,12 @@ def _small_deployment(deploy, namespace: str, target: str):
             deploy.server(z, f"i-{z[-1]}{n}")
     deploy.control_plane(namespace=namespace)
     c = deploy.client("us-east-1a", target=target, node_id="client-a")
-    c.wait_first_success(timeout=30)
+    deploy.wait_first_success(c)
     s = c.summary(c.wait_calls(100, timeout=30))
     assert s.failed == 0, f"{target}: {s}"
-    assert s.own_zone_share >= 0.95, f"{target}: {s}"
+    # One client in zone a and equal capacity in a and b: the control plane may spill some
+    # traffic to b (census-based zone shares), so only "served by registered instances" is checked.
+    assert s.ok == 100 and set(s.per_instance) <= set(deploy.servers), f"{target}: {s}"
     assert_no_failures(deploy.clients)
     deploy.cp.assert_acked_no_nacks()
 

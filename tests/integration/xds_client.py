@@ -32,8 +32,9 @@ def main() -> int:
     ap.add_argument(
         "--first-wait-for-ready",
         type=float,
-        default=30.0,
-        help="until the first success, calls use wait_for_ready with this deadline (0: off)",
+        default=0.0,
+        help="until the first success, calls use wait_for_ready with this deadline (0: off, the "
+        "default: fail-fast calls wait while the channel connects and report why it cannot)",
     )
     args = ap.parse_args()
 
@@ -46,7 +47,6 @@ def main() -> int:
     # SIGTERM keeps its default action (end the process at once, even inside a blocking call):
     # every line written so far has been flushed, so nothing is lost.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    stop = {"now": False}
 
     channel = grpc.insecure_channel(args.target)
     stub = demo_pb2_grpc.DescriberStub(channel)
@@ -55,7 +55,7 @@ def main() -> int:
     had_success = False
     calls = 0
     next_at = time.monotonic()
-    while not stop["now"]:
+    while True:
         if time.monotonic() - started > args.max_seconds:
             break
         if args.max_calls and calls >= args.max_calls:

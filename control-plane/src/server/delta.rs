@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use tonic::Status;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use super::registry::TypeStatus;
 use super::{ClientInfo, Nack, Outcome, Protocol};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
@@ -54,6 +57,36 @@ impl Protocol for DeltaState {
 
     fn response_type_url(response: &DeltaDiscoveryResponse) -> &str {
         &response.type_url
+    }
+
+    fn request_names(request: &DeltaDiscoveryRequest) -> usize {
+        request.resource_names_subscribe.len()
+            + request.resource_names_unsubscribe.len()
+            + request.initial_resource_versions.len()
+    }
+
+    fn request_node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn status(&self) -> Vec<TypeStatus> {
+        self.types
+            .iter()
+            .map(|(ty, state)| {
+                let mut subscribed: Vec<String> = state.names.iter().cloned().collect();
+                if state.wildcard {
+                    subscribed.insert(0, "*".to_string());
+                }
+                TypeStatus {
+                    type_url: ty.type_url().to_string(),
+                    subscribed,
+                    sent: state.last_nonce.clone(),
+                    acked: state.acked_nonce.clone(),
+                    nack: state.nack.clone(),
+                    resources: state.known.clone(),
+                }
+            })
+            .collect()
     }
 
     fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> Result<(ResourceType, Outcome), Status> {
@@ -196,7 +229,7 @@ mod tests {
     use crate::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
     use ResourceType::{Cluster as CDS, ClusterLoadAssignment as EDS, Listener as LDS};
-    use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+    use envoy_types::pb::envoy::config::core::v3::Locality;
     use envoy_types::pb::google::rpc;
     use std::collections::HashMap;
 

@@ -11,7 +11,9 @@
 //! Nothing is sent before the first Cloud Map sync, so a restarted control
 //! plane never tells clients their resources are gone.
 
+pub mod csds;
 pub mod delta;
+pub mod registry;
 pub mod sotw;
 
 use std::collections::BTreeSet;
@@ -91,22 +93,68 @@ pub trait Protocol: Default + Send + 'static {
     /// Services whose endpoints this stream watches (for the census).
     fn eds_names(&self) -> BTreeSet<String>;
     fn request_type_url(request: &Self::Request) -> &str;
+    /// How many resource names the request (un)subscribes, for the limit.
+    fn request_names(request: &Self::Request) -> usize;
+    /// The Node the request carries, if any.
+    fn request_node(request: &Self::Request) -> Option<&Node>;
+    /// What the client holds, per type (for /config_dump and CSDS).
+    fn status(&self) -> Vec<registry::TypeStatus>;
     fn response_type_url(response: &Self::Response) -> &str;
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The tonic service. Cheap to clone; all state is in the cache and the streams.
+/// Limits against broken or hostile clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Resource names one request may (un)subscribe.
+    pub max_resource_names: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_resource_names: 10_000 }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdsServer {
     cache: Arc<Cache>,
+    registry: Arc<registry::Registry>,
+    limits: Limits,
     next_stream: Arc<AtomicU64>,
 }
 
 impl AdsServer {
-    pub fn new(cache: Arc<Cache>) -> Self {
-        AdsServer { cache, next_stream: Arc::new(AtomicU64::new(1)) }
+    pub fn new(cache: Arc<Cache>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
+        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)) }
     }
+
+    fn start<P: Protocol>(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        inbound: Streaming<P::Request>,
+    ) -> Result<BoxStream<P::Response>, Status> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let admission = self.registry.admit(id, P::NAME, peer)?;
+        // Small on purpose: a client that stops reading blocks only its own
+        // task, and when it reads again it gets the latest versions, not a
+        // backlog (responses are computed from the newest snapshot when sent).
+        let (tx, rx) = mpsc::channel(2);
+        let stream = StreamTask { cache: self.cache.clone(), id, peer, limits: self.limits, admission };
+        tokio::spawn(run_stream::<P>(stream, inbound, tx));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// What a stream task owns besides its protocol state.
+struct StreamTask {
+    cache: Arc<Cache>,
+    id: u64,
+    peer: Option<std::net::SocketAddr>,
+    limits: Limits,
+    admission: registry::Admission,
 }
 
 #[tonic::async_trait]
@@ -118,25 +166,16 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let peer = request.remote_addr();
-        let inbound = request.into_inner();
-        // Small on purpose: a client that stops reading blocks only its own task.
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(run_stream::<sotw::SotwState>(self.cache.clone(), id, peer, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.start::<sotw::SotwState>(peer, request.into_inner())?))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let peer = request.remote_addr();
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(run_stream::<delta::DeltaState>(self.cache.clone(), id, peer, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.start::<delta::DeltaState>(peer, request.into_inner())?))
     }
 }
 
@@ -170,12 +209,12 @@ impl Drop for CensusGuard {
 }
 
 async fn run_stream<P: Protocol>(
-    cache: Arc<Cache>,
-    id: u64,
-    peer: Option<std::net::SocketAddr>,
+    stream: StreamTask,
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
+    let StreamTask { cache, id, peer, limits, admission } = stream;
+    let mut node: Option<Node> = None;
     let mut changes = cache.subscribe();
     let mut state = P::default();
     let mut census: Option<CensusGuard> = None;
@@ -183,8 +222,14 @@ async fn run_stream<P: Protocol>(
     loop {
         tokio::select! {
             message = inbound.message() => match message {
-                Ok(Some(request)) => match state.on_request(&request) {
-                    Ok((ty, outcome)) => record(id, ty, P::request_type_url(&request), &outcome),
+                Ok(Some(request)) => match checked::<P>(&limits, &request).and_then(|()| state.on_request(&request)) {
+                    Ok((ty, outcome)) => {
+                        if node.is_none() {
+                            node = P::request_node(&request).cloned();
+                        }
+                        record(id, ty, P::request_type_url(&request), &outcome);
+                        admission.update(node.as_ref(), state.client(), state.status());
+                    }
                     Err(status) => {
                         tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
                         let _ = tx.send(Err(status)).await;
@@ -225,11 +270,23 @@ async fn run_stream<P: Protocol>(
                 break;
             }
         }
+        admission.update(node.as_ref(), state.client(), state.status());
     }
     if let Some((zone, kind)) = labels {
         metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
     }
     tracing::info!(stream = id, "stream ended");
+}
+
+fn checked<P: Protocol>(limits: &Limits, request: &P::Request) -> Result<(), Status> {
+    let names = P::request_names(request);
+    if names > limits.max_resource_names {
+        return Err(Status::invalid_argument(format!(
+            "request names {names} resources; the limit is {} (--max-resource-names)",
+            limits.max_resource_names
+        )));
+    }
+    Ok(())
 }
 
 fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {

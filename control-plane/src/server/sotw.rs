@@ -8,6 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tonic::Status;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use super::registry::TypeStatus;
 use super::{ClientInfo, Nack, Outcome, Protocol};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
@@ -24,6 +27,8 @@ pub struct Subscription {
 pub struct Sent {
     pub version: String,
     pub nonce: String,
+    /// Name → version of each resource in the response.
+    pub resources: BTreeMap<String, String>,
 }
 
 /// Per-type protocol state of one stream.
@@ -63,6 +68,34 @@ impl Protocol for SotwState {
 
     fn response_type_url(response: &DiscoveryResponse) -> &str {
         &response.type_url
+    }
+
+    fn request_names(request: &DiscoveryRequest) -> usize {
+        request.resource_names.len()
+    }
+
+    fn request_node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn status(&self) -> Vec<TypeStatus> {
+        self.types
+            .iter()
+            .map(|(ty, state)| {
+                let mut subscribed: Vec<String> = state.subscription.names.iter().cloned().collect();
+                if state.subscription.wildcard {
+                    subscribed.insert(0, "*".to_string());
+                }
+                TypeStatus {
+                    type_url: ty.type_url().to_string(),
+                    subscribed,
+                    sent: state.sent.as_ref().map(|s| s.version.clone()),
+                    acked: state.acked.clone(),
+                    nack: state.nack.clone(),
+                    resources: state.sent.as_ref().map(|s| s.resources.clone()).unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
     fn on_request(&mut self, request: &DiscoveryRequest) -> Result<(ResourceType, Outcome), Status> {
@@ -146,7 +179,8 @@ impl Protocol for SotwState {
                 nonce: nonce.clone(),
                 ..Default::default()
             });
-            state.sent = Some(Sent { version, nonce });
+            let sent = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+            state.sent = Some(Sent { version, nonce, resources: sent });
             state.must_respond = false;
         }
         out
@@ -164,7 +198,6 @@ mod tests {
     use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
     use envoy_types::pb::envoy::config::core::v3::Locality;
-    use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc;
 
     fn node(zone: &str, agent: &str) -> Node {

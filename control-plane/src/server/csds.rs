@@ -1,0 +1,111 @@
+//! CSDS (`envoy.service.status.v3.ClientStatusDiscoveryService`) on the xDS
+//! port: which client holds which resource at which version, and whether it
+//! ACKed or NACKed it — what `grpcdebug`-style tools ask.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::admin::v3::{ClientResourceStatus, UpdateFailureState};
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryService;
+use envoy_types::pb::envoy::service::status::v3::{
+    ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus, client_config::GenericXdsConfig,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::registry::{Registry, StreamStatus};
+use crate::cache::Cache;
+use crate::resources::ResourceType;
+
+#[derive(Debug, Clone)]
+pub struct CsdsServer {
+    pub cache: Arc<Cache>,
+    pub registry: Arc<Registry>,
+}
+
+fn matches(matchers: &[NodeMatcher], node_id: &str) -> bool {
+    matchers.is_empty()
+        || matchers.iter().any(|m| match m.node_id.as_ref().and_then(|s| s.match_pattern.as_ref()) {
+            None => true,
+            Some(string_matcher::MatchPattern::Exact(id)) => id == node_id,
+            Some(string_matcher::MatchPattern::Prefix(p)) => node_id.starts_with(p.as_str()),
+            Some(string_matcher::MatchPattern::Suffix(s)) => node_id.ends_with(s.as_str()),
+            Some(string_matcher::MatchPattern::Contains(c)) => node_id.contains(c.as_str()),
+            // Regexes are not evaluated here: match nothing rather than everything.
+            Some(_) => false,
+        })
+}
+
+impl CsdsServer {
+    pub fn status(&self, request: &ClientStatusRequest) -> ClientStatusResponse {
+        let snapshot = self.cache.snapshot();
+        let config = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|s| matches(&request.node_matchers, s.node.as_ref().map(|n| n.id.as_str()).unwrap_or("")))
+            .map(|stream| client_config(&stream, &snapshot, request.exclude_resource_contents))
+            .collect();
+        ClientStatusResponse { config }
+    }
+}
+
+fn client_config(stream: &StreamStatus, snapshot: &crate::cache::Snapshot, exclude: bool) -> ClientConfig {
+    let client = stream.client.as_ref().map(|c| c.client());
+    let mut generic = Vec::new();
+    for ty in &stream.types {
+        let acked = ty.acked.is_some() && ty.acked == ty.sent;
+        for (name, version) in &ty.resources {
+            let (config_status, client_status) = match (&ty.nack, acked) {
+                (Some(_), _) => (ConfigStatus::Error, ClientResourceStatus::Nacked),
+                (None, true) => (ConfigStatus::Synced, ClientResourceStatus::Acked),
+                (None, false) => (ConfigStatus::Stale, ClientResourceStatus::Requested),
+            };
+            let contents = match (exclude, &client, ResourceType::from_type_url(&ty.type_url)) {
+                (false, Some(client), Some(rt)) => {
+                    snapshot.resolve(rt, name, client).filter(|r| &r.version == version).map(|r| r.resource.clone())
+                }
+                _ => None,
+            };
+            generic.push(GenericXdsConfig {
+                type_url: ty.type_url.clone(),
+                name: name.clone(),
+                version_info: version.clone(),
+                xds_config: contents,
+                config_status: config_status as i32,
+                client_status: client_status as i32,
+                error_state: ty.nack.as_ref().map(|n| UpdateFailureState {
+                    details: n.message.clone(),
+                    version_info: n.version.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    ClientConfig { node: stream.node.clone(), generic_xds_configs: generic, ..Default::default() }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClientStatusDiscoveryService for CsdsServer {
+    type StreamClientStatusStream = BoxStream<ClientStatusResponse>;
+
+    async fn stream_client_status(
+        &self,
+        request: Request<Streaming<ClientStatusRequest>>,
+    ) -> Result<Response<Self::StreamClientStatusStream>, Status> {
+        let this = self.clone();
+        let responses = request.into_inner().map(move |r| r.map(|r| this.status(&r)));
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn fetch_client_status(
+        &self,
+        request: Request<ClientStatusRequest>,
+    ) -> Result<Response<ClientStatusResponse>, Status> {
+        Ok(Response::new(self.status(request.get_ref())))
+    }
+}
