@@ -2,7 +2,8 @@
 # THE one command that runs every test on a fresh machine:
 #   1. installs the real peers (.peers/py: moto, boto3, grpcio, pytest),
 #   2. builds all binaries, 3. runs the Rust tests,
-#   4. runs the Python integration suite (tests/integration) against the built binaries.
+#   4. checks deploy/ (scripts/test-deploy.sh: hadolint, cdk synth, cfn-lint, CDK tests),
+#   5. runs the Python integration suite (tests/integration) against the built binaries.
 # Extra arguments are passed to pytest (e.g. scripts/test.sh -k zone -x).
 # CLOUDMAP_XDS_BIN / DEMO_SERVER_BIN override the binaries under test.
 set -euo pipefail
@@ -17,6 +18,9 @@ cargo build --workspace --bins
 
 echo "==> cargo test --workspace"
 cargo test --workspace
+
+echo "==> deploy checks (Dockerfile, CDK synth, cfn-lint, CDK assertion tests)"
+"$ROOT/scripts/test-deploy.sh"
 
 export CLOUDMAP_XDS_BIN="${CLOUDMAP_XDS_BIN:-$ROOT/target/debug/cloudmap-xds}"
 export DEMO_SERVER_BIN="${DEMO_SERVER_BIN:-$ROOT/target/debug/demo-server}"

@@ -109,6 +109,18 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
     pub max_message_size: usize,
 
+    /// Serve the xDS port over TLS with this PEM certificate chain (reloaded when it changes).
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this PEM CA (mTLS).
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "CLOUDMAP_XDS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

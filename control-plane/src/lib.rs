@@ -15,4 +15,5 @@ pub mod model;
 pub mod policy;
 pub mod resources;
 pub mod server;
+pub mod tls;
 pub mod translate;

@@ -11,6 +11,7 @@ use cloudmap_xds::config::{Cli, Command, FileConfig, LogFormat, ServeArgs};
 use cloudmap_xds::server::csds::CsdsServer;
 use cloudmap_xds::server::registry::Registry;
 use cloudmap_xds::server::{AdsServer, Limits};
+use cloudmap_xds::tls;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 use tokio::sync::watch;
@@ -89,6 +90,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stopped(),
     ));
 
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::ReloadingTls::new(tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        })?),
+        (None, None) if args.tls_client_ca.is_none() => None,
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"),
+    };
     let listener = tokio::net::TcpListener::bind(args.xds_listen)
         .await
         .with_context(|| format!("cannot bind the xDS address {} (set --xds-listen)", args.xds_listen))?;
@@ -98,13 +108,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .max_decoding_message_size(args.max_message_size);
     let csds = ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry: registry.clone() })
         .max_decoding_message_size(args.max_message_size);
-    let xds = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .add_service(ads)
-            .add_service(csds)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped()),
-    );
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(ads)
+        .add_service(csds);
+    let xds = match tls {
+        Some(tls) => {
+            tracing::info!(mtls = args.tls_client_ca.is_some(), "xDS port serves TLS");
+            tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(2)));
+            tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped()))
+        }
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped()),
+        ),
+    };
 
     shutdown_signal().await;
     tracing::info!("shutting down");

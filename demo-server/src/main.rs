@@ -93,10 +93,7 @@ struct DescriberService {
 
 #[tonic::async_trait]
 impl Describer for DescriberService {
-    async fn describe(
-        &self,
-        request: Request<DescribeRequest>,
-    ) -> Result<Response<DescribeResponse>, Status> {
+    async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
         let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         let caller = request.into_inner().caller;
         tracing::debug!(%caller, served, "describe");
@@ -116,22 +113,14 @@ async fn main() -> Result<()> {
     let args = Args::parse();
 
     let identity = resolve_identity(&args).await;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let bound = listener
-        .local_addr()
-        .context("reading the bound listen address")?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr().context("reading the bound listen address")?;
 
     {
         let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "demo-server listening on {bound} zone={} instance={}",
-            identity.zone, identity.instance_id
-        )
-        .and_then(|()| out.flush())
-        .context("writing the ready line to stdout")?;
+        writeln!(out, "demo-server listening on {bound} zone={} instance={}", identity.zone, identity.instance_id)
+            .and_then(|()| out.flush())
+            .context("writing the ready line to stdout")?;
     }
     info!(
         %bound,
@@ -150,29 +139,17 @@ async fn main() -> Result<()> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Serves `demo.v1.Describer` and `grpc.health.v1.Health` on `listener` until
 /// `shutdown` completes, then drains in-flight calls and returns.
-async fn serve(
-    identity: Identity,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
+async fn serve(identity: Identity, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // The overall status ("") starts as SERVING; add the Describer service.
-    health_reporter
-        .set_serving::<DescriberServer<DescriberService>>()
-        .await;
+    health_reporter.set_serving::<DescriberServer<DescriberService>>().await;
 
-    let describer = DescriberService {
-        identity,
-        served: AtomicU64::new(0),
-    };
+    let describer = DescriberService { identity, served: AtomicU64::new(0) };
 
     tonic::transport::Server::builder()
         .add_service(health_service)
@@ -221,8 +198,7 @@ async fn shutdown_signal() {
 /// when zone or region is still missing) the ECS task metadata endpoint.
 async fn resolve_identity(args: &Args) -> Identity {
     let zone_arg = non_empty(args.zone.clone());
-    let region_arg =
-        non_empty(args.region.clone()).or_else(|| non_empty(std::env::var("AWS_REGION").ok()));
+    let region_arg = non_empty(args.region.clone()).or_else(|| non_empty(std::env::var("AWS_REGION").ok()));
 
     let metadata = if zone_arg.is_none() || region_arg.is_none() {
         match non_empty(std::env::var("ECS_CONTAINER_METADATA_URI_V4").ok()) {
@@ -239,34 +215,22 @@ async fn resolve_identity(args: &Args) -> Identity {
         TaskMetadata::default()
     };
 
-    let zone = zone_arg
-        .or_else(|| non_empty(metadata.availability_zone.clone()))
-        .unwrap_or_else(|| UNKNOWN.to_owned());
+    let zone = zone_arg.or_else(|| non_empty(metadata.availability_zone.clone())).unwrap_or_else(|| UNKNOWN.to_owned());
     let region = region_arg
         .or_else(|| metadata.task_arn.as_deref().and_then(region_from_arn))
         .or_else(|| region_from_zone(&zone))
         .unwrap_or_else(|| UNKNOWN.to_owned());
-    let instance_id = non_empty(args.instance_id.clone())
-        .or_else(hostname)
-        .unwrap_or_else(|| "demo-server".to_owned());
+    let instance_id = non_empty(args.instance_id.clone()).or_else(hostname).unwrap_or_else(|| "demo-server".to_owned());
 
-    Identity {
-        instance_id,
-        zone,
-        region,
-        address: args.listen.to_string(),
-    }
+    Identity { instance_id, zone, region, address: args.listen.to_string() }
 }
 
 /// GETs `${base}/task` with a short timeout.
 async fn fetch_task_metadata(base: &str) -> Result<TaskMetadata> {
     let url = format!("{}/task", base.trim_end_matches('/'));
     // The endpoint is link-local to the task: never route it through a proxy.
-    let client = reqwest::Client::builder()
-        .timeout(METADATA_TIMEOUT)
-        .no_proxy()
-        .build()
-        .context("building the HTTP client")?;
+    let client =
+        reqwest::Client::builder().timeout(METADATA_TIMEOUT).no_proxy().build().context("building the HTTP client")?;
     let body = client
         .get(&url)
         .send()
@@ -302,9 +266,7 @@ fn region_from_zone(zone: &str) -> Option<String> {
     let mut region: Vec<&str> = Vec::new();
     for part in zone.split('-') {
         if part.starts_with(|c: char| c.is_ascii_digit()) {
-            let digits_end = part
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(part.len());
+            let digits_end = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
             if region.is_empty() {
                 return None;
             }
@@ -334,18 +296,9 @@ mod tests {
     #[test]
     fn region_from_zone_strips_the_zone_letter() {
         assert_eq!(region_from_zone("us-east-1a").as_deref(), Some("us-east-1"));
-        assert_eq!(
-            region_from_zone("ap-southeast-2c").as_deref(),
-            Some("ap-southeast-2")
-        );
-        assert_eq!(
-            region_from_zone("us-gov-west-1b").as_deref(),
-            Some("us-gov-west-1")
-        );
-        assert_eq!(
-            region_from_zone("us-west-2-lax-1a").as_deref(),
-            Some("us-west-2")
-        );
+        assert_eq!(region_from_zone("ap-southeast-2c").as_deref(), Some("ap-southeast-2"));
+        assert_eq!(region_from_zone("us-gov-west-1b").as_deref(), Some("us-gov-west-1"));
+        assert_eq!(region_from_zone("us-west-2-lax-1a").as_deref(), Some("us-west-2"));
         assert_eq!(region_from_zone("unknown"), None);
         assert_eq!(region_from_zone("1a"), None);
         assert_eq!(region_from_zone(""), None);
@@ -371,14 +324,7 @@ mod tests {
         }"#;
         let metadata: TaskMetadata = serde_json::from_str(doc)?;
         assert_eq!(metadata.availability_zone.as_deref(), Some("us-west-2d"));
-        assert_eq!(
-            metadata
-                .task_arn
-                .as_deref()
-                .and_then(region_from_arn)
-                .as_deref(),
-            Some("us-west-2")
-        );
+        assert_eq!(metadata.task_arn.as_deref().and_then(region_from_arn).as_deref(), Some("us-west-2"));
         Ok(())
     }
 
@@ -397,17 +343,10 @@ mod tests {
             let _ = stop_rx.await;
         }));
 
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
         let mut client = DescriberClient::new(channel.clone());
         for expected in 1..=2 {
-            let reply = client
-                .describe(DescribeRequest {
-                    caller: "test".to_owned(),
-                })
-                .await?
-                .into_inner();
+            let reply = client.describe(DescribeRequest { caller: "test".to_owned() }).await?.into_inner();
             assert_eq!(reply.served, expected);
             assert_eq!(reply.zone, "us-east-1a");
             assert_eq!(reply.region, "us-east-1");
@@ -417,13 +356,7 @@ mod tests {
 
         let mut health = HealthClient::new(channel);
         for service in ["", "demo.v1.Describer"] {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await?
-                .into_inner()
-                .status;
+            let status = health.check(HealthCheckRequest { service: service.to_owned() }).await?.into_inner().status;
             assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
         }
 

@@ -1,0 +1,244 @@
+//! Property-based fuzzing of the inputs that come from outside: DiscoveryRequests
+//! (SotW and Delta, as decoded messages and as raw bytes) and Cloud Map
+//! instance attributes. Each target runs `FUZZ_CASES` inputs (default 25,000;
+//! four targets, so CI covers 100k in total); 0 panics allowed, plus protocol invariants.
+//!
+//! Long run: `FUZZ_CASES=5000000 cargo test --release -p cloudmap-xds --test fuzz`.
+
+use std::collections::BTreeMap;
+
+use cloudmap_xds::cache::Cache;
+use cloudmap_xds::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
+use cloudmap_xds::policy::Policy;
+use cloudmap_xds::resources::ResourceType;
+use cloudmap_xds::server::Protocol;
+use cloudmap_xds::server::delta::DeltaState;
+use cloudmap_xds::server::sotw::SotwState;
+use cloudmap_xds::translate::{self, RawInstance, TranslateOptions};
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::google::rpc;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use prost::Message;
+
+fn cases() -> u32 {
+    std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(25_000)
+}
+
+fn runner() -> TestRunner {
+    TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() })
+}
+
+fn cache() -> Cache {
+    let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+    for (i, (ns, svc)) in [("demo", "echo"), ("grpc.demo", "echo"), ("demo", "other")].iter().enumerate() {
+        let endpoints = (0..3u8)
+            .map(|z| Endpoint {
+                instance_id: format!("i-{i}-{z}"),
+                ip: std::net::IpAddr::from([10, i as u8, z, 1]),
+                port: 50051,
+                zone: Zone::new(format!("z{z}")),
+                region: "r".into(),
+                health: if z == 2 { Health::Unhealthy } else { Health::Healthy },
+                weight: 1,
+                attributes: BTreeMap::new(),
+            })
+            .collect();
+        cache.update_service(&ServiceName::new(*ns, *svc), ServiceEndpoints::new(endpoints, false), Policy::ZoneAware);
+    }
+    cache.set_ready();
+    cache
+}
+
+fn type_url() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => prop::sample::select(ResourceType::ALL.iter().map(|t| t.type_url().to_string()).collect::<Vec<_>>()),
+        1 => Just(String::new()),
+        1 => ".{0,40}".prop_map(|s| s),
+    ]
+}
+
+fn names() -> impl Strategy<Value = Vec<String>> {
+    prop::collection::vec(
+        prop_oneof![
+            prop::sample::select(vec![
+                "echo.demo",
+                "echo.demo:50051",
+                "echo.grpc.demo",
+                "other.demo",
+                "*",
+                "",
+                "cloudmap-xds-egress"
+            ])
+            .prop_map(String::from),
+            ".{0,20}",
+        ],
+        0..5,
+    )
+}
+
+fn node() -> impl Strategy<Value = Option<Node>> {
+    prop::option::of(
+        (".{0,10}", prop::sample::select(vec!["envoy", "gRPC Go", "gRPC Rust tonic-xds", ""]), ".{0,8}").prop_map(
+            |(id, agent, zone)| Node {
+                id,
+                user_agent_name: agent.into(),
+                locality: Some(Locality { zone, ..Default::default() }),
+                ..Default::default()
+            },
+        ),
+    )
+}
+
+/// Nonces a client might send: recent ones the server used (small numbers), or garbage.
+fn nonce() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), (1u64..12).prop_map(|n| n.to_string()), ".{0,6}"]
+}
+
+fn error_detail() -> impl Strategy<Value = Option<rpc::Status>> {
+    prop::option::weighted(0.3, ".{0,10}".prop_map(|message| rpc::Status { code: 3, message, ..Default::default() }))
+}
+
+fn sotw_request() -> impl Strategy<Value = DiscoveryRequest> {
+    (type_url(), names(), nonce(), ".{0,8}", node(), error_detail()).prop_map(
+        |(type_url, resource_names, response_nonce, version_info, node, error_detail)| DiscoveryRequest {
+            type_url,
+            resource_names,
+            response_nonce,
+            version_info,
+            node,
+            error_detail,
+            ..Default::default()
+        },
+    )
+}
+
+fn delta_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {
+    (type_url(), names(), names(), nonce(), node(), error_detail(), names()).prop_map(
+        |(type_url, subscribe, unsubscribe, response_nonce, node, error_detail, initial)| DeltaDiscoveryRequest {
+            type_url,
+            resource_names_subscribe: subscribe,
+            resource_names_unsubscribe: unsubscribe,
+            response_nonce,
+            node,
+            error_detail,
+            initial_resource_versions: initial.into_iter().map(|n| (n, "v".to_string())).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn sotw_requests_never_panic_and_nothing_is_resent_without_news() {
+    let cache = cache();
+    runner()
+        .run(&prop::collection::vec(sotw_request(), 1..8), |requests| {
+            let mut state = SotwState::default();
+            for request in &requests {
+                if state.on_request(request).is_err() {
+                    // A malformed request ends the stream with a status.
+                    return Ok(());
+                }
+                state.responses(&cache.snapshot());
+                // Asked again with nothing new (after an ACK, a NACK or garbage): nothing is
+                // sent, so a NACKed version is never re-sent in a loop.
+                prop_assert!(state.responses(&cache.snapshot()).is_empty());
+            }
+            Ok(())
+        })
+        .expect("SotW state machine");
+}
+
+#[test]
+fn delta_requests_never_panic_and_settle() {
+    let cache = cache();
+    runner()
+        .run(&prop::collection::vec(delta_request(), 1..8), |requests| {
+            let mut state = DeltaState::default();
+            for request in &requests {
+                if state.on_request(request).is_err() {
+                    return Ok(());
+                }
+                state.responses(&cache.snapshot());
+                prop_assert!(state.responses(&cache.snapshot()).is_empty(), "responses settle without input");
+            }
+            Ok(())
+        })
+        .expect("Delta state machine");
+}
+
+#[test]
+fn raw_request_bytes_never_panic() {
+    let cache = cache();
+    runner()
+        .run(&prop::collection::vec(any::<u8>(), 0..200), |bytes| {
+            if let Ok(request) = DiscoveryRequest::decode(bytes.as_slice()) {
+                let mut state = SotwState::default();
+                if state.on_request(&request).is_ok() {
+                    state.responses(&cache.snapshot());
+                }
+            }
+            if let Ok(request) = DeltaDiscoveryRequest::decode(bytes.as_slice()) {
+                let mut state = DeltaState::default();
+                if state.on_request(&request).is_ok() {
+                    state.responses(&cache.snapshot());
+                }
+            }
+            Ok(())
+        })
+        .expect("decoding and handling arbitrary bytes");
+}
+
+fn attribute_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "(10|192|fd00::|::1|255)\\.?[0-9]{0,3}\\.?[0-9]{0,3}\\.?[0-9]{0,3}",
+        "[0-9]{0,6}",
+        "-?[0-9]{1,12}",
+        ".{0,16}",
+        Just(String::new()),
+    ]
+}
+
+fn instance() -> impl Strategy<Value = RawInstance> {
+    let key = prop::sample::select(vec![
+        "AWS_INSTANCE_IPV4",
+        "AWS_INSTANCE_IPV6",
+        "AWS_INSTANCE_PORT",
+        "AVAILABILITY_ZONE",
+        "REGION",
+        "weight",
+        "ECS_SERVICE_NAME",
+    ]);
+    (
+        "i-[0-9a-f]{1,3}",
+        prop::option::of(prop::sample::select(vec!["HEALTHY", "UNHEALTHY", "UNKNOWN", "bogus"])),
+        prop::collection::btree_map(key.prop_map(String::from), attribute_value(), 0..7),
+    )
+        .prop_map(|(instance_id, health, attributes)| RawInstance {
+            instance_id,
+            health: health.map(String::from),
+            attributes,
+        })
+}
+
+#[test]
+fn cloudmap_attributes_never_panic_and_yield_valid_endpoints() {
+    let options = TranslateOptions { default_region: "us-east-1".into(), weight_attribute: Some("weight".into()) };
+    runner()
+        .run(&prop::collection::vec(instance(), 0..8), |instances| {
+            let t = translate::translate(&instances, &options);
+            let mut addresses = std::collections::HashSet::new();
+            for e in &t.endpoints.endpoints {
+                prop_assert!(e.port > 0);
+                prop_assert!(e.weight >= 1);
+                prop_assert!(addresses.insert((e.ip, e.port)), "duplicate address served");
+            }
+            let ids: std::collections::HashSet<&str> = instances.iter().map(|i| i.instance_id.as_str()).collect();
+            // Every distinct instance is either served, skipped with a reason, or drained (weight 0).
+            prop_assert!(t.endpoints.endpoints.len() + t.skipped.len() <= instances.len());
+            prop_assert!(t.endpoints.endpoints.len() <= ids.len());
+            Ok(())
+        })
+        .expect("attribute translation");
+}
