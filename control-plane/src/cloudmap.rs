@@ -433,6 +433,10 @@ impl<C: CloudMap> Watcher<C> {
                 }
                 let count = translation.endpoints.endpoints.len();
                 if self.cache.update_service(&name, translation.endpoints, settings.policy) {
+                    // When the change entered the cache: the start of push propagation.
+                    metrics::gauge!("cloudmap_xds_service_updated_timestamp_seconds", "service" => name.dial_name())
+                        .set(unix_now());
+                    metrics::gauge!("cloudmap_xds_endpoints", "service" => name.dial_name()).set(count as f64);
                     tracing::info!(service = %name, endpoints = count, revision = ?current, "endpoints updated");
                 }
                 revision = current;

@@ -99,6 +99,14 @@ def binary(env_name: str, default_rel: str) -> Path:
     return p
 
 
+def config_args(log_dir: Path, toml_text: str, name: str = "cloudmap-xds.toml") -> list[str]:
+    """Write a control-plane TOML config (README "Configuration") into log_dir and return the
+    flags that load it, for ControlPlane(extra_args=...) / Deployment.control_plane(extra_args=...)."""
+    path = log_dir / name
+    path.write_text(toml_text)
+    return ["--config", str(path)]
+
+
 def _die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL if the test process dies (e.g. is killed itself), so no
     server outlives a crashed run. Normal cleanup still stops every process by PID."""
@@ -425,9 +433,12 @@ class ControlPlane:
         refresh_interval: str = "2s",
         extra_args: Iterable[str] = (),
         name: str = "cloudmap-xds",
+        xds_port: int | None = None,
+        admin_port: int | None = None,
     ):
-        self.xds_port = free_port()
-        self.admin_port = free_port()
+        # Given ports restart a control plane in place (clients reconnect to the same address).
+        self.xds_port = xds_port or free_port()
+        self.admin_port = admin_port or free_port()
         while self.admin_port == self.xds_port:
             self.admin_port = free_port()
         self.admin = f"http://127.0.0.1:{self.admin_port}"
@@ -506,6 +517,21 @@ class ControlPlane:
         """Wait until the applied census of `service` equals `expected`; returns the time seen."""
         wait_until(lambda: self.census(service) == expected, timeout, f"census of {service} == {expected}")
         return time.time()
+
+    def streams_synced(self, census: dict[str, int], service: str = "echo.demo") -> bool:
+        """/config_dump lists exactly census[zone] clients per zone subscribed to `service` (EDS),
+        and each has ACKed the last EDS version sent to it. Unlike census(), this also holds for
+        policies whose plans do not use the census (their applied census stays empty)."""
+        eds_url = GRPC_TYPE_URLS[3]
+        seen: collections.Counter = collections.Counter()
+        for cl in self.config_dump()["clients"]:
+            eds = next((t for t in cl["types"] if t["type_url"] == eds_url), None)
+            if eds is None or service not in eds["subscribed"]:
+                continue
+            if not eds["last_sent"] or eds["last_acked"] != eds["last_sent"]:
+                return False
+            seen[cl["zone"]] += 1
+        return dict(seen) == {z: n for z, n in census.items() if n}
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         status, body = self.get("/metrics")
