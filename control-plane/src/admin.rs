@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -21,15 +22,23 @@ struct AdminState {
     cache: Arc<Cache>,
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
+    staleness: Option<Duration>,
 }
 
-pub fn router(cache: Arc<Cache>, registry: Arc<Registry>, metrics: PrometheusHandle) -> Router {
+/// `staleness`: `/ready` answers 503 when a service's last successful Cloud
+/// Map call is older than this (`None`: never, serving the last good state is ready).
+pub fn router(
+    cache: Arc<Cache>,
+    registry: Arc<Registry>,
+    metrics: PrometheusHandle,
+    staleness: Option<Duration>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/config_dump", get(config_dump))
-        .with_state(AdminState { cache, registry, metrics })
+        .with_state(AdminState { cache, registry, metrics, staleness })
 }
 
 pub async fn serve(
@@ -37,25 +46,41 @@ pub async fn serve(
     cache: Arc<Cache>,
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
+    staleness: Option<Duration>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the admin address {listen}: {e} (set --admin-listen)"))?;
     tracing::info!(address = %listen, "admin HTTP listening");
-    axum::serve(listener, router(cache, registry, metrics)).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(cache, registry, metrics, staleness)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
 async fn ready(State(state): State<AdminState>) -> Response {
-    if state.cache.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first Cloud Map sync\n").into_response()
+    if !state.cache.is_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first Cloud Map sync\n").into_response();
     }
+    if let Some(bound) = state.staleness {
+        let stale: Vec<String> = state
+            .cache
+            .sync_ages()
+            .into_iter()
+            .filter(|(_, age)| *age > bound)
+            .map(|(service, age)| format!("{service} (last sync {}s ago)", age.as_secs()))
+            .collect();
+        if !stale.is_empty() {
+            let body = format!("stale: serving the last good state of {}\n", stale.join(", "));
+            return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+        }
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {
+    for (service, age) in state.cache.sync_ages() {
+        metrics::gauge!("cloudmap_xds_seconds_since_last_sync", "service" => service).set(age.as_secs_f64());
+    }
     state.metrics.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
@@ -136,4 +161,40 @@ fn client_json(stream: &StreamStatus) -> serde_json::Value {
         "kind": stream.client.as_ref().map(|c| c.kind),
         "types": types,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ServiceEndpoints, ServiceName};
+    use crate::policy::Policy;
+
+    fn state(staleness: Option<Duration>) -> AdminState {
+        AdminState {
+            cache: Arc::new(Cache::default()),
+            registry: Arc::new(Registry::new(10)),
+            metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
+            staleness,
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_the_first_sync_and_reports_staleness() {
+        let s = state(Some(Duration::from_millis(50)));
+        assert_eq!(ready(State(s.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let name = ServiceName::new("demo", "echo");
+        s.cache.update_service(&name, ServiceEndpoints::default(), Policy::ZoneAware);
+        s.cache.mark_synced(&name);
+        s.cache.set_ready();
+        assert_eq!(ready(State(s.clone())).await.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(ready(State(s.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE, "stale");
+        s.cache.mark_synced(&name);
+        assert_eq!(ready(State(s.clone())).await.status(), StatusCode::OK, "recovered");
+
+        // Without a bound, serving the last good state is ready.
+        let unbounded = state(None);
+        unbounded.cache.set_ready();
+        assert_eq!(ready(State(unbounded)).await.status(), StatusCode::OK);
+    }
 }

@@ -286,6 +286,7 @@ pub struct Cache {
     census: Mutex<BTreeMap<String, PerZone>>,
     census_changed: tokio::sync::Notify,
     census_new_zone: AtomicBool,
+    synced: DashMap<String, std::time::Instant>,
 }
 
 impl Default for Cache {
@@ -305,6 +306,7 @@ impl Cache {
             census: Mutex::new(BTreeMap::new()),
             census_changed: tokio::sync::Notify::new(),
             census_new_zone: AtomicBool::new(false),
+            synced: DashMap::new(),
         }
     }
 
@@ -360,7 +362,18 @@ impl Cache {
 
     pub fn remove_service(&self, name: &ServiceName) -> bool {
         let dial = name.dial_name();
+        self.synced.remove(&dial);
         self.publish(|services| services.remove(&dial).is_some())
+    }
+
+    /// A Cloud Map call for this service just succeeded.
+    pub fn mark_synced(&self, name: &ServiceName) {
+        self.synced.insert(name.dial_name(), std::time::Instant::now());
+    }
+
+    /// Time since each service's last successful Cloud Map call.
+    pub fn sync_ages(&self) -> BTreeMap<String, std::time::Duration> {
+        self.synced.iter().map(|e| (e.key().clone(), e.value().elapsed())).collect()
     }
 
     fn live_census(&self, dial: &str) -> PerZone {

@@ -447,9 +447,11 @@ impl<C: CloudMap> Watcher<C> {
             let wait = match result {
                 Ok(read) => {
                     failures = 0;
+                    // Any successful call means Cloud Map's view of this service is current.
+                    self.cache.mark_synced(&name);
+                    metrics::gauge!("cloudmap_xds_last_sync_timestamp_seconds", "service" => name.dial_name())
+                        .set(unix_now());
                     if read {
-                        metrics::gauge!("cloudmap_xds_last_sync_timestamp_seconds", "service" => name.dial_name())
-                            .set(unix_now());
                         if let Some(tx) = synced.take() {
                             let _ = tx.send(());
                         }

@@ -121,6 +121,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// `/ready` answers 503 when a service's last successful Cloud Map call is older
+    /// than this (e.g. 60s). Off by default: serving the last good state is ready.
+    #[arg(long, env = "CLOUDMAP_XDS_READY_STALENESS", value_parser = parse_duration)]
+    pub ready_staleness: Option<Duration>,
+
     /// Log format.
     #[arg(long, env = "CLOUDMAP_XDS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

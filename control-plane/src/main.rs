@@ -87,6 +87,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache.clone(),
         registry.clone(),
         metrics,
+        args.ready_staleness,
         stopped(),
     ));
 
