@@ -451,10 +451,8 @@ impl<C: CloudMap> Watcher<C> {
                     self.cache.mark_synced(&name);
                     metrics::gauge!("cloudmap_xds_last_sync_timestamp_seconds", "service" => name.dial_name())
                         .set(unix_now());
-                    if read {
-                        if let Some(tx) = synced.take() {
-                            let _ = tx.send(());
-                        }
+                    if read && let Some(tx) = synced.take() {
+                        let _ = tx.send(());
                     }
                     self.timing.revision_interval
                 }
