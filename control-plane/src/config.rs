@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::model::ServiceName;
+use crate::model::{AgentRules, ClientKind, ServiceName};
 use crate::policy::Policy;
 
 #[derive(Debug, Parser)]
@@ -193,6 +193,28 @@ pub struct FileConfig {
     /// Keyed by `SERVICE.NAMESPACE`, the name clients dial.
     #[serde(default)]
     pub services: HashMap<String, ServiceTable>,
+    #[serde(default)]
+    pub clients: ClientsTable,
+}
+
+/// `[clients]`: how user agents the built-in rules do not know are served.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsTable {
+    /// Kind for agents no rule matches (default `grpc`).
+    pub unknown: Option<ClientKind>,
+    /// Case-insensitive substring of `node.user_agent_name` → kind, checked first.
+    #[serde(default)]
+    pub agents: BTreeMap<String, ClientKind>,
+}
+
+impl ClientsTable {
+    pub fn rules(&self) -> AgentRules {
+        AgentRules {
+            rules: self.agents.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            unknown: self.unknown.unwrap_or(ClientKind::Grpc),
+        }
+    }
 }
 
 /// The settings in force for one service.
@@ -305,6 +327,21 @@ mod tests {
         let other = config.settings(&ServiceName::new("demo", "other"));
         assert_eq!(other.policy, Policy::LocalFirst);
         assert!(other.query_parameters.is_empty());
+    }
+
+    #[test]
+    fn client_kinds_for_unknown_agents() {
+        let config = FileConfig::parse(
+            r#"
+            [clients]
+            unknown = "flat"
+            agents = { "my-mesh" = "envoy" }
+            "#,
+        )
+        .expect("parses");
+        let rules = config.clients.rules();
+        assert_eq!(rules.classify("my-mesh/1.2"), ClientKind::Envoy);
+        assert_eq!(rules.classify("curl"), ClientKind::Flat);
     }
 
     #[test]

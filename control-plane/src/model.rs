@@ -114,7 +114,7 @@ impl ServiceEndpoints {
 
 /// What kind of xDS client is on a stream; decides how the same traffic
 /// shares are expressed (see `resources`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientKind {
     /// Proxyless gRPC (Go, Java, C-core, Node): priorities + weighted localities,
@@ -127,16 +127,45 @@ pub enum ClientKind {
 }
 
 impl ClientKind {
-    /// Guess the kind from `node.user_agent_name`.
+    /// The kind of a client from `node.user_agent_name`, by the rules
+    /// installed with [`AgentRules::install`] (else the built-in ones).
     pub fn from_user_agent(agent: &str) -> ClientKind {
+        AGENT_RULES.get().unwrap_or(&BUILT_IN).classify(agent)
+    }
+}
+
+/// How user agents map to client kinds: the configured rules first (a
+/// case-insensitive substring of the user agent → kind), then the built-in
+/// ones (`envoy`, `tonic-xds` → flat, `gRPC …`), then `unknown`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRules {
+    pub rules: Vec<(String, ClientKind)>,
+    pub unknown: ClientKind,
+}
+
+static AGENT_RULES: std::sync::OnceLock<AgentRules> = std::sync::OnceLock::new();
+static BUILT_IN: AgentRules = AgentRules { rules: Vec::new(), unknown: ClientKind::Grpc };
+
+impl AgentRules {
+    pub fn classify(&self, agent: &str) -> ClientKind {
         let lower = agent.to_ascii_lowercase();
-        if lower == "envoy" || lower.starts_with("envoy ") {
+        if let Some((_, kind)) = self.rules.iter().find(|(needle, _)| lower.contains(&needle.to_ascii_lowercase())) {
+            return *kind;
+        }
+        if lower == "envoy" || lower.starts_with("envoy ") || lower.starts_with("envoy/") {
             ClientKind::Envoy
         } else if lower.contains("tonic-xds") {
             ClientKind::Flat
-        } else {
+        } else if lower.starts_with("grpc") {
             ClientKind::Grpc
+        } else {
+            self.unknown
         }
+    }
+
+    /// Make these the process-wide rules (once, at start).
+    pub fn install(self) {
+        let _ = AGENT_RULES.set(self);
     }
 }
 
@@ -156,6 +185,15 @@ mod tests {
         ] {
             assert_eq!(ClientKind::from_user_agent(agent), kind, "{agent:?}");
         }
+    }
+
+    #[test]
+    fn configured_agent_rules_come_first() {
+        let rules = AgentRules { rules: vec![("my-proxy".into(), ClientKind::Envoy)], unknown: ClientKind::Flat };
+        assert_eq!(rules.classify("My-Proxy 2.0"), ClientKind::Envoy);
+        assert_eq!(rules.classify("gRPC Java"), ClientKind::Grpc);
+        assert_eq!(rules.classify("something else"), ClientKind::Flat);
+        assert_eq!(rules.classify("envoy"), ClientKind::Envoy);
     }
 
     #[test]
