@@ -110,6 +110,12 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 entry.capacity.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
             let census: serde_json::Map<_, _> =
                 entry.census.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
+            let live: serde_json::Map<_, _> = state
+                .cache
+                .live_census(&entry.name.dial_name())
+                .iter()
+                .map(|(z, c)| (z.as_str().to_string(), json!(c)))
+                .collect();
             json!({
                 "name": entry.name.dial_name(),
                 "namespace": entry.name.namespace,
@@ -117,7 +123,9 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 "policy": entry.policy,
                 "fail_open": entry.endpoints.fail_open,
                 "capacity": capacity,
+                // The census the plans use (zone-aware only; moves ≥ 2 points), and the live one.
                 "census": census,
+                "live_census": live,
                 "endpoints": endpoints,
             })
         })

@@ -376,7 +376,8 @@ impl Cache {
         self.synced.iter().map(|e| (e.key().clone(), e.value().elapsed())).collect()
     }
 
-    fn live_census(&self, dial: &str) -> PerZone {
+    /// Clients per zone connected now for service `dial` (the plans may use an older census).
+    pub fn live_census(&self, dial: &str) -> PerZone {
         self.census.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default()
     }
 
