@@ -219,7 +219,7 @@ async fn run_stream<P: Protocol>(
     let mut state = P::default();
     let mut census: Option<CensusGuard> = None;
     let mut labels: Option<(String, String)> = None;
-    loop {
+    'stream: loop {
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(request)) => match checked::<P>(&limits, &request).and_then(|()| state.on_request(&request)) {
@@ -233,16 +233,16 @@ async fn run_stream<P: Protocol>(
                     Err(status) => {
                         tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
                         let _ = tx.send(Err(status)).await;
-                        break;
+                        break 'stream;
                     }
                 },
-                Ok(None) => break,
+                Ok(None) => break 'stream,
                 Err(status) => {
                     tracing::debug!(stream = id, error = %status, "stream closed by transport error");
-                    break;
+                    break 'stream;
                 }
             },
-            changed = changes.changed() => if changed.is_err() { break },
+            changed = changes.changed() => if changed.is_err() { break 'stream },
         }
         if let (None, Some(client)) = (&census, state.client()) {
             tracing::info!(
@@ -261,16 +261,20 @@ async fn run_stream<P: Protocol>(
         if !cache.is_ready() {
             continue;
         }
-        let snapshot = cache.snapshot();
-        for response in state.responses(&snapshot) {
+        let responses = state.responses(&cache.snapshot());
+        if responses.is_empty() {
+            continue;
+        }
+        admission.update(node.as_ref(), state.client(), state.status());
+        for response in responses {
             let type_url = P::response_type_url(&response).to_string();
             tracing::debug!(stream = id, %type_url, "push");
             metrics::counter!("cloudmap_xds_pushes_total", "type_url" => type_url).increment(1);
+            // Waits while the client is not reading; the channel holds at most two responses.
             if tx.send(Ok(response)).await.is_err() {
-                break;
+                break 'stream;
             }
         }
-        admission.update(node.as_ref(), state.client(), state.status());
     }
     if let Some((zone, kind)) = labels {
         metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
