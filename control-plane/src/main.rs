@@ -76,6 +76,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let census = tokio::spawn(apply_census(cache.clone(), args.census_debounce));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let streams_stop = stop_rx.clone();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -106,8 +107,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind the xDS address {} (set --xds-listen)", args.xds_listen))?;
     tracing::info!(address = %args.xds_listen, "xDS (ADS) listening");
     let limits = Limits { max_resource_names: args.max_resource_names };
-    let ads = AggregatedDiscoveryServiceServer::new(AdsServer::new(cache.clone(), registry.clone(), limits))
-        .max_decoding_message_size(args.max_message_size);
+    let ads = AggregatedDiscoveryServiceServer::new(
+        AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop),
+    )
+    .max_decoding_message_size(args.max_message_size);
     let csds = ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry: registry.clone() })
         .max_decoding_message_size(args.max_message_size);
     let router = tonic::transport::Server::builder()

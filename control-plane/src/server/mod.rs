@@ -124,11 +124,20 @@ pub struct AdsServer {
     registry: Arc<registry::Registry>,
     limits: Limits,
     next_stream: Arc<AtomicU64>,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AdsServer {
     pub fn new(cache: Arc<Cache>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
-        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)) }
+        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)), shutdown: None }
+    }
+
+    /// End every stream with UNAVAILABLE when `shutdown` turns true, so clients
+    /// reconnect (to another replica, or to this one restarted) at once
+    /// instead of holding the server's graceful shutdown open.
+    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     fn start<P: Protocol>(
@@ -142,7 +151,14 @@ impl AdsServer {
         // task, and when it reads again it gets the latest versions, not a
         // backlog (responses are computed from the newest snapshot when sent).
         let (tx, rx) = mpsc::channel(2);
-        let stream = StreamTask { cache: self.cache.clone(), id, peer, limits: self.limits, admission };
+        let stream = StreamTask {
+            cache: self.cache.clone(),
+            id,
+            peer,
+            limits: self.limits,
+            admission,
+            shutdown: self.shutdown.clone(),
+        };
         tokio::spawn(run_stream::<P>(stream, inbound, tx));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -155,6 +171,19 @@ struct StreamTask {
     peer: Option<std::net::SocketAddr>,
     limits: Limits,
     admission: registry::Admission,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Resolves once shutdown was requested; never without a shutdown channel.
+async fn shutting_down(shutdown: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match shutdown {
+        Some(rx) => {
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 #[tonic::async_trait]
@@ -213,7 +242,7 @@ async fn run_stream<P: Protocol>(
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
-    let StreamTask { cache, id, peer, limits, admission } = stream;
+    let StreamTask { cache, id, peer, limits, admission, mut shutdown } = stream;
     let mut node: Option<Node> = None;
     let mut changes = cache.subscribe();
     let mut state = P::default();
@@ -243,6 +272,10 @@ async fn run_stream<P: Protocol>(
                 }
             },
             changed = changes.changed() => if changed.is_err() { break 'stream },
+            () = shutting_down(&mut shutdown) => {
+                let _ = tx.send(Err(Status::unavailable("control plane shutting down; reconnect"))).await;
+                break 'stream;
+            }
         }
         if let (None, Some(client)) = (&census, state.client()) {
             tracing::info!(

@@ -1,0 +1,106 @@
+//! Micro-benchmarks of the pure stages for one service of 1,000 endpoints
+//! (ECS-like instances: seven attributes each, three zones):
+//!
+//! - `translate`: Cloud Map instances → model endpoints;
+//! - `policy/shares`, `policy/plan`, `resources/cluster_load_assignment`,
+//!   and the three together (`eds/build`), as the cache runs them once per
+//!   zone and client kind when endpoints change;
+//! - `encode/cla`: packing that CLA into an `Any` (done once per variant);
+//! - `push/per_client`: what each stream then does per push with the cached
+//!   resource — resolve it (a memo hit), clone its `Any` into a response and
+//!   encode the response, as tonic does.
+//!
+//! Run: `cargo bench -p cloudmap-xds --bench pipeline`.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+
+use cloudmap_xds::cache::{Cache, Client};
+use cloudmap_xds::model::{ClientKind, ServiceName, Zone};
+use cloudmap_xds::policy::{self, PerZone, Policy};
+use cloudmap_xds::resources::{self, ResourceType};
+use cloudmap_xds::translate::{self, RawInstance, TranslateOptions};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::util::pack_any;
+use prost::Message;
+
+const ENDPOINTS: usize = 1_000;
+const ZONES: [&str; 3] = ["us-east-1a", "us-east-1b", "us-east-1c"];
+
+fn instances(n: usize) -> Vec<RawInstance> {
+    (0..n)
+        .map(|i| {
+            let attributes: BTreeMap<String, String> = [
+                ("AWS_INSTANCE_IPV4", format!("10.0.{}.{}", i / 250, i % 250 + 1)),
+                ("AWS_INSTANCE_PORT", "50051".to_string()),
+                ("AVAILABILITY_ZONE", ZONES[i % 3].to_string()),
+                ("REGION", "us-east-1".to_string()),
+                ("ECS_CLUSTER_NAME", "prod".to_string()),
+                ("ECS_SERVICE_NAME", "echo".to_string()),
+                ("ECS_TASK_DEFINITION_FAMILY", "echo".to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            RawInstance { instance_id: format!("task-{i:05}"), health: Some("HEALTHY".into()), attributes }
+        })
+        .collect()
+}
+
+fn stages(c: &mut Criterion) {
+    let raw = instances(ENDPOINTS);
+    let options = TranslateOptions { default_region: "us-east-1".into(), weight_attribute: None };
+    c.bench_function("translate/1000", |b| b.iter(|| translate::translate(black_box(&raw), &options)));
+
+    let endpoints = translate::translate(&raw, &options).endpoints;
+    assert_eq!(endpoints.endpoints.len(), ENDPOINTS);
+    let capacity = endpoints.capacity();
+    // Demand skewed to zone a, so zone-aware spills part of a's traffic (the costly path).
+    let census: PerZone = [(ZONES[0], 5u64), (ZONES[1], 3), (ZONES[2], 2)].map(|(z, n)| (Zone::new(z), n)).into();
+    let zone = Zone::new(ZONES[0]);
+    let shares = policy::shares(Policy::ZoneAware, Some(&zone), &capacity, &census);
+    let plan = policy::plan(&shares, &capacity);
+    c.bench_function("policy/shares", |b| {
+        b.iter(|| policy::shares(Policy::ZoneAware, Some(black_box(&zone)), &capacity, &census))
+    });
+    c.bench_function("policy/plan", |b| b.iter(|| policy::plan(black_box(&shares), &capacity)));
+    c.bench_function("resources/cluster_load_assignment/1000", |b| {
+        b.iter(|| resources::cluster_load_assignment("echo.prod", black_box(&endpoints), &plan, ClientKind::Grpc))
+    });
+    c.bench_function("eds/build/1000", |b| {
+        b.iter(|| {
+            let shares = policy::shares(Policy::ZoneAware, Some(black_box(&zone)), &capacity, &census);
+            let plan = policy::plan(&shares, &capacity);
+            resources::cluster_load_assignment("echo.prod", &endpoints, &plan, ClientKind::Grpc)
+        })
+    });
+
+    let cla = resources::cluster_load_assignment("echo.prod", &endpoints, &plan, ClientKind::Grpc);
+    eprintln!("one CLA of {ENDPOINTS} endpoints encodes to {} bytes", cla.encoded_len());
+    c.bench_function("encode/cla/1000", |b| b.iter_batched(|| cla.clone(), pack_any, BatchSize::LargeInput));
+
+    let cache = Cache::default();
+    cache.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
+    cache.set_ready();
+    let snapshot = cache.snapshot();
+    let client = Client { zone: Some(zone.clone()), kind: ClientKind::Grpc };
+    let eds = ResourceType::ClusterLoadAssignment;
+    snapshot.resolve(eds, "echo.prod", &client).expect("served");
+    c.bench_function("push/per_client/1000", |b| {
+        b.iter(|| {
+            let resource = snapshot.resolve(eds, black_box("echo.prod"), &client).expect("served");
+            let response = DiscoveryResponse {
+                version_info: resource.version.clone(),
+                resources: vec![resource.resource.clone()],
+                type_url: eds.type_url().to_string(),
+                nonce: "1".to_string(),
+                ..Default::default()
+            };
+            response.encode_to_vec()
+        })
+    });
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
