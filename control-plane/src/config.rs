@@ -105,6 +105,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_MAX_RESOURCE_NAMES", default_value_t = 10_000)]
     pub max_resource_names: usize,
 
+    /// A stream whose client has not taken a response for this long is closed
+    /// (the client reconnects and gets the current state).
+    #[arg(long, env = "CLOUDMAP_XDS_STREAM_SEND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub stream_send_timeout: Duration,
+
     /// Largest request message accepted on the xDS port, in bytes.
     #[arg(long, env = "CLOUDMAP_XDS_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
     pub max_message_size: usize,

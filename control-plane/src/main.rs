@@ -49,8 +49,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     file.clients.rules().install();
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("cloudmap_xds_cloudmap_call_seconds".into()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        )
+        .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    cloudmap_xds::server::register_metrics();
 
     let sdk = aws_config::load_from_env().await;
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
@@ -106,7 +112,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind the xDS address {} (set --xds-listen)", args.xds_listen))?;
     tracing::info!(address = %args.xds_listen, "xDS (ADS) listening");
-    let limits = Limits { max_resource_names: args.max_resource_names };
+    let limits = Limits { max_resource_names: args.max_resource_names, send_timeout: args.stream_send_timeout };
     let ads = AggregatedDiscoveryServiceServer::new(
         AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop),
     )

@@ -110,12 +110,27 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct Limits {
     /// Resource names one request may (un)subscribe.
     pub max_resource_names: usize,
+    /// How long a push may wait for a client that is not reading before the
+    /// stream is closed.
+    pub send_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_resource_names: 10_000 }
+        Limits { max_resource_names: 10_000, send_timeout: std::time::Duration::from_secs(60) }
     }
+}
+
+/// Create the counters at 0 so the first ACK, NACK or refusal is visible to
+/// `increase()` in Prometheus.
+pub fn register_metrics() {
+    for ty in ResourceType::ALL {
+        for name in ["cloudmap_xds_acks_total", "cloudmap_xds_nacks_total", "cloudmap_xds_pushes_total"] {
+            metrics::counter!(name, "type_url" => ty.type_url()).increment(0);
+        }
+    }
+    metrics::counter!("cloudmap_xds_streams_refused_total").increment(0);
+    metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(0);
 }
 
 #[derive(Debug, Clone)]
@@ -304,8 +319,14 @@ async fn run_stream<P: Protocol>(
             tracing::debug!(stream = id, %type_url, "push");
             metrics::counter!("cloudmap_xds_pushes_total", "type_url" => type_url).increment(1);
             // Waits while the client is not reading; the channel holds at most two responses.
-            if tx.send(Ok(response)).await.is_err() {
-                break 'stream;
+            match tokio::time::timeout(limits.send_timeout, tx.send(Ok(response))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break 'stream,
+                Err(_) => {
+                    metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(1);
+                    tracing::warn!(stream = id, timeout = ?limits.send_timeout, "client stopped reading; closing its stream");
+                    break 'stream;
+                }
             }
         }
     }
