@@ -520,7 +520,9 @@ def run(demo: Demo, args) -> None:
     moved_share = moved / failover["ok"] if failover["ok"] else 0.0
     demo.expect(failed_share(failover) < 0.01,
                 f"{failover['failed']} of {failover['total']} calls failed ({failed_share(failover) * 100:.2f} %, want < 1 %)")  # fmt: skip
-    demo.expect(moved_share >= 0.5, f"{moved_share * 100:.1f} % of the calls went to {' and '.join(others)}")
+    # The calls made before the kill stay in the zone; how many depends on the machine's speed, so
+    # ask only for a clear move here — step 4 shows that nothing goes to the dead zone afterwards.
+    demo.expect(moved_share >= 0.2, f"{moved_share * 100:.1f} % of the calls went to {' and '.join(others)}")
     step["failover"] = {
         "zone": dead, "killed": victims, "killed_at_s": killed_at, "noticed_after_s": noticed,
         "seconds": round(time.monotonic() - t0, 2), "report": failover, "moved_share": round(moved_share, 4),
