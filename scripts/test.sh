@@ -19,6 +19,9 @@ cargo build --workspace --bins
 echo "==> cargo test --workspace"
 cargo test --workspace
 
+echo "==> load generator smoke run (scripts/bench.sh --smoke: N = 200, in-process and against moto)"
+"$ROOT/scripts/bench.sh" --smoke
+
 echo "==> deploy checks (Dockerfile, CDK synth, cfn-lint, CDK assertion tests)"
 "$ROOT/scripts/test-deploy.sh"
 

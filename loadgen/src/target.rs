@@ -1,0 +1,235 @@
+//! The control plane under test, and how a change is made to it and timed.
+//!
+//! - [`InProcess`]: the `cloudmap_xds` library in this process, wired as the
+//!   binary wires it (cache, census debouncer, ADS server on a loopback
+//!   port). A Cloud Map test double stands in for the watcher: it translates
+//!   raw instances with `translate::translate` and calls
+//!   `Cache::update_service`, and the moment just before that call is the
+//!   change's apply time. A change sets the marker attribute on one instance,
+//!   so the endpoint set and the zone capacities stay the same.
+//! - [`External`]: a `cloudmap-xds` process reading moto. A change registers
+//!   one new instance carrying the marker; the apply time is the process's
+//!   `cloudmap_xds_service_updated_timestamp_seconds{service}` gauge, read
+//!   once every client has the change (nothing else moves it meanwhile).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use aws_sdk_servicediscovery as sd;
+use cloudmap_xds::cache::Cache;
+use cloudmap_xds::model::ServiceName;
+use cloudmap_xds::policy::Policy;
+use cloudmap_xds::server::registry::Registry;
+use cloudmap_xds::server::{AdsServer, Limits};
+use cloudmap_xds::translate::{self, RawInstance, TranslateOptions};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::task::JoinHandle;
+
+use crate::client::MARKER_ATTRIBUTE;
+use crate::{REGION, cloudmap, unix_now};
+
+const UPDATED_GAUGE: &str = "cloudmap_xds_service_updated_timestamp_seconds";
+
+pub enum Target {
+    InProcess(InProcess),
+    External(External),
+}
+
+impl Target {
+    /// Where the clients connect.
+    pub fn xds(&self) -> SocketAddr {
+        match self {
+            Target::InProcess(t) => t.xds,
+            Target::External(t) => t.xds,
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Target::InProcess(_) => "in-process",
+            Target::External(_) => "external",
+        }
+    }
+
+    /// Make change `k`, which carries marker `k`.
+    pub async fn change(&mut self, k: u64) -> anyhow::Result<()> {
+        match self {
+            Target::InProcess(t) => {
+                t.change(k);
+                Ok(())
+            }
+            Target::External(t) => {
+                let (id, attributes) = cloudmap::change_instance(k);
+                cloudmap::register(&t.cloudmap, &t.service_id, &id, attributes).await
+            }
+        }
+    }
+
+    /// When the control plane applied change `k` (Unix seconds). For the
+    /// external process: call it after the clients received `k`.
+    pub async fn applied_at(&self, k: u64) -> anyhow::Result<f64> {
+        match self {
+            Target::InProcess(t) => t.applied.get(&k).copied().ok_or_else(|| anyhow!("change {k} was not made")),
+            Target::External(t) => t.updated_at().await,
+        }
+    }
+}
+
+/// The control-plane library in this process.
+pub struct InProcess {
+    xds: SocketAddr,
+    cache: Arc<Cache>,
+    name: ServiceName,
+    instances: Vec<RawInstance>,
+    options: TranslateOptions,
+    applied: HashMap<u64, f64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl InProcess {
+    /// Serve `namespace`/`service` with `endpoints` instances; ready at once.
+    pub async fn start(namespace: &str, service: &str, endpoints: usize) -> anyhow::Result<InProcess> {
+        let cache = Arc::new(Cache::default());
+        let instances = (0..endpoints.max(1))
+            .map(|i| {
+                let (instance_id, attributes) = cloudmap::instance(0, i);
+                RawInstance { instance_id, health: Some("HEALTHY".into()), attributes }
+            })
+            .collect();
+        let options = TranslateOptions { default_region: REGION.to_string(), weight_attribute: None };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
+        let xds = listener.local_addr()?;
+        let ads = AdsServer::new(cache.clone(), Arc::new(Registry::new(usize::MAX)), Limits::default());
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let tasks = vec![
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    eprintln!("in-process xDS server failed: {e}");
+                }
+            }),
+            tokio::spawn(census(cache.clone(), Duration::from_secs(1))),
+        ];
+        let mut target = InProcess {
+            xds,
+            cache,
+            name: ServiceName::new(namespace, service),
+            instances,
+            options,
+            applied: HashMap::new(),
+            tasks,
+        };
+        target.change(0);
+        target.cache.set_ready();
+        Ok(target)
+    }
+
+    fn change(&mut self, k: u64) {
+        let mut instances = self.instances.clone();
+        if let Some(first) = instances.first_mut() {
+            first.attributes.insert(MARKER_ATTRIBUTE.to_string(), k.to_string());
+        }
+        let translation = translate::translate(&instances, &self.options);
+        let at = unix_now();
+        self.cache.update_service(&self.name, translation.endpoints, Policy::ZoneAware);
+        self.applied.insert(k, at);
+    }
+}
+
+/// The binary's census debouncer (`main.rs`), so zone-aware plans follow the clients.
+async fn census(cache: Arc<Cache>, debounce: Duration) {
+    let new_zone_debounce = debounce.min(Duration::from_millis(100));
+    loop {
+        let new_zone = cache.census_changed().await;
+        tokio::time::sleep(if new_zone { new_zone_debounce } else { debounce }).await;
+        cache.apply_census();
+    }
+}
+
+/// A `cloudmap-xds` process reading Cloud Map (moto).
+pub struct External {
+    xds: SocketAddr,
+    admin: SocketAddr,
+    dial: String,
+    cloudmap: sd::Client,
+    service_id: String,
+    http: reqwest::Client,
+}
+
+impl External {
+    pub async fn connect(
+        xds: SocketAddr,
+        admin: SocketAddr,
+        cloudmap_url: &str,
+        namespace: &str,
+        service: &str,
+    ) -> anyhow::Result<External> {
+        let cloudmap = cloudmap::connect(cloudmap_url).await;
+        let service_id = cloudmap::service_id(&cloudmap, namespace, service).await?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        Ok(External { xds, admin, dial: format!("{service}.{namespace}"), cloudmap, service_id, http })
+    }
+
+    /// Waits for `/ready` to answer 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_ready(&self.http, self.admin, timeout).await
+    }
+
+    async fn updated_at(&self) -> anyhow::Result<f64> {
+        let url = format!("http://{}/metrics", self.admin);
+        let text = self.http.get(&url).send().await?.error_for_status()?.text().await?;
+        gauge(&text, UPDATED_GAUGE, &self.dial)
+            .with_context(|| format!("{url} has no {UPDATED_GAUGE}{{service=\"{}\"}}", self.dial))
+    }
+}
+
+/// Polls `http://ADMIN/ready` until it answers 200; returns how long that took.
+pub async fn wait_ready(http: &reqwest::Client, admin: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let url = format!("http://{admin}/ready");
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            _ if tokio::time::Instant::now() >= deadline => bail!("{url} did not answer 200 within {timeout:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// The value of `name{service="SERVICE"}` in a Prometheus text exposition.
+fn gauge(text: &str, name: &str, service: &str) -> Option<f64> {
+    let label = format!("service=\"{service}\"");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| l.split_once('}').is_some_and(|(labels, _)| labels.contains(&label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_gauge_of_one_service() {
+        let text = "# TYPE cloudmap_xds_service_updated_timestamp_seconds gauge\n\
+            cloudmap_xds_service_updated_timestamp_seconds{service=\"other.loadgen\"} 1.5\n\
+            cloudmap_xds_service_updated_timestamp_seconds{service=\"bench.loadgen\"} 1764300000.123456\n\
+            cloudmap_xds_service_updated_timestamp_seconds_x{service=\"bench.loadgen\"} 9\n";
+        assert_eq!(gauge(text, UPDATED_GAUGE, "bench.loadgen"), Some(1_764_300_000.123_456));
+        assert_eq!(gauge(text, UPDATED_GAUGE, "bench"), None);
+    }
+}
