@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks of cloudmap-xds with the load generator (loadgen/) — see BENCHMARKS.md.
 #
-#   scripts/bench.sh           the whole set, release builds (~25 min on 2 cores after the build):
+#   scripts/bench.sh           the whole set, release builds (~8 min on 2 cores once built, +2.5 min per
+#                              extra BENCH_REPEAT round; a cold release + criterion build takes 15–30 min):
 #                              criterion micro-benchmarks; push propagation for N = 100, 1,000,
 #                              10,000 clients in-process and against a cloudmap-xds process with
 #                              moto (RSS per idle stream, CPU per push per client); Cloud Map
