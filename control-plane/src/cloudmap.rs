@@ -37,7 +37,21 @@ use crate::translate::{self, RawInstance, Skipped, TranslateOptions};
 pub struct CloudMapError {
     pub operation: &'static str,
     pub message: String,
+    /// The AWS error code (`ServiceNotFound`, `AccessDeniedException`, …), when there is one.
+    pub code: Option<String>,
     pub throttled: bool,
+}
+
+impl CloudMapError {
+    /// A local error (no AWS code, not throttled).
+    pub fn local(operation: &'static str, message: impl Into<String>) -> Self {
+        CloudMapError { operation, message: message.into(), code: None, throttled: false }
+    }
+
+    /// Cloud Map says the service (or its namespace) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self.code.as_deref(), Some("ServiceNotFound" | "NamespaceNotFound"))
+    }
 }
 
 /// A namespace as found by name.
@@ -135,9 +149,9 @@ where
 {
     let code = e.code().map(str::to_string);
     let throttled = matches!(code.as_deref(), Some("RequestLimitExceeded" | "ThrottlingException" | "Throttling"));
-    metrics::counter!("cloudmap_xds_cloudmap_errors_total", "operation" => operation, "code" => code.unwrap_or_else(|| "none".into()))
+    metrics::counter!("cloudmap_xds_cloudmap_errors_total", "operation" => operation, "code" => code.clone().unwrap_or_else(|| "none".into()))
         .increment(1);
-    CloudMapError { operation, message: DisplayErrorContext(&e).to_string(), throttled }
+    CloudMapError { operation, message: DisplayErrorContext(&e).to_string(), code, throttled }
 }
 
 fn health_filter(filter: HealthFilter) -> sd::types::HealthStatusFilter {
@@ -189,7 +203,7 @@ impl CloudMap for AwsCloudMap {
                 .values(namespace_id)
                 .condition(sd::types::FilterCondition::Eq)
                 .build()
-                .map_err(|e| CloudMapError { operation: "ListServices", message: e.to_string(), throttled: false })?;
+                .map_err(|e| CloudMapError::local("ListServices", e.to_string()))?;
             let mut pages = self.client.list_services().filters(filter).into_paginator().send();
             let mut names = Vec::new();
             while let Some(page) = pages.next().await {
@@ -340,12 +354,11 @@ impl<C: CloudMap> Watcher<C> {
             let listed = async {
                 let ns = match &namespace {
                     Some(ns) => ns.clone(),
-                    None => self.api.find_namespace(&name).await?.ok_or_else(|| CloudMapError {
-                        operation: "ListNamespaces",
-                        message: format!(
-                            "namespace {name:?} not found; check --namespace and AWS_REGION (keeping what is served)"
-                        ),
-                        throttled: false,
+                    None => self.api.find_namespace(&name).await?.ok_or_else(|| {
+                        CloudMapError::local(
+                            "ListNamespaces",
+                            format!("namespace {name:?} not found; check --namespace and AWS_REGION (keeping what is served)"),
+                        )
                     })?,
                 };
                 let names = self.api.list_services(&ns.id).await?;
@@ -492,7 +505,7 @@ mod tests {
 
     impl Fake {
         fn fail<T>(&self, operation: &'static str) -> Result<T, CloudMapError> {
-            Err(CloudMapError { operation, message: "boom".into(), throttled: true })
+            Err(CloudMapError { operation, message: "boom".into(), code: Some("RequestLimitExceeded".into()), throttled: true })
         }
     }
 
