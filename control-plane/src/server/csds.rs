@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::registry::{Registry, StreamStatus};
+use super::registry::{Registry, ResourceState, StreamStatus};
 use crate::cache::Cache;
 use crate::resources::ResourceType;
 
@@ -57,10 +57,18 @@ fn client_config(stream: &StreamStatus, snapshot: &crate::cache::Snapshot, exclu
     for ty in &stream.types {
         let acked = ty.acked.is_some() && ty.acked == ty.sent;
         for (name, version) in &ty.resources {
-            let (config_status, client_status) = match (&ty.nack, acked) {
-                (Some(_), _) => (ConfigStatus::Error, ClientResourceStatus::Nacked),
-                (None, true) => (ConfigStatus::Synced, ClientResourceStatus::Acked),
-                (None, false) => (ConfigStatus::Stale, ClientResourceStatus::Requested),
+            let state = match ty.states.get(name) {
+                Some(state) => state.clone(),
+                None => match (&ty.nack, acked) {
+                    (Some(nack), _) => ResourceState::Nacked(nack.clone()),
+                    (None, true) => ResourceState::Acked,
+                    (None, false) => ResourceState::Requested,
+                },
+            };
+            let (config_status, client_status, nack) = match state {
+                ResourceState::Nacked(nack) => (ConfigStatus::Error, ClientResourceStatus::Nacked, Some(nack)),
+                ResourceState::Acked => (ConfigStatus::Synced, ClientResourceStatus::Acked, None),
+                ResourceState::Requested => (ConfigStatus::Stale, ClientResourceStatus::Requested, None),
             };
             let contents = match (exclude, &client, ResourceType::from_type_url(&ty.type_url)) {
                 (false, Some(client), Some(rt)) => {
@@ -75,7 +83,7 @@ fn client_config(stream: &StreamStatus, snapshot: &crate::cache::Snapshot, exclu
                 xds_config: contents,
                 config_status: config_status as i32,
                 client_status: client_status as i32,
-                error_state: ty.nack.as_ref().map(|n| UpdateFailureState {
+                error_state: nack.map(|n| UpdateFailureState {
                     details: n.message.clone(),
                     version_info: n.version.clone(),
                     ..Default::default()

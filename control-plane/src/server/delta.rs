@@ -84,6 +84,7 @@ impl Protocol for DeltaState {
                     acked: state.acked_nonce.clone(),
                     nack: state.nack.clone(),
                     resources: state.known.clone(),
+                    states: BTreeMap::new(),
                 }
             })
             .collect()

@@ -68,7 +68,8 @@ pub enum Outcome {
     Subscribe,
     Ack,
     Nack(String),
-    /// The nonce is not the latest sent for this type: ignored.
+    /// The nonce answers no response this stream still expects an answer to
+    /// for this type (SotW: see `sotw`'s module doc): ignored.
     Stale,
     /// A type this server does not serve: ignored.
     UnknownType,

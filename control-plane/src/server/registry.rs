@@ -24,6 +24,19 @@ pub struct TypeStatus {
     pub nack: Option<Nack>,
     /// Resources the client was sent and holds: name → version.
     pub resources: BTreeMap<String, String>,
+    /// Where each of `resources` stands, when the protocol tracks it per
+    /// resource (SotW sends RDS/EDS one resource per response); when a name is
+    /// missing here, the type's `acked` and `nack` speak for it.
+    pub states: BTreeMap<String, ResourceState>,
+}
+
+/// Whether the client accepted the version of a resource it was last sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceState {
+    /// Sent, not answered yet.
+    Requested,
+    Acked,
+    Nacked(Nack),
 }
 
 /// One connected stream.

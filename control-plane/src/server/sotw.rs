@@ -1,7 +1,31 @@
-//! The State-of-the-World protocol: every response for a type carries the
-//! client's whole subscribed set (LDS and CDS: a name left out is deleted),
-//! versions are per type, nonces per stream, and a request whose nonce is
-//! not the latest sent for its type is stale and ignored.
+//! The State-of-the-World protocol. Versions are per type, nonces per
+//! stream.
+//!
+//! - **LDS and CDS** responses carry the client's whole subscribed set (a
+//!   name left out is deleted by the client), one response per change of
+//!   that set.
+//! - **RDS and EDS** responses carry only what changed, **one resource per
+//!   response**: a client subscribed to many large services never gets a
+//!   response the size of all of them (grpc-go and tonic refuse messages over
+//!   4 MiB by default), and a change to one service re-sends only that one.
+//!   A resource is sent when its version differs from the last one sent to
+//!   this stream, or when it is newly named; the response's `version_info`
+//!   is the resource's own version (a hash of its inputs, as in Delta), which
+//!   is what Envoy's config dump then shows for it.
+//!
+//! ACK and NACK. With several responses of one type in flight, the client
+//! answers each in turn (grpc-go), or, when responses arrive faster than it
+//! can send, one request with the newest nonce it processed (gRPC C-core
+//! coalesces queued requests of a type). So a request carrying the nonce of
+//! any response still outstanding is current, not stale: it resolves that
+//! response **and every earlier outstanding one** of the type. Without
+//! `error_detail` they are all ACKed; with it, the response it names is
+//! NACKed and the earlier ones are taken as accepted (their fate is not in
+//! the request; it changes nothing sent: a rejected version is never sent
+//! again either way, and the next version of that resource is). A request
+//! repeating the nonce last resolved (how clients change subscriptions
+//! between responses) updates the subscription. Any other nonce is stale and
+//! ignored, subscription included. A plain ACK sends nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,7 +34,7 @@ use tonic::Status;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
-use super::registry::TypeStatus;
+use super::registry::{ResourceState, TypeStatus};
 use super::{ClientInfo, Nack, Outcome, Protocol};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
@@ -23,24 +47,106 @@ pub struct Subscription {
     pub names: BTreeSet<String>,
 }
 
+/// A response not yet ACKed or NACKed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    pub version: String,
-    pub nonce: String,
-    /// Name → version of each resource in the response.
-    pub resources: BTreeMap<String, String>,
+struct Outstanding {
+    version: String,
+    /// Name → version of each resource in it.
+    resources: BTreeMap<String, String>,
 }
 
 /// Per-type protocol state of one stream.
 #[derive(Debug, Clone, Default)]
 pub struct TypeState {
     pub subscription: Subscription,
-    pub sent: Option<Sent>,
-    pub acked: Option<String>,
+    /// `version_info` of the last response sent.
+    pub version: Option<String>,
+    /// `version_info` of the last ACK.
+    pub acked_version: Option<String>,
+    /// The NACK in force: the latest one, while a version it rejected is
+    /// still the last sent of its resource.
     pub nack: Option<Nack>,
+    /// Name → the last version sent (ACKed or not). Never sent again as is.
+    pub sent: BTreeMap<String, String>,
+    /// Name → the last version the client ACKed.
+    pub acked: BTreeMap<String, String>,
+    /// Name → the last version the client rejected, and why.
+    pub rejected: BTreeMap<String, Nack>,
+    /// Nonce → responses sent and not yet answered, oldest first.
+    outstanding: BTreeMap<u64, Outstanding>,
+    /// The nonce of the newest answered response.
+    resolved: Option<u64>,
     /// The client asked for something it has not been answered for yet
-    /// (first request, reconnect, a newly named resource).
+    /// (first request, reconnect, a newly named resource): LDS/CDS only, as
+    /// RDS/EDS send every named resource not yet sent anyway.
     must_respond: bool,
+}
+
+impl TypeState {
+    /// Apply the answer to outstanding responses up to `nonce`.
+    fn resolve(&mut self, nonce: u64, request: &DiscoveryRequest) -> Outcome {
+        let later = self.outstanding.split_off(&nonce.saturating_add(1));
+        let answered = std::mem::replace(&mut self.outstanding, later);
+        self.resolved = Some(nonce);
+        let mut outcome = Outcome::Ack;
+        for (n, response) in answered {
+            match &request.error_detail {
+                Some(error) if n == nonce => {
+                    let nack = Nack { version: response.version.clone(), message: error.message.clone() };
+                    for (name, version) in response.resources {
+                        if self.sent.contains_key(&name) {
+                            self.rejected.insert(name, Nack { version, message: error.message.clone() });
+                        }
+                    }
+                    self.nack = Some(nack);
+                    outcome = Outcome::Nack(error.message.clone());
+                }
+                _ => {
+                    for (name, version) in response.resources {
+                        if self.sent.contains_key(&name) {
+                            self.acked.insert(name, version);
+                        }
+                    }
+                }
+            }
+        }
+        if request.error_detail.is_none() {
+            self.acked_version = Some(request.version_info.clone());
+        }
+        self.forget_superseded_nack();
+        outcome
+    }
+
+    /// A rejection stops mattering once a newer version was sent in its place.
+    fn forget_superseded_nack(&mut self) {
+        let sent = &self.sent;
+        self.rejected.retain(|name, nack| sent.get(name) == Some(&nack.version));
+        if self.rejected.is_empty() {
+            self.nack = None;
+        }
+    }
+
+    fn state_of(&self, name: &str, version: &str) -> ResourceState {
+        match (self.rejected.get(name), self.acked.get(name)) {
+            (Some(nack), _) if nack.version == version => ResourceState::Nacked(nack.clone()),
+            (_, Some(acked)) if acked == version => ResourceState::Acked,
+            _ => ResourceState::Requested,
+        }
+    }
+
+    /// Record a response about to be sent with `nonce`.
+    fn record(&mut self, nonce: u64, version: String, resources: BTreeMap<String, String>, whole_set: bool) {
+        if whole_set {
+            self.sent = resources.clone();
+            let sent = &self.sent;
+            self.acked.retain(|name, _| sent.contains_key(name));
+        } else {
+            self.sent.extend(resources.iter().map(|(n, v)| (n.clone(), v.clone())));
+        }
+        self.version = Some(version.clone());
+        self.outstanding.insert(nonce, Outstanding { version, resources });
+        self.forget_superseded_nack();
+    }
 }
 
 /// The State-of-the-World state machine of one ADS stream. No I/O: feed it
@@ -89,10 +195,11 @@ impl Protocol for SotwState {
                 TypeStatus {
                     type_url: ty.type_url().to_string(),
                     subscribed,
-                    sent: state.sent.as_ref().map(|s| s.version.clone()),
-                    acked: state.acked.clone(),
+                    sent: state.version.clone(),
+                    acked: state.acked_version.clone(),
                     nack: state.nack.clone(),
-                    resources: state.sent.as_ref().map(|s| s.resources.clone()).unwrap_or_default(),
+                    resources: state.sent.clone(),
+                    states: state.sent.iter().map(|(name, v)| (name.clone(), state.state_of(name, v))).collect(),
                 }
             })
             .collect()
@@ -112,20 +219,24 @@ impl Protocol for SotwState {
         let first = !self.types.contains_key(&ty);
         let state = self.types.entry(ty).or_default();
         let outcome = if request.response_nonce.is_empty() {
+            // No response of the type seen: the start of the stream, or the
+            // client started the type over. In the latter case it holds
+            // nothing we know of, so everything named is sent again.
+            if state.outstanding.is_empty() {
+                state.sent.clear();
+                state.acked.clear();
+                state.rejected.clear();
+                state.nack = None;
+            }
             state.must_respond = true;
             Outcome::Subscribe
         } else {
-            match &state.sent {
-                Some(sent) if sent.nonce == request.response_nonce => match &request.error_detail {
-                    Some(error) => {
-                        state.nack = Some(Nack { version: sent.version.clone(), message: error.message.clone() });
-                        Outcome::Nack(error.message.clone())
-                    }
-                    None => {
-                        state.acked = Some(request.version_info.clone());
-                        state.nack = None;
-                        Outcome::Ack
-                    }
+            match request.response_nonce.parse::<u64>() {
+                Ok(nonce) if state.outstanding.contains_key(&nonce) => state.resolve(nonce, request),
+                // Repeating the last answered nonce: a subscription change.
+                Ok(nonce) if state.resolved == Some(nonce) => match &request.error_detail {
+                    Some(error) => Outcome::Nack(error.message.clone()),
+                    None => Outcome::Ack,
                 },
                 _ => return Ok((ty, Outcome::Stale)),
             }
@@ -142,6 +253,16 @@ impl Protocol for SotwState {
             || !subscription.names.is_subset(&state.subscription.names);
         if added {
             state.must_respond = true;
+        }
+        if !ty.is_full_set() {
+            // An unsubscribed RDS/EDS resource is dropped by the client: send
+            // it again if it is named again.
+            for gone in state.subscription.names.difference(&subscription.names) {
+                state.sent.remove(gone);
+                state.acked.remove(gone);
+                state.rejected.remove(gone);
+            }
+            state.forget_superseded_nack();
         }
         state.subscription = subscription;
         Ok((ty, outcome))
@@ -164,23 +285,47 @@ impl Protocol for SotwState {
                 names.extend(snapshot.wildcard_names(*ty, &client));
             }
             let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(*ty, n, &client)).collect();
-            let version =
-                format!("{:016x}", stable_hash(&resources.iter().map(|r| (&r.name, &r.version)).collect::<Vec<_>>()));
-            let unchanged = state.sent.as_ref().is_some_and(|s| s.version == version);
-            if unchanged && !state.must_respond {
-                continue;
+            if ty.is_full_set() {
+                let version = format!(
+                    "{:016x}",
+                    stable_hash(&resources.iter().map(|r| (&r.name, &r.version)).collect::<Vec<_>>())
+                );
+                let unchanged = state.version.as_ref() == Some(&version);
+                if unchanged && !state.must_respond {
+                    continue;
+                }
+                self.nonce += 1;
+                let held = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+                state.record(self.nonce, version.clone(), held, true);
+                out.push(DiscoveryResponse {
+                    version_info: version,
+                    resources: resources.iter().map(|r| r.resource.clone()).collect(),
+                    type_url: ty.type_url().to_string(),
+                    nonce: self.nonce.to_string(),
+                    ..Default::default()
+                });
+            } else {
+                for r in &resources {
+                    if state.sent.get(&r.name) == Some(&r.version) {
+                        continue;
+                    }
+                    self.nonce += 1;
+                    let version = r.version.clone();
+                    state.record(
+                        self.nonce,
+                        version.clone(),
+                        BTreeMap::from([(r.name.clone(), r.version.clone())]),
+                        false,
+                    );
+                    out.push(DiscoveryResponse {
+                        version_info: version,
+                        resources: vec![r.resource.clone()],
+                        type_url: ty.type_url().to_string(),
+                        nonce: self.nonce.to_string(),
+                        ..Default::default()
+                    });
+                }
             }
-            self.nonce += 1;
-            let nonce = self.nonce.to_string();
-            out.push(DiscoveryResponse {
-                version_info: version.clone(),
-                resources: resources.iter().map(|r| r.resource.clone()).collect(),
-                type_url: ty.type_url().to_string(),
-                nonce: nonce.clone(),
-                ..Default::default()
-            });
-            let sent = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
-            state.sent = Some(Sent { version, nonce, resources: sent });
             state.must_respond = false;
         }
         out
@@ -197,6 +342,7 @@ mod tests {
     use crate::cache::Cache;
     use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
+    use crate::server::registry::ResourceState;
     use envoy_types::pb::envoy::config::core::v3::Locality;
     use envoy_types::pb::google::rpc;
 
@@ -403,6 +549,103 @@ mod tests {
         let r2 = s2.responses(&cache.snapshot());
         assert_eq!(r2.len(), 1, "the first request on a stream is always answered");
         assert_eq!(r2[0].version_info, r.version_info, "same content, same version after restart");
+    }
+
+    fn outcome(s: &mut SotwState, r: &DiscoveryRequest) -> Outcome {
+        s.on_request(r).expect("valid request").1
+    }
+
+    fn states(s: &SotwState, ty: ResourceType) -> BTreeMap<String, ResourceState> {
+        s.status().into_iter().find(|t| t.type_url == ty.type_url()).map(|t| t.states).unwrap_or_default()
+    }
+
+    #[test]
+    fn eds_is_sent_one_resource_per_response_and_only_what_changed() {
+        let cache = cache_with(&[("demo", "a"), ("demo", "b"), ("demo", "c")]);
+        let mut s = SotwState::default();
+        s.on_request(&request(EDS, &["a.demo", "b.demo", "c.demo"], "", "")).expect("ok");
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(r.iter().map(names).collect::<Vec<_>>(), vec![vec!["a.demo"], vec!["b.demo"], vec!["c.demo"]]);
+        let last = r.last().expect("three");
+        assert_eq!(
+            outcome(&mut s, &request(EDS, &["a.demo", "b.demo", "c.demo"], &last.version_info, &last.nonce)),
+            Outcome::Ack
+        );
+        assert!(s.responses(&cache.snapshot()).is_empty(), "an ACK is not answered");
+        // One service changes: only it is sent.
+        cache.update_service(&ServiceName::new("demo", "b"), ServiceEndpoints::default(), Policy::LocalFirst);
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(r.iter().map(names).collect::<Vec<_>>(), vec![vec!["b.demo"]]);
+        assert!(s.responses(&cache.snapshot()).is_empty());
+    }
+
+    #[test]
+    fn earlier_outstanding_nonces_are_answers_not_stale() {
+        let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
+        let mut s = SotwState::default();
+        let all = ["a.demo", "b.demo"];
+        s.on_request(&request(EDS, &all, "", "")).expect("ok");
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(r.len(), 2);
+        // grpc-go answers each response in turn: the first ACK is not stale.
+        assert_eq!(outcome(&mut s, &request(EDS, &all, &r[0].version_info, &r[0].nonce)), Outcome::Ack);
+        let st = states(&s, EDS);
+        assert_eq!((st["a.demo"].clone(), st["b.demo"].clone()), (ResourceState::Acked, ResourceState::Requested));
+        assert_eq!(outcome(&mut s, &nack(EDS, &all, &r[0].version_info, &r[1].nonce)), Outcome::Nack("bad".into()));
+        let st = states(&s, EDS);
+        assert_eq!(st["a.demo"], ResourceState::Acked);
+        assert_eq!(
+            st["b.demo"],
+            ResourceState::Nacked(Nack { version: r[1].version_info.clone(), message: "bad".into() })
+        );
+        assert!(s.responses(&cache.snapshot()).is_empty(), "a NACKed version is not re-sent");
+        // An answer already given is stale; so is a nonce never sent.
+        assert_eq!(outcome(&mut s, &request(EDS, &all, "", &r[0].nonce)), Outcome::Stale);
+        assert_eq!(outcome(&mut s, &request(EDS, &all, "", "77")), Outcome::Stale);
+
+        // Both change; C-core answers both with one request carrying the newer nonce.
+        for svc in ["a", "b"] {
+            cache.update_service(&ServiceName::new("demo", svc), ServiceEndpoints::default(), Policy::LocalFirst);
+        }
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(r.len(), 2, "the new version of the rejected resource is sent");
+        assert_eq!(outcome(&mut s, &request(EDS, &all, &r[1].version_info, &r[1].nonce)), Outcome::Ack);
+        assert!(states(&s, EDS).values().all(|st| *st == ResourceState::Acked));
+        assert!(s.types[&EDS].nack.is_none(), "no NACK in force any more");
+        assert!(s.responses(&cache.snapshot()).is_empty());
+    }
+
+    #[test]
+    fn a_subscription_change_repeating_the_last_nonce_sends_only_the_new_name() {
+        let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
+        let mut s = SotwState::default();
+        s.on_request(&request(EDS, &["a.demo"], "", "")).expect("ok");
+        let r = s.responses(&cache.snapshot()).remove(0);
+        s.on_request(&request(EDS, &["a.demo"], &r.version_info, &r.nonce)).expect("ack");
+        // The client names b with the nonce it already ACKed.
+        assert_eq!(outcome(&mut s, &request(EDS, &["a.demo", "b.demo"], &r.version_info, &r.nonce)), Outcome::Ack);
+        let r2 = s.responses(&cache.snapshot());
+        assert_eq!(r2.iter().map(names).collect::<Vec<_>>(), vec![vec!["b.demo"]]);
+        // Dropping a and naming it again sends it again (the client forgot it).
+        s.on_request(&request(EDS, &["b.demo"], &r2[0].version_info, &r2[0].nonce)).expect("ok");
+        assert!(s.responses(&cache.snapshot()).is_empty());
+        s.on_request(&request(EDS, &["a.demo", "b.demo"], &r2[0].version_info, &r2[0].nonce)).expect("ok");
+        let r3 = s.responses(&cache.snapshot());
+        assert_eq!(r3.iter().map(names).collect::<Vec<_>>(), vec![vec!["a.demo"]]);
+        assert_eq!(r3[0].version_info, r.version_info, "same content, same version");
+    }
+
+    #[test]
+    fn a_nacked_whole_set_is_not_resent_and_its_resources_show_nacked() {
+        let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
+        let mut s = SotwState::default();
+        s.on_request(&request(CDS, &["a.demo", "b.demo"], "", "")).expect("ok");
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(r.len(), 1);
+        assert_eq!(names(&r[0]), vec!["a.demo", "b.demo"], "CDS stays a whole set");
+        s.on_request(&nack(CDS, &["a.demo", "b.demo"], "", &r[0].nonce)).expect("nack");
+        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(states(&s, CDS).values().all(|st| matches!(st, ResourceState::Nacked(_))));
     }
 
     #[test]
