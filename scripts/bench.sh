@@ -81,13 +81,17 @@ export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=loadgen AWS_SECRET_ACCESS_KEY=load
 
 moto_reset() { curl -sf -X POST "$MOTO/moto-api/reset" >/dev/null; }
 
+# The loadgen's change marker is an instance attribute; it reaches clients as endpoint metadata.
+CP_CONFIG="$OUT/cloudmap-xds.toml"
+printf '[default]\nmetadata_attributes = ["LOADGEN_CHANGE"]\n' >"$CP_CONFIG"
+
 CP_PID=""
 start_cp() { # LABEL NAMESPACE [cloudmap-xds flags...]; sets CP_PID, XDS, ADMIN
     local label="$1" namespace="$2"
     shift 2
     XDS="127.0.0.1:$(free_port)"
     ADMIN="127.0.0.1:$(free_port)"
-    AWS_ENDPOINT_URL="$PROXY" "$CP" --namespace "$namespace" --xds-listen "$XDS" --admin-listen "$ADMIN" "$@" \
+    AWS_ENDPOINT_URL="$PROXY" "$CP" --namespace "$namespace" --xds-listen "$XDS" --admin-listen "$ADMIN" --config "$CP_CONFIG" "$@" \
         >"$OUT/$label.cp.log" 2>&1 &
     CP_PID=$!
     PIDS+=("$CP_PID")

@@ -471,6 +471,7 @@ mod tests {
                     health: Health::Healthy,
                     weight: 1,
                     attributes: BTreeMap::new(),
+                    metadata: Default::default(),
                 })
                 .collect(),
             false,

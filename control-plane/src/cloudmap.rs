@@ -418,6 +418,7 @@ impl<C: CloudMap> Watcher<C> {
         let options = TranslateOptions {
             default_region: self.default_region.clone(),
             weight_attribute: settings.weight_attribute.clone(),
+            metadata_attributes: settings.metadata_attributes.clone(),
         };
         let mut revision: Option<i64> = None;
         let mut next_refresh = Instant::now();
@@ -441,6 +442,9 @@ impl<C: CloudMap> Watcher<C> {
                     }
                 }
                 warned = translation.skipped.iter().cloned().collect();
+                if let Some(bytes) = translation.metadata_dropped {
+                    tracing::warn!(service = %name, bytes, budget = translate::METADATA_BUDGET, "endpoint metadata over budget: publishing none (narrow metadata_attributes)");
+                }
                 if translation.endpoints.fail_open {
                     tracing::warn!(service = %name, "no healthy instance: serving all instances (fail-open)");
                 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::model::{AgentRules, ClientKind, ServiceName};
 use crate::policy::Policy;
+use crate::translate::MetadataAttributes;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -179,6 +180,8 @@ pub struct ServiceTable {
     pub query_parameters: Option<BTreeMap<String, String>>,
     /// Instance attribute holding a positive integer weight (0 = drained).
     pub weight_attribute: Option<String>,
+    /// Instance attributes published as endpoint metadata (`["*"]`: all; default none).
+    pub metadata_attributes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -229,6 +232,7 @@ pub struct ServiceSettings {
     pub health_status: HealthFilter,
     pub query_parameters: BTreeMap<String, String>,
     pub weight_attribute: Option<String>,
+    pub metadata_attributes: MetadataAttributes,
 }
 
 impl FileConfig {
@@ -262,6 +266,7 @@ impl FileConfig {
             health_status: merged.health_status.unwrap_or_default(),
             query_parameters: merged.query_parameters.unwrap_or_default(),
             weight_attribute: merged.weight_attribute.filter(|w| !w.is_empty()),
+            metadata_attributes: MetadataAttributes::from_names(&merged.metadata_attributes.unwrap_or_default()),
         }
     }
 }
@@ -273,6 +278,7 @@ fn merge(base: &ServiceTable, over: &ServiceTable) -> ServiceTable {
         health_status: over.health_status.or(base.health_status),
         query_parameters: over.query_parameters.clone().or_else(|| base.query_parameters.clone()),
         weight_attribute: over.weight_attribute.clone().or_else(|| base.weight_attribute.clone()),
+        metadata_attributes: over.metadata_attributes.clone().or_else(|| base.metadata_attributes.clone()),
     }
 }
 
@@ -332,6 +338,31 @@ mod tests {
         let other = config.settings(&ServiceName::new("demo", "other"));
         assert_eq!(other.policy, Policy::LocalFirst);
         assert!(other.query_parameters.is_empty());
+    }
+
+    #[test]
+    fn metadata_attributes_default_to_none_and_a_service_table_replaces_the_default_list() {
+        let config = FileConfig::parse(
+            r#"
+            [default]
+            metadata_attributes = ["stage"]
+
+            [services."echo.demo"]
+            metadata_attributes = ["*"]
+
+            [services."quiet.demo"]
+            metadata_attributes = []
+            "#,
+        )
+        .expect("parses");
+        let named = |svc: &str| config.settings(&ServiceName::new("demo", svc)).metadata_attributes;
+        assert_eq!(named("other"), MetadataAttributes::Named(["stage".to_string()].into()));
+        assert_eq!(named("echo"), MetadataAttributes::All);
+        assert_eq!(named("quiet"), MetadataAttributes::None);
+        assert_eq!(
+            FileConfig::default().settings(&ServiceName::new("demo", "echo")).metadata_attributes,
+            MetadataAttributes::None
+        );
     }
 
     #[test]

@@ -82,8 +82,11 @@ pub struct Endpoint {
     pub health: Health,
     /// Relative capacity, at least 1.
     pub weight: u32,
-    /// Every Cloud Map attribute of the instance, passed on as endpoint metadata.
+    /// Every Cloud Map attribute of the instance (what matching on attributes reads).
     pub attributes: BTreeMap<String, String>,
+    /// The attributes published as endpoint metadata: those the service's
+    /// `metadata_attributes` selects (see `translate`).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// The endpoints of one service as last read from Cloud Map, sorted by

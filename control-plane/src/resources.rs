@@ -347,13 +347,19 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
         Health::Unhealthy => core_v3::HealthStatus::Unhealthy,
         Health::Unknown => core_v3::HealthStatus::Unknown,
     };
-    let attributes = Struct {
-        fields: e
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), Value { kind: Some(value::Kind::StringValue(v.clone())) }))
-            .collect(),
-    };
+    let metadata = (!e.metadata.is_empty()).then(|| Metadata {
+        filter_metadata: HashMap::from([(
+            METADATA_KEY.to_string(),
+            Struct {
+                fields: e
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value { kind: Some(value::Kind::StringValue(v.clone())) }))
+                    .collect(),
+            },
+        )]),
+        ..Default::default()
+    });
     LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
             address: Some(Address {
@@ -367,10 +373,7 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
             ..Default::default()
         })),
         health_status: health as i32,
-        metadata: Some(Metadata {
-            filter_metadata: HashMap::from([(METADATA_KEY.to_string(), attributes)]),
-            ..Default::default()
-        }),
+        metadata,
         // Unset means 1; an explicit 0 is a NACK.
         load_balancing_weight: (e.weight != 1).then_some(UInt32Value { value: e.weight.max(1) }),
     }
@@ -392,6 +395,7 @@ mod tests {
             health,
             weight: 1,
             attributes: BTreeMap::from([("AVAILABILITY_ZONE".to_string(), zone.to_string())]),
+            metadata: BTreeMap::from([("AVAILABILITY_ZONE".to_string(), zone.to_string())]),
         }
     }
 
@@ -527,6 +531,9 @@ mod tests {
         assert!(meta.fields.contains_key("AVAILABILITY_ZONE"));
         e.weight = 3;
         assert_eq!(lb_endpoint(&e).load_balancing_weight.map(|w| w.value), Some(3));
+        // Nothing selected for publishing: no metadata at all, not an empty struct.
+        e.metadata.clear();
+        assert!(lb_endpoint(&e).metadata.is_none());
     }
 
     #[test]

@@ -1,8 +1,17 @@
 //! Cloud Map instances → model endpoints. Pure: the watcher hands in what
 //! `DiscoverInstances` returned, this decides which instances are usable and
-//! why the others are skipped. The watcher logs each skip once.
+//! why the others are skipped, and which of their attributes are published
+//! as endpoint metadata. The watcher logs each skip once.
+//!
+//! Endpoint metadata is what makes an EDS resource big: Cloud Map allows 30
+//! attributes of up to 1,024 characters per instance, and gRPC clients never
+//! read them. So only the attributes a service's `metadata_attributes` names
+//! are published (none by default), and when those would still take more
+//! than [`METADATA_BUDGET`] bytes for one service, none are: one EDS resource
+//! must stay under the 4 MiB that grpc-go and tonic accept by default.
+//! Every attribute stays in [`Endpoint::attributes`] either way.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::model::{Endpoint, Health, ServiceEndpoints, Zone};
@@ -22,6 +31,43 @@ pub struct RawInstance {
     pub attributes: BTreeMap<String, String>,
 }
 
+/// Most bytes of endpoint metadata one service may publish; beyond it none
+/// is published. Leaves half of a 4 MiB response for the endpoints themselves
+/// (~60–100 bytes each without metadata: room for over 20,000).
+pub const METADATA_BUDGET: usize = 2 * 1024 * 1024;
+
+/// Which instance attributes become endpoint metadata (setting `metadata_attributes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum MetadataAttributes {
+    /// None (the default): gRPC clients ignore endpoint metadata.
+    #[default]
+    None,
+    /// Every attribute (`["*"]`).
+    All,
+    /// These attributes, where an instance has them.
+    Named(BTreeSet<String>),
+}
+
+impl MetadataAttributes {
+    /// From the setting's list: empty → none, `"*"` anywhere → all.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Self {
+        if names.iter().any(|n| n.as_ref() == "*") {
+            return MetadataAttributes::All;
+        }
+        let named: BTreeSet<String> =
+            names.iter().map(|n| n.as_ref().trim().to_string()).filter(|n| !n.is_empty()).collect();
+        if named.is_empty() { MetadataAttributes::None } else { MetadataAttributes::Named(named) }
+    }
+
+    pub fn selects(&self, attribute: &str) -> bool {
+        match self {
+            MetadataAttributes::None => false,
+            MetadataAttributes::All => true,
+            MetadataAttributes::Named(names) => names.contains(attribute),
+        }
+    }
+}
+
 /// How to read instances; from the per-service configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TranslateOptions {
@@ -29,6 +75,8 @@ pub struct TranslateOptions {
     pub default_region: String,
     /// Attribute holding the endpoint weight (a positive integer); `None` = weight 1.
     pub weight_attribute: Option<String>,
+    /// Attributes published as endpoint metadata.
+    pub metadata_attributes: MetadataAttributes,
 }
 
 /// An instance that could not be served, and why.
@@ -42,6 +90,9 @@ pub struct Skipped {
 pub struct Translation {
     pub endpoints: ServiceEndpoints,
     pub skipped: Vec<Skipped>,
+    /// The selected metadata would have taken this many bytes, over
+    /// [`METADATA_BUDGET`], so none is published (worth a warning).
+    pub metadata_dropped: Option<usize>,
 }
 
 pub fn translate(instances: &[RawInstance], options: &TranslateOptions) -> Translation {
@@ -85,7 +136,24 @@ pub fn translate(instances: &[RawInstance], options: &TranslateOptions) -> Trans
             e.health = Health::Unknown;
         }
     }
-    Translation { endpoints: ServiceEndpoints::new(endpoints, fail_open), skipped }
+    let metadata_bytes: usize = endpoints.iter().map(|e| metadata_size(&e.metadata)).sum();
+    let metadata_dropped = (metadata_bytes > METADATA_BUDGET).then_some(metadata_bytes);
+    if metadata_dropped.is_some() {
+        for e in &mut endpoints {
+            e.metadata.clear();
+        }
+    }
+    Translation { endpoints: ServiceEndpoints::new(endpoints, fail_open), skipped, metadata_dropped }
+}
+
+/// Encoded size of one endpoint's metadata, a little over the protobuf
+/// size: each `Struct` field costs its key, its value and ~10 bytes of tags
+/// and lengths; the `filter_metadata` entry around them ~24.
+pub fn metadata_size(metadata: &BTreeMap<String, String>) -> usize {
+    if metadata.is_empty() {
+        return 0;
+    }
+    24 + metadata.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>()
 }
 
 fn skip(instance: &RawInstance, reason: String) -> Skipped {
@@ -153,6 +221,11 @@ fn endpoint(instance: &RawInstance, options: &TranslateOptions) -> Result<Option
         region,
         health,
         weight,
+        metadata: attrs
+            .iter()
+            .filter(|(k, _)| options.metadata_attributes.selects(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         attributes: attrs.clone(),
     }))
 }
@@ -174,7 +247,11 @@ mod tests {
     }
 
     fn opts() -> TranslateOptions {
-        TranslateOptions { default_region: "eu-west-1".into(), weight_attribute: Some("weight".into()) }
+        TranslateOptions {
+            default_region: "eu-west-1".into(),
+            weight_attribute: Some("weight".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -264,6 +341,50 @@ mod tests {
         let t = translate(&[a, ecs("c", "10.0.0.3", "80", "c")], &opts());
         assert!(!t.endpoints.fail_open);
         assert_eq!(t.endpoints.endpoints.iter().filter(|e| e.health == Health::Unhealthy).count(), 1);
+    }
+
+    #[test]
+    fn metadata_attributes_choose_what_is_published_and_all_is_kept() {
+        let mut i = ecs("i-1", "10.0.0.1", "80", "a");
+        i.attributes.insert("stage".into(), "prod".into());
+        for (names, published) in [
+            (vec![], vec![]),
+            (vec!["stage", "missing", " "], vec!["stage"]),
+            (vec!["stage", "*"], vec![ATTR_ZONE, ATTR_IPV4, ATTR_PORT, ATTR_REGION, "stage"]),
+        ] {
+            let options = TranslateOptions { metadata_attributes: MetadataAttributes::from_names(&names), ..opts() };
+            let t = translate(std::slice::from_ref(&i), &options);
+            let e = &t.endpoints.endpoints[0];
+            let mut want: Vec<&str> = published.clone();
+            want.sort_unstable();
+            assert_eq!(e.metadata.keys().map(String::as_str).collect::<Vec<_>>(), want, "{names:?}");
+            assert_eq!(e.attributes.len(), 5, "{names:?}: every attribute is kept in the model");
+            assert_eq!(t.metadata_dropped, None);
+        }
+        assert_eq!(MetadataAttributes::from_names::<&str>(&[]), MetadataAttributes::None);
+    }
+
+    #[test]
+    fn metadata_over_the_budget_is_dropped_for_the_whole_service() {
+        // 1,000 instances × 30 attributes × ~1 KB: Cloud Map's limits, 30 MB of metadata.
+        let instances: Vec<RawInstance> = (0..1000)
+            .map(|k| {
+                let mut i = ecs(&format!("i-{k}"), &format!("10.0.{}.{}", k / 250, k % 250 + 1), "80", "a");
+                for n in 0..26 {
+                    i.attributes.insert(format!("custom_{n:02}"), "v".repeat(1000));
+                }
+                i
+            })
+            .collect();
+        let all = TranslateOptions { metadata_attributes: MetadataAttributes::All, ..opts() };
+        let t = translate(&instances, &all);
+        assert!(t.metadata_dropped.is_some_and(|b| b > 26 * 1000 * 1000), "{:?}", t.metadata_dropped);
+        assert!(t.endpoints.endpoints.iter().all(|e| e.metadata.is_empty() && e.attributes.len() == 30));
+        // A few small attributes fit.
+        let few = TranslateOptions { metadata_attributes: MetadataAttributes::from_names(&[ATTR_ZONE]), ..opts() };
+        let t = translate(&instances, &few);
+        assert_eq!(t.metadata_dropped, None);
+        assert!(t.endpoints.endpoints.iter().all(|e| e.metadata.len() == 1));
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn cache() -> Cache {
                 health: if z == 2 { Health::Unhealthy } else { Health::Healthy },
                 weight: 1,
                 attributes: BTreeMap::new(),
+                metadata: Default::default(),
             })
             .collect();
         cache.update_service(&ServiceName::new(*ns, *svc), ServiceEndpoints::new(endpoints, false), Policy::ZoneAware);
@@ -224,7 +225,11 @@ fn instance() -> impl Strategy<Value = RawInstance> {
 
 #[test]
 fn cloudmap_attributes_never_panic_and_yield_valid_endpoints() {
-    let options = TranslateOptions { default_region: "us-east-1".into(), weight_attribute: Some("weight".into()) };
+    let options = TranslateOptions {
+        default_region: "us-east-1".into(),
+        weight_attribute: Some("weight".into()),
+        ..Default::default()
+    };
     runner()
         .run(&prop::collection::vec(instance(), 0..8), |instances| {
             let t = translate::translate(&instances, &options);

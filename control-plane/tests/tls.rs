@@ -100,6 +100,7 @@ fn endpoints(last_octet: u8) -> ServiceEndpoints {
             health: Health::Healthy,
             weight: 1,
             attributes: Default::default(),
+            metadata: Default::default(),
         }],
         false,
     )

@@ -259,7 +259,8 @@ mod tests {
             region: REGION.into(),
             health: Health::Healthy,
             weight: 1,
-            attributes: change.map(|c| (MARKER_ATTRIBUTE.to_string(), c.to_string())).into_iter().collect(),
+            attributes: Default::default(),
+            metadata: change.map(|c| (MARKER_ATTRIBUTE.to_string(), c.to_string())).into_iter().collect(),
         };
         let service =
             ServiceEndpoints::new(vec![endpoint(1, Some("3")), endpoint(2, Some("12")), endpoint(3, None)], false);

@@ -24,7 +24,7 @@ use cloudmap_xds::model::ServiceName;
 use cloudmap_xds::policy::Policy;
 use cloudmap_xds::server::registry::Registry;
 use cloudmap_xds::server::{AdsServer, Limits};
-use cloudmap_xds::translate::{self, RawInstance, TranslateOptions};
+use cloudmap_xds::translate::{self, MetadataAttributes, RawInstance, TranslateOptions};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::task::JoinHandle;
 
@@ -107,7 +107,12 @@ impl InProcess {
                 RawInstance { instance_id, health: Some("HEALTHY".into()), attributes }
             })
             .collect();
-        let options = TranslateOptions { default_region: REGION.to_string(), weight_attribute: None };
+        let options = TranslateOptions {
+            default_region: REGION.to_string(),
+            weight_attribute: None,
+            // The change marker reaches clients as endpoint metadata.
+            metadata_attributes: MetadataAttributes::from_names(&[MARKER_ATTRIBUTE]),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
         let xds = listener.local_addr()?;
         let ads = AdsServer::new(cache.clone(), Arc::new(Registry::new(usize::MAX)), Limits::default());

@@ -36,7 +36,7 @@ from ads_raw import (
     request,
 )
 from fault_proxy import FaultProxy
-from harness import ZONES, ControlPlane, sleep_until, wait_until
+from harness import ZONES, ControlPlane, config_args, sleep_until, wait_until
 
 A, B, C = ZONES
 SERVICE = "echo.demo"
@@ -489,7 +489,11 @@ def test_ops_stalled_readers_keep_memory_bounded(deploy):
     for z in ZONES:
         for n in (1, 2):
             deploy.server(z, f"i-{z[-1]}{n}")
-    cp = deploy.control_plane()
+    # The padding only weighs on responses when published as endpoint metadata (default: none).
+    published = ", ".join(f'"{k}"' for k in BULK_ATTRS)
+    cp = deploy.control_plane(
+        extra_args=config_args(deploy.tmp, f'[services."{BULK}"]\nmetadata_attributes = [{published}]\n')
+    )
     clients = deploy.clients_in_zones()
     ca = clients[A]
     pid = cp.proc.pid

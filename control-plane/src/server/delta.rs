@@ -253,6 +253,7 @@ mod tests {
             health: Health::Healthy,
             weight: 1,
             attributes: Default::default(),
+            metadata: Default::default(),
         };
         cache.update_service(
             &ServiceName::new("demo", name),
