@@ -41,18 +41,27 @@ pub fn router(
         .with_state(AdminState { cache, registry, metrics, staleness })
 }
 
+/// Bind the admin address, before anything is served: a port already taken
+/// must stop the start (the health check would otherwise reach whatever
+/// holds it), not leave a control plane without `/ready` and `/metrics`.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind the admin address {listen}: {e}; free the port or choose another with --admin-listen"
+        )
+    })?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(listen), "admin HTTP listening");
+    Ok(listener)
+}
+
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     cache: Arc<Cache>,
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the admin address {listen}: {e} (set --admin-listen)"))?;
-    tracing::info!(address = %listen, "admin HTTP listening");
     axum::serve(listener, router(cache, registry, metrics, staleness)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -184,6 +193,14 @@ mod tests {
             metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
             staleness,
         }
+    }
+
+    #[tokio::test]
+    async fn a_taken_admin_port_is_an_error_naming_the_flag() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = taken.local_addr().expect("addr");
+        let error = bind(address).await.expect_err("the port is taken").to_string();
+        assert!(error.contains("--admin-listen") && error.contains(&address.to_string()), "{error}");
     }
 
     #[tokio::test]

@@ -148,10 +148,13 @@ where
     R: std::fmt::Debug + 'static,
 {
     let code = e.code().map(str::to_string);
-    let throttled = matches!(code.as_deref(), Some("RequestLimitExceeded" | "ThrottlingException" | "Throttling"));
+    let (kind, message) = crate::aws_error::summarize(operation, &e);
+    let throttled = kind == crate::aws_error::Kind::Throttled;
     metrics::counter!("cloudmap_xds_cloudmap_errors_total", "operation" => operation, "code" => code.clone().unwrap_or_else(|| "none".into()))
         .increment(1);
-    CloudMapError { operation, message: DisplayErrorContext(&e).to_string(), code, throttled }
+    // The SDK's full text runs to 1,000+ characters; the log line gets the summary.
+    tracing::debug!(operation, error = %DisplayErrorContext(&e), "Cloud Map error in full");
+    CloudMapError { operation, message, code, throttled }
 }
 
 fn health_filter(filter: HealthFilter) -> sd::types::HealthStatusFilter {

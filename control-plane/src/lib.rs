@@ -7,6 +7,7 @@
 //! protocol state machine). [`admin`] reads the cache; `main` only wires.
 
 pub mod admin;
+pub mod aws_error;
 pub mod bootstrap;
 pub mod cache;
 pub mod cloudmap;

@@ -58,6 +58,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     cloudmap_xds::server::register_metrics();
 
+    // Both ports first: a start that cannot serve stops here, before any Cloud Map call.
+    let admin_listener = cloudmap_xds::admin::bind(args.admin_listen).await?;
+    let listener = tokio::net::TcpListener::bind(args.xds_listen).await.with_context(|| {
+        format!("cannot bind the xDS address {}; free the port or choose another with --xds-listen", args.xds_listen)
+    })?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(args.xds_listen), "xDS (ADS) listening");
+
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::ReloadingTls::new(tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        })?),
+        (None, None) if args.tls_client_ca.is_none() => None,
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"),
+    };
+
     let sdk = aws_config::load_from_env().await;
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
     if region.is_empty() {
@@ -91,7 +108,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let registry = Arc::new(Registry::new(args.max_streams));
     let admin = tokio::spawn(cloudmap_xds::admin::serve(
-        args.admin_listen,
+        admin_listener,
         cache.clone(),
         registry.clone(),
         metrics,
@@ -99,19 +116,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stopped(),
     ));
 
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::ReloadingTls::new(tls::TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: args.tls_client_ca.clone(),
-        })?),
-        (None, None) if args.tls_client_ca.is_none() => None,
-        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"),
-    };
-    let listener = tokio::net::TcpListener::bind(args.xds_listen)
-        .await
-        .with_context(|| format!("cannot bind the xDS address {} (set --xds-listen)", args.xds_listen))?;
-    tracing::info!(address = %args.xds_listen, "xDS (ADS) listening");
     let limits = Limits { max_resource_names: args.max_resource_names, send_timeout: args.stream_send_timeout };
     let ads = AggregatedDiscoveryServiceServer::new(
         AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop),
