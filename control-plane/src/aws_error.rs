@@ -91,7 +91,11 @@ where
             format!("cannot load AWS credentials ({reason}): check AWS_PROFILE / AWS_ACCESS_KEY_ID or the task role"),
         );
     }
-    if chain.iter().any(|e| e.to_string().contains("Missing Region")) {
+    // Endpoint rules say "Missing Region"; with an endpoint override, SigV4 says "missing signing region".
+    if chain.iter().any(|e| {
+        let text = e.to_string().to_ascii_lowercase();
+        text.contains("missing region") || text.contains("missing signing region")
+    }) {
         return (Kind::NoRegion, "no AWS region: set AWS_REGION".into());
     }
     let reason = short(&innermost(error));
@@ -204,6 +208,7 @@ mod tests {
                 Kind::NoRegion,
                 "no AWS region: set AWS_REGION",
             ),
+            (SdkError::construction_failure("missing signing region"), Kind::NoRegion, "set AWS_REGION"),
             (
                 SdkError::dispatch_failure(ConnectorError::io(Box::new(Io(std::io::Error::new(
                     std::io::ErrorKind::ConnectionRefused,

@@ -435,6 +435,7 @@ class ControlPlane:
         name: str = "cloudmap-xds",
         xds_port: int | None = None,
         admin_port: int | None = None,
+        env: dict[str, str | None] | None = None,
     ):
         # Given ports restart a control plane in place (clients reconnect to the same address).
         self.xds_port = xds_port or free_port()
@@ -455,8 +456,8 @@ class ControlPlane:
             *shlex.split(os.environ.get("CLOUDMAP_XDS_EXTRA_ARGS", "")),
         ]  # fmt: skip
         # Nothing from the caller's AWS or CLOUDMAP_XDS_* settings leaks in (clap reads CLOUDMAP_XDS_*).
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CLOUDMAP_XDS_"))}
-        env.update(
+        env_vars = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CLOUDMAP_XDS_"))}
+        env_vars.update(
             AWS_REGION=REGION,
             AWS_ACCESS_KEY_ID="test",
             AWS_SECRET_ACCESS_KEY="test",
@@ -465,12 +466,30 @@ class ControlPlane:
             RUST_LOG=os.environ.get("CLOUDMAP_XDS_RUST_LOG", "info"),
             NO_COLOR="1",
         )
+        # The caller's changes last: a value of None removes the variable (e.g. the fake credentials).
+        for k, v in (env or {}).items():
+            if v is None:
+                env_vars.pop(k, None)
+            else:
+                env_vars[k] = v
         self.args = args
         fo, fe = open(self.stdout_path, "wb"), open(self.stderr_path, "wb")
-        popen = spawn(args, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env)
+        popen = spawn(args, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env_vars)
         fo.close()
         fe.close()
         self.proc = registry.add(Proc(name, popen, {"stderr": self.stderr_path, "stdout": self.stdout_path}))
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to end on its own (an expected exit, e.g. a failed start); its code."""
+        try:
+            rc = self.proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"cloudmap-xds still running after {timeout} s; stderr tail:\n{tail(self.stderr_path)}") from None
+        self.proc.stopped_by_us = True  # expected: not a process that died during the test
+        return rc
+
+    def stderr_lines(self) -> list[str]:
+        return self.stderr_path.read_text(errors="replace").splitlines()
 
     def _alive_or_fail(self) -> None:
         if not self.proc.alive():
@@ -708,6 +727,18 @@ class XdsClient:
                 s.failed += 1
                 s.errors.append(f"t={c['t']:.3f} {c.get('code')}: {c.get('error')}")
         return s
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to end on its own (an expected exit, e.g. a failed start); its code."""
+        try:
+            rc = self.proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"cloudmap-xds still running after {timeout} s; stderr tail:\n{tail(self.stderr_path)}") from None
+        self.proc.stopped_by_us = True  # expected: not a process that died during the test
+        return rc
+
+    def stderr_lines(self) -> list[str]:
+        return self.stderr_path.read_text(errors="replace").splitlines()
 
     def _alive_or_fail(self) -> None:
         if not self.proc.alive():
