@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod aws_error;
 pub mod bootstrap;
+pub mod budget;
 pub mod cache;
 pub mod cloudmap;
 pub mod config;
