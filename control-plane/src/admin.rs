@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 use crate::cache::{Cache, NamespaceState};
-use crate::server::registry::{Registry, StreamStatus};
+use crate::server::registry::{Registry, ResourceState, StreamStatus};
 
 #[derive(Clone)]
 struct AdminState {
@@ -182,6 +182,15 @@ fn client_json(stream: &StreamStatus) -> serde_json::Value {
                 "last_acked": t.acked,
                 "last_nack": t.nack.as_ref().map(|n| json!({"version": n.version, "message": n.message})),
                 "resources": t.resources,
+                // Per resource where tracked (SotW): acked, requested (pending) or nacked.
+                "resource_status": t.states.iter().map(|(name, state)| {
+                    let status = match state {
+                        ResourceState::Acked => "acked",
+                        ResourceState::Requested => "requested",
+                        ResourceState::Nacked(_) => "nacked",
+                    };
+                    (name.clone(), json!(status))
+                }).collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();

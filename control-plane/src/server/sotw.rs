@@ -104,6 +104,10 @@ impl TypeState {
                 _ => {
                     for (name, version) in response.resources {
                         if self.sent.contains_key(&name) {
+                            // Accepted at this version: an earlier rejection no longer stands.
+                            if self.rejected.get(&name).is_some_and(|n| n.version == version) {
+                                self.rejected.remove(&name);
+                            }
                             self.acked.insert(name, version);
                         }
                     }
@@ -640,13 +644,21 @@ mod tests {
     fn a_nacked_whole_set_is_not_resent_and_its_resources_show_nacked() {
         let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
         let mut s = SotwState::default();
-        s.on_request(&request(CDS, &["a.demo", "b.demo"], "", "")).expect("ok");
+        let all = ["a.demo", "b.demo", "c.demo"];
+        s.on_request(&request(CDS, &all, "", "")).expect("ok");
         let r = s.responses(&cache.snapshot());
         assert_eq!(r.len(), 1);
         assert_eq!(names(&r[0]), vec!["a.demo", "b.demo"], "CDS stays a whole set");
-        s.on_request(&nack(CDS, &["a.demo", "b.demo"], "", &r[0].nonce)).expect("nack");
+        s.on_request(&nack(CDS, &all, "", &r[0].nonce)).expect("nack");
         assert!(s.responses(&cache.snapshot()).is_empty());
         assert!(states(&s, CDS).values().all(|st| matches!(st, ResourceState::Nacked(_))));
+        // c appears; the new set (a and b unchanged) is accepted: nothing stands NACKed.
+        cache.update_service(&ServiceName::new("demo", "c"), ServiceEndpoints::default(), Policy::None);
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["a.demo", "b.demo", "c.demo"]);
+        s.on_request(&request(CDS, &all, &r[0].version_info, &r[0].nonce)).expect("ack");
+        assert!(states(&s, CDS).values().all(|st| *st == ResourceState::Acked), "{:?}", states(&s, CDS));
+        assert!(s.types[&CDS].nack.is_none());
     }
 
     #[test]
