@@ -117,3 +117,56 @@ impl ClientStatusDiscoveryService for CsdsServer {
         Ok(Response::new(self.status(request.get_ref())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::Nack;
+    use crate::server::registry::TypeStatus;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn per_resource_states_win_over_the_type_summary() {
+        let nack = Nack { version: "v2".into(), message: "bad".into() };
+        let eds = TypeStatus {
+            type_url: ResourceType::ClusterLoadAssignment.type_url().into(),
+            subscribed: vec!["a.demo".into(), "b.demo".into(), "c.demo".into()],
+            sent: Some("v3".into()),
+            acked: Some("v1".into()),
+            nack: Some(nack.clone()),
+            resources: BTreeMap::from([
+                ("a.demo".into(), "v1".into()),
+                ("b.demo".into(), "v2".into()),
+                ("c.demo".into(), "v3".into()),
+            ]),
+            states: BTreeMap::from([
+                ("a.demo".into(), ResourceState::Acked),
+                ("b.demo".into(), ResourceState::Nacked(nack)),
+                ("c.demo".into(), ResourceState::Requested),
+            ]),
+        };
+        let stream = StreamStatus {
+            id: 1,
+            protocol: "sotw",
+            peer: None,
+            connected_at: std::time::SystemTime::now(),
+            node: None,
+            client: None,
+            types: vec![eds],
+        };
+        let config = client_config(&stream, &crate::cache::Snapshot::default(), true);
+        let got: Vec<(String, i32, bool)> = config
+            .generic_xds_configs
+            .iter()
+            .map(|g| (g.name.clone(), g.client_status, g.error_state.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a.demo".into(), ClientResourceStatus::Acked as i32, false),
+                ("b.demo".into(), ClientResourceStatus::Nacked as i32, true),
+                ("c.demo".into(), ClientResourceStatus::Requested as i32, false),
+            ]
+        );
+    }
+}
