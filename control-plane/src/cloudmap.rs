@@ -445,7 +445,7 @@ impl<C: CloudMap> Watcher<C> {
                     tracing::warn!(service = %name, "no healthy instance: serving all instances (fail-open)");
                 }
                 let count = translation.endpoints.endpoints.len();
-                if self.cache.update_service(&name, translation.endpoints, settings.policy) {
+                if self.cache.update_service(&name, translation.endpoints, settings.options()) {
                     // When the change entered the cache: the start of push propagation.
                     metrics::gauge!("cloudmap_xds_service_updated_timestamp_seconds", "service" => name.dial_name())
                         .set(unix_now());
@@ -505,7 +505,12 @@ mod tests {
 
     impl Fake {
         fn fail<T>(&self, operation: &'static str) -> Result<T, CloudMapError> {
-            Err(CloudMapError { operation, message: "boom".into(), code: Some("RequestLimitExceeded".into()), throttled: true })
+            Err(CloudMapError {
+                operation,
+                message: "boom".into(),
+                code: Some("RequestLimitExceeded".into()),
+                throttled: true,
+            })
         }
     }
 

@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, circuit_breakers, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, SocketAddress,
-    address, config_source, socket_address,
+    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, RoutingPriority,
+    SocketAddress, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -28,7 +28,7 @@ use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, va
 use envoy_types::util::pack_any;
 
 use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, Zone};
-use crate::policy::Plan;
+use crate::policy::{self, Plan};
 
 /// The four resource types served over ADS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,6 +190,15 @@ pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
                 }),
                 action: Some(route::Action::Route(RouteAction {
                     cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+                    // The caller's deadline rules. Envoy: no 15 s route timeout, and the
+                    // `grpc-timeout` header bounds the stream without a cap. gRPC ignores
+                    // `timeout` and reads `grpc_timeout_header_max` 0 as "the application's
+                    // deadline, unmodified" (gRFC A31).
+                    timeout: Some(Duration { seconds: 0, nanos: 0 }),
+                    max_stream_duration: Some(route_action::MaxStreamDuration {
+                        grpc_timeout_header_max: Some(Duration { seconds: 0, nanos: 0 }),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -200,15 +209,55 @@ pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
     }
 }
 
-/// An EDS cluster over ADS, round robin. Envoy additionally gets
+/// Per-service caps on a cluster's concurrency (`[services."…".limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClusterLimits {
+    /// Concurrent requests per cluster and client. gRPC caps at 1024 when
+    /// the cluster sets none (gRFC A32); the default, App Mesh's client-side
+    /// value, does not limit.
+    pub max_requests: u32,
+}
+
+impl ClusterLimits {
+    pub const DEFAULT_MAX_REQUESTS: u32 = i32::MAX as u32;
+}
+
+impl Default for ClusterLimits {
+    fn default() -> Self {
+        ClusterLimits { max_requests: Self::DEFAULT_MAX_REQUESTS }
+    }
+}
+
+/// The DEFAULT-priority circuit breaker. gRPC reads only `max_requests`.
+/// Envoy also gets `max_pending_requests` and `max_connections` at the same
+/// value (its defaults, 1024 each, would cap an application that its own
+/// concurrency already bounds); `max_retries` stays at Envoy's default (3
+/// concurrent retries) because no route here configures retries.
+fn breakers(limits: &ClusterLimits) -> CircuitBreakers {
+    let value = Some(UInt32Value { value: limits.max_requests.max(1) });
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            priority: RoutingPriority::Default as i32,
+            max_requests: value,
+            max_pending_requests: value,
+            max_connections: value,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An EDS cluster over ADS, round robin, with circuit breakers that do not
+/// cap clients (see [`ClusterLimits`]). Envoy additionally gets
 /// `locality_weighted_lb_config`, without which it ignores locality weights.
-pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
+pub fn cluster(name: &str, kind: ClientKind, limits: &ClusterLimits) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
         connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+        circuit_breakers: Some(breakers(limits)),
         ..Default::default()
     };
     if kind == ClientKind::Envoy {
@@ -238,6 +287,11 @@ pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
     c
 }
 
+/// How many endpoint subsets flat clients are spread over (see
+/// [`cluster_load_assignment`]). Bounded so arbitrary node ids cannot grow
+/// the encoded variants; 12 divides evenly by 1, 2, 3, 4 and 6 endpoints per zone.
+pub const FLAT_SUBSETS: u16 = 12;
+
 /// The endpoints of one service as a client of `kind` should see them under `plan`.
 ///
 /// - gRPC: the plan's priorities and weights; UNHEALTHY endpoints left out
@@ -247,16 +301,23 @@ pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
 ///   failover maths sees them; zones that have only unhealthy endpoints go in
 ///   one more, last, priority.
 /// - Flat: one priority; the endpoint *set* approximates the shares, since
-///   such clients ignore localities and weights.
+///   such clients ignore localities and weights. `subset` (< [`FLAT_SUBSETS`],
+///   from the client's node id) rotates which endpoints of a zone it gets, so
+///   that over many clients every endpoint carries the same load.
+///
+/// Endpoint weights are scaled down together when they would sum past
+/// [`policy::WEIGHT_SUM_MAX`], so no locality or priority can exceed it.
 pub fn cluster_load_assignment(
     name: &str,
     service: &ServiceEndpoints,
     plan: &Plan,
     kind: ClientKind,
+    subset: u16,
 ) -> ClusterLoadAssignment {
-    let mut by_zone: BTreeMap<&Zone, Vec<&Endpoint>> = BTreeMap::new();
-    for e in &service.endpoints {
-        by_zone.entry(&e.zone).or_default().push(e);
+    let weights = policy::fit_weights(&service.endpoints.iter().map(|e| u64::from(e.weight)).collect::<Vec<_>>());
+    let mut by_zone: BTreeMap<&Zone, Vec<(&Endpoint, u32)>> = BTreeMap::new();
+    for (e, w) in service.endpoints.iter().zip(weights) {
+        by_zone.entry(&e.zone).or_default().push((e, w));
     }
     let mut localities = Vec::new();
     match kind {
@@ -267,8 +328,8 @@ pub fn cluster_load_assignment(
                     let members = by_zone.get(&weighted.zone).map(Vec::as_slice).unwrap_or_default();
                     let lb: Vec<LbEndpoint> = members
                         .iter()
-                        .filter(|e| keep_unhealthy || e.health.is_serving())
-                        .map(|e| lb_endpoint(e))
+                        .filter(|(e, _)| keep_unhealthy || e.health.is_serving())
+                        .map(|(e, w)| lb_endpoint(e, *w))
                         .collect();
                     if !lb.is_empty() {
                         localities.push(locality(&weighted.zone, members, lb, weighted.weight, priority as u32));
@@ -279,7 +340,7 @@ pub fn cluster_load_assignment(
                 let last = plan.priorities.len() as u32;
                 for (zone, members) in &by_zone {
                     if plan.find(zone).is_none() {
-                        let lb = members.iter().map(|e| lb_endpoint(e)).collect();
+                        let lb = members.iter().map(|(e, w)| lb_endpoint(e, *w)).collect();
                         localities.push(locality(zone, members, lb, 1, last));
                     }
                 }
@@ -289,8 +350,9 @@ pub fn cluster_load_assignment(
             let counts = flat_counts(plan, &by_zone);
             for (zone, members) in &by_zone {
                 let take = counts.get(*zone).copied().unwrap_or(0);
+                let serving: Vec<&(&Endpoint, u32)> = members.iter().filter(|(e, _)| e.health.is_serving()).collect();
                 let lb: Vec<LbEndpoint> =
-                    members.iter().filter(|e| e.health.is_serving()).take(take).map(|e| lb_endpoint(e)).collect();
+                    flat_window(serving.len(), take, subset).map(|i| lb_endpoint(serving[i].0, serving[i].1)).collect();
                 if !lb.is_empty() {
                     let weight = lb.len() as u32;
                     localities.push(locality(zone, members, lb, weight, 0));
@@ -301,12 +363,24 @@ pub fn cluster_load_assignment(
     ClusterLoadAssignment { cluster_name: name.to_string(), endpoints: localities, ..Default::default() }
 }
 
+/// The indices (of `n` serving endpoints of a zone) a flat client in
+/// `subset` gets when it should get `k` of them: `k` consecutive ones from an
+/// offset spread evenly over the zone by subset, so the subsets together
+/// cover every endpoint equally often (exactly when `n` divides
+/// [`FLAT_SUBSETS`]).
+fn flat_window(n: usize, k: usize, subset: u16) -> impl Iterator<Item = usize> {
+    let k = k.min(n);
+    let offset = if n == 0 { 0 } else { usize::from(subset % FLAT_SUBSETS) * n / usize::from(FLAT_SUBSETS) };
+    (0..k).map(move |j| (offset + j) % n)
+}
+
 /// How many serving endpoints of each zone a flat client gets so that its
 /// per-endpoint round robin approximates the shares of the plan's first
 /// priority: the largest total K with round(share × K) ≤ available in every
 /// zone, at least one per zone with a share.
-fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<&Endpoint>>) -> HashMap<Zone, usize> {
-    let serving = |z: &Zone| by_zone.get(z).map(|m| m.iter().filter(|e| e.health.is_serving()).count()).unwrap_or(0);
+fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<(&Endpoint, u32)>>) -> HashMap<Zone, usize> {
+    let serving =
+        |z: &Zone| by_zone.get(z).map(|m| m.iter().filter(|(e, _)| e.health.is_serving()).count()).unwrap_or(0);
     let first = plan.priorities.first().map(Vec::as_slice).unwrap_or_default();
     let total_weight: f64 = first.iter().map(|w| f64::from(w.weight)).sum();
     let positive: Vec<(&Zone, f64)> =
@@ -323,14 +397,14 @@ fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<&Endpoint>>) -> HashMa
 
 fn locality(
     zone: &Zone,
-    members: &[&Endpoint],
+    members: &[(&Endpoint, u32)],
     lb: Vec<LbEndpoint>,
     weight: u32,
     priority: u32,
 ) -> LocalityLbEndpoints {
     LocalityLbEndpoints {
         locality: Some(Locality {
-            region: members.first().map(|e| e.region.clone()).unwrap_or_default(),
+            region: members.first().map(|(e, _)| e.region.clone()).unwrap_or_default(),
             zone: zone.as_str().to_string(),
             ..Default::default()
         }),
@@ -341,7 +415,8 @@ fn locality(
     }
 }
 
-fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
+/// `weight`: the endpoint's weight after [`policy::fit_weights`].
+fn lb_endpoint(e: &Endpoint, weight: u32) -> LbEndpoint {
     let health = match e.health {
         Health::Healthy => core_v3::HealthStatus::Healthy,
         Health::Unhealthy => core_v3::HealthStatus::Unhealthy,
@@ -372,7 +447,7 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
             ..Default::default()
         }),
         // Unset means 1; an explicit 0 is a NACK.
-        load_balancing_weight: (e.weight != 1).then_some(UInt32Value { value: e.weight.max(1) }),
+        load_balancing_weight: (weight != 1).then_some(UInt32Value { value: weight.max(1) }),
     }
 }
 
@@ -414,7 +489,7 @@ mod tests {
         let capacity = service.capacity();
         let shares = policy::shares(policy, Some(&Zone::new(zone)), &capacity, census);
         let plan = policy::plan(&shares, &capacity);
-        cluster_load_assignment("echo.demo", &service, &plan, kind)
+        cluster_load_assignment("echo.demo", &service, &plan, kind, 0)
     }
 
     /// The checks gRPC clients apply (xds-rules.md), as one predicate.
@@ -508,25 +583,26 @@ mod tests {
         let census = PerZone::from([(Zone::new("a"), 4), (Zone::new("b"), 1), (Zone::new("c"), 1)]);
         let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &census);
         let plan = policy::plan(&shares, &capacity);
-        let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat);
+        let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat, 0);
         assert_grpc_valid(&cla);
         // Shares .5/.25/.25 → 2/1/1 endpoints.
         let counts: Vec<usize> = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).collect();
         assert_eq!(counts, vec![2, 1, 1]);
         let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("b")), &capacity, &census);
-        let cla = cluster_load_assignment("echo.demo", &service, &policy::plan(&shares, &capacity), ClientKind::Flat);
+        let cla =
+            cluster_load_assignment("echo.demo", &service, &policy::plan(&shares, &capacity), ClientKind::Flat, 0);
         assert_eq!(zones_at(&cla, 0), vec![("b".into(), 2, 2)]);
     }
 
     #[test]
     fn endpoint_carries_attributes_and_weight() {
         let mut e = ep("a1", "10.0.0.1", "a", Health::Healthy);
-        let lb = lb_endpoint(&e);
+        let lb = lb_endpoint(&e, e.weight);
         assert!(lb.load_balancing_weight.is_none());
         let meta = lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).expect("metadata");
         assert!(meta.fields.contains_key("AVAILABILITY_ZONE"));
         e.weight = 3;
-        assert_eq!(lb_endpoint(&e).load_balancing_weight.map(|w| w.value), Some(3));
+        assert_eq!(lb_endpoint(&e, e.weight).load_balancing_weight.map(|w| w.value), Some(3));
     }
 
     #[test]
@@ -546,10 +622,10 @@ mod tests {
 
     #[test]
     fn envoy_cluster_speaks_http2_and_weights_localities() {
-        let c = cluster("echo.demo", ClientKind::Envoy);
+        let c = cluster("echo.demo", ClientKind::Envoy, &ClusterLimits::default());
         assert!(c.typed_extension_protocol_options.contains_key(HTTP_PROTOCOL_OPTIONS));
         assert!(c.common_lb_config.is_some());
-        let g = cluster("echo.demo", ClientKind::Grpc);
+        let g = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits::default());
         assert!(g.typed_extension_protocol_options.is_empty() && g.common_lb_config.is_none());
     }
 
