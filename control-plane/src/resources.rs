@@ -454,7 +454,9 @@ fn lb_endpoint(e: &Endpoint, weight: u32) -> LbEndpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Client;
     use crate::policy::{self, PerZone, Policy};
+    use proptest::prelude::*;
     use std::collections::BTreeSet;
 
     fn ep(id: &str, ip: &str, zone: &str, health: Health) -> Endpoint {
@@ -498,13 +500,21 @@ mod tests {
         assert_eq!(priorities, (0..priorities.len() as u32).collect(), "priorities contiguous from 0");
         let mut seen_localities = BTreeSet::new();
         let mut seen_addresses = BTreeSet::new();
+        // Sums per priority of locality weights (grpc-go, C-core, Envoy) and of endpoint
+        // weights (Envoy: per locality, or per priority without locality weighting).
+        let mut locality_sums: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut endpoint_sums: BTreeMap<u32, u64> = BTreeMap::new();
         for l in &cla.endpoints {
             let locality = l.locality.as_ref().expect("locality set");
             assert!(seen_localities.insert((l.priority, locality.zone.clone())), "locality twice in a priority");
             assert!(l.load_balancing_weight.as_ref().is_some_and(|w| w.value > 0), "locality weight > 0");
+            *locality_sums.entry(l.priority).or_default() +=
+                l.load_balancing_weight.map(|w| u64::from(w.value)).unwrap_or(0);
             assert!(!l.lb_endpoints.is_empty());
             for e in &l.lb_endpoints {
                 assert_ne!(e.load_balancing_weight.as_ref().map(|w| w.value), Some(0));
+                *endpoint_sums.entry(l.priority).or_default() +=
+                    e.load_balancing_weight.map(|w| u64::from(w.value)).unwrap_or(1);
                 let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &e.host_identifier else {
                     panic!("endpoint")
                 };
@@ -519,6 +529,12 @@ mod tests {
                     "duplicate address"
                 );
             }
+        }
+        for (p, sum) in locality_sums {
+            assert!(sum <= policy::WEIGHT_SUM_MAX, "locality weights of priority {p} sum to {sum}");
+        }
+        for (p, sum) in endpoint_sums {
+            assert!(sum <= policy::WEIGHT_SUM_MAX, "endpoint weights of priority {p} sum to {sum}");
         }
     }
 
@@ -594,6 +610,183 @@ mod tests {
         assert_eq!(zones_at(&cla, 0), vec![("b".into(), 2, 2)]);
     }
 
+    /// The load each server carries when `clients` flat clients (zone, node id) each spread
+    /// one unit evenly over the endpoints of their own ClusterLoadAssignment.
+    fn flat_loads(service: &ServiceEndpoints, census: &PerZone, clients: &[(Zone, String)], subsets: bool) -> Vec<f64> {
+        let capacity = service.capacity();
+        let mut load: BTreeMap<String, f64> =
+            service.endpoints.iter().filter(|e| e.health.is_serving()).map(|e| (e.ip.to_string(), 0.0)).collect();
+        for (zone, node_id) in clients {
+            let subset = if subsets { Client::new(Some(zone.clone()), ClientKind::Flat, node_id).subset } else { 0 };
+            let plan = policy::plan(&policy::shares(Policy::ZoneAware, Some(zone), &capacity, census), &capacity);
+            let cla = cluster_load_assignment("echo.demo", service, &plan, ClientKind::Flat, subset);
+            assert_grpc_valid(&cla);
+            let chosen: Vec<String> = cla
+                .endpoints
+                .iter()
+                .flat_map(|l| &l.lb_endpoints)
+                .filter_map(|e| match &e.host_identifier {
+                    Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) => {
+                        match endpoint.address.as_ref()?.address.as_ref()? {
+                            address::Address::SocketAddress(sa) => Some(sa.address.clone()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect();
+            for ip in &chosen {
+                *load.get_mut(ip).expect("a serving endpoint") += 1.0 / chosen.len() as f64;
+            }
+        }
+        load.into_values().collect()
+    }
+
+    fn servers(per_zone: &[(&str, usize)]) -> ServiceEndpoints {
+        let mut endpoints = Vec::new();
+        for (z, (zone, n)) in per_zone.iter().enumerate() {
+            for i in 0..*n {
+                endpoints.push(ep(&format!("{zone}{i}"), &format!("10.0.{z}.{}", i + 1), zone, Health::Healthy));
+            }
+        }
+        ServiceEndpoints::new(endpoints, false)
+    }
+
+    /// Node ids as tonic-xds deployments make them (one per task), from a fixed seed.
+    fn node_ids(census: &PerZone, seed: u64) -> Vec<(Zone, String)> {
+        let mut x = seed;
+        let mut out = Vec::new();
+        for (zone, n) in census {
+            for _ in 0..*n {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                out.push((zone.clone(), format!("task/{:016x}", x)));
+            }
+        }
+        out
+    }
+
+    fn worst_deviation(loads: &[f64]) -> f64 {
+        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        loads.iter().map(|l| (l / mean - 1.0).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn flat_clients_spread_over_every_server() {
+        // 60 flat clients, skewed census 30/20/10: zone-aware shares spill a's and b's excess.
+        // The ids come from a fixed seed: which subset a client lands in is a hash, so with 20–30
+        // clients picking one of two servers the loads carry binomial noise (over 1,000 seeds the
+        // worst server stays within ±20 % in 98.9 % of id sets for 2/2/2 and 96.7 % for 3/1/2;
+        // median worst deviation 6.7 % and 10 %). Exact balance per subset is flat_subsets_cover_….
+        let census = PerZone::from([(Zone::new("a"), 30), (Zone::new("b"), 20), (Zone::new("c"), 10)]);
+        for topology in [[("a", 2), ("b", 2), ("c", 2)], [("a", 3), ("b", 1), ("c", 2)]] {
+            let service = servers(&topology);
+            let clients = node_ids(&census, 11);
+            let loads = flat_loads(&service, &census, &clients, true);
+            assert!((loads.iter().sum::<f64>() - 60.0).abs() < 1e-9);
+            let worst = worst_deviation(&loads);
+            assert!(worst <= 0.2, "{topology:?}: loads {loads:?} ({:.0} % off the mean)", worst * 100.0);
+            // Before: every flat client of a zone got the same subset.
+            let same = flat_loads(&service, &census, &clients, false);
+            assert!(worst_deviation(&same) > 0.2, "{topology:?}: one subset per zone was already even: {same:?}");
+        }
+    }
+
+    #[test]
+    fn flat_subsets_cover_a_zone_evenly() {
+        // One client per subset: every endpoint is in the same number of windows.
+        for n in [1usize, 2, 3, 4, 6, 12] {
+            for k in 1..=n {
+                let mut cover = vec![0usize; n];
+                for subset in 0..FLAT_SUBSETS {
+                    for i in flat_window(n, k, subset) {
+                        cover[i] += 1;
+                    }
+                }
+                assert!(cover.iter().all(|c| *c == cover[0]), "n={n} k={k}: {cover:?}");
+                assert_eq!(cover.iter().sum::<usize>(), k * usize::from(FLAT_SUBSETS));
+            }
+        }
+        assert_eq!(flat_window(0, 3, 5).count(), 0);
+        assert_eq!(flat_window(2, 5, 5).count(), 2, "never more than the zone has");
+    }
+
+    #[test]
+    fn flat_client_of_a_dead_zone_gets_the_other_zones() {
+        let mut service = servers(&[("a", 2), ("b", 2), ("c", 2)]);
+        for e in service.endpoints.iter_mut().filter(|e| e.zone.as_str() == "a") {
+            e.health = Health::Unhealthy;
+        }
+        let census = PerZone::from([(Zone::new("a"), 30), (Zone::new("b"), 20), (Zone::new("c"), 10)]);
+        let capacity = service.capacity();
+        for subset in 0..FLAT_SUBSETS {
+            let plan =
+                policy::plan(&policy::shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &census), &capacity);
+            let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat, subset);
+            assert_grpc_valid(&cla);
+            let zones: Vec<(String, u32, usize)> = zones_at(&cla, 0);
+            assert_eq!(zones.iter().map(|(z, _, _)| z.as_str()).collect::<Vec<_>>(), ["b", "c"], "subset {subset}");
+        }
+        // a's 30 clients spread over the four live servers: 60 / 4 = 15 each, within ±20 %.
+        let loads = flat_loads(&service, &census, &node_ids(&census, 7), true);
+        assert_eq!(loads.len(), 4);
+        assert!(worst_deviation(&loads) <= 0.2, "{loads:?}");
+    }
+
+    fn endpoint_set() -> impl Strategy<Value = ServiceEndpoints> {
+        let one = (
+            prop::sample::select(vec!["a", "b", "c", "d"]),
+            prop_oneof![Just(Health::Healthy), Just(Health::Unhealthy), Just(Health::Unknown)],
+            prop_oneof![1u32..10, Just(u32::MAX), 1u32..=u32::MAX],
+        );
+        (prop::collection::vec(one, 0..40), any::<bool>()).prop_map(|(endpoints, fail_open)| {
+            let endpoints = endpoints
+                .into_iter()
+                .enumerate()
+                .map(|(i, (zone, health, weight))| {
+                    let mut e = ep(&format!("i-{i}"), &format!("10.1.{}.{}", i / 200, i % 200 + 1), zone, health);
+                    e.weight = weight;
+                    e
+                })
+                .collect();
+            ServiceEndpoints::new(endpoints, fail_open)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_assignment_passes_the_grpc_checks(
+            service in endpoint_set(),
+            census in prop::collection::btree_map(
+                prop::sample::select(vec!["a", "b", "c", "d", "x"]).prop_map(Zone::new), 0u64..1000, 0..5),
+            zone in prop::option::of(prop::sample::select(vec!["a", "b", "c", "x"]).prop_map(Zone::new)),
+            policy in prop_oneof![
+                Just(Policy::ZoneAware), Just(Policy::LocalFirst), Just(Policy::None),
+                (0.0f64..=1.0).prop_map(|local_share| Policy::FixedShare { local_share }),
+            ],
+            kind in prop_oneof![Just(ClientKind::Grpc), Just(ClientKind::Envoy), Just(ClientKind::Flat)],
+            subset in 0..FLAT_SUBSETS,
+        ) {
+            let capacity = service.capacity();
+            let plan = policy::plan(&policy::shares(policy, zone.as_ref(), &capacity, &census), &capacity);
+            let cla = cluster_load_assignment("echo.demo", &service, &plan, kind, subset);
+            assert_grpc_valid(&cla);
+            let listed: BTreeSet<String> =
+                cla.endpoints.iter().filter_map(|l| l.locality.as_ref().map(|x| x.zone.clone())).collect();
+            let serving: BTreeSet<String> = service
+                .endpoints.iter().filter(|e| e.health.is_serving()).map(|e| e.zone.as_str().to_string()).collect();
+            match kind {
+                // Never a zone dropped: every zone with a serving endpoint is reachable.
+                ClientKind::Grpc => prop_assert_eq!(listed, serving),
+                ClientKind::Envoy => {
+                    let all: BTreeSet<String> = service.endpoints.iter().map(|e| e.zone.as_str().to_string()).collect();
+                    prop_assert_eq!(listed, all);
+                }
+                // Flat clients get the zones of the first priority: something whenever anything serves.
+                ClientKind::Flat => prop_assert_eq!(listed.is_empty(), serving.is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn endpoint_carries_attributes_and_weight() {
         let mut e = ep("a1", "10.0.0.1", "a", Health::Healthy);
@@ -627,6 +820,33 @@ mod tests {
         assert!(c.common_lb_config.is_some());
         let g = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits::default());
         assert!(g.typed_extension_protocol_options.is_empty() && g.common_lb_config.is_none());
+    }
+
+    #[test]
+    fn clusters_do_not_cap_and_routes_leave_the_deadline_to_the_caller() {
+        for kind in [ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat] {
+            let c = cluster("echo.demo", kind, &ClusterLimits::default());
+            let thresholds = c.circuit_breakers.expect("circuit breakers").thresholds;
+            assert_eq!(thresholds.len(), 1);
+            assert_eq!(thresholds[0].priority, RoutingPriority::Default as i32);
+            assert_eq!(thresholds[0].max_requests.map(|v| v.value), Some(2_147_483_647));
+            assert_eq!(thresholds[0].max_pending_requests.map(|v| v.value), Some(2_147_483_647));
+            assert_eq!(thresholds[0].max_connections.map(|v| v.value), Some(2_147_483_647));
+            assert_eq!(thresholds[0].max_retries, None, "Envoy's default: no retries are configured");
+        }
+        let c = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits { max_requests: 100_000 });
+        assert_eq!(c.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100_000));
+        let zero = Some(Duration { seconds: 0, nanos: 0 });
+        let egress = egress_route_configuration(["echo.demo"]);
+        for config in [route_configuration("echo.demo", "echo.demo"), egress] {
+            let Some(route::Action::Route(action)) = config.virtual_hosts[0].routes[0].action.clone() else {
+                panic!("route action")
+            };
+            assert_eq!(action.timeout, zero);
+            let msd = action.max_stream_duration.expect("max_stream_duration");
+            assert_eq!(msd.grpc_timeout_header_max, zero);
+            assert_eq!(msd.max_stream_duration, None);
+        }
     }
 
     #[test]
