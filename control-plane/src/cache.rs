@@ -665,6 +665,63 @@ mod tests {
     }
 
     #[test]
+    fn flat_variants_are_bounded_per_zone() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a", "a", "b", "b"]), Policy::ZoneAware);
+        let snap = cache.snapshot();
+        let eds = |kind, node: &str| {
+            let client = Client::new(Some(Zone::new("a")), kind, node);
+            snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client).expect("eds")
+        };
+        let mut flat = BTreeSet::new();
+        let mut grpc = BTreeSet::new();
+        for i in 0..1000 {
+            let node = format!("node-{i}");
+            flat.insert(eds(ClientKind::Flat, &node).version.clone());
+            grpc.insert(eds(ClientKind::Grpc, &node).version.clone());
+        }
+        assert!(flat.len() > 1, "flat clients all got one subset");
+        assert!(flat.len() <= usize::from(resources::FLAT_SUBSETS), "{} flat variants", flat.len());
+        assert_eq!(grpc.len(), 1, "gRPC clients do not differ by node id");
+        // A reconnecting flat client gets the same subset (the same encoded variant).
+        assert!(Arc::ptr_eq(&eds(ClientKind::Flat, "node-7"), &eds(ClientKind::Flat, "node-7")));
+    }
+
+    #[test]
+    fn census_of_a_zone_without_servers_is_not_pushed() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(&name, endpoints(&["a", "b", "b", "b"]), Policy::ZoneAware);
+        for zone in ["a", "a", "b", "b"] {
+            cache.census_join("echo.demo", &Zone::new(zone));
+        }
+        assert!(cache.apply_census());
+        // Clients in x spread by capacity whatever their number; nobody's shares move.
+        for _ in 0..4 {
+            cache.census_join("echo.demo", &Zone::new("x"));
+        }
+        assert!(!cache.apply_census());
+        let a = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
+        assert_eq!(eds_zones(&a), vec![(0, "a".into(), 5_000), (0, "b".into(), 5_000)]);
+    }
+
+    #[test]
+    fn limits_change_the_cluster() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(&name, endpoints(&["a"]), Policy::ZoneAware);
+        let before = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
+        let options = ServiceOptions { policy: Policy::ZoneAware, limits: ClusterLimits { max_requests: 100 } };
+        assert!(cache.update_service(&name, endpoints(&["a"]), options));
+        assert!(!cache.update_service(&name, endpoints(&["a"]), options));
+        let after = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
+        assert_ne!(before.version, after.version);
+        let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(after.resource.value.as_slice())
+            .expect("decodes");
+        assert_eq!(cluster.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100));
+    }
+
+    #[test]
     fn census_leave_forgets_empty_zones() {
         let cache = Cache::default();
         cache.census_join("echo.demo", &Zone::new("a"));
