@@ -505,12 +505,7 @@ mod tests {
 
     impl Fake {
         fn fail<T>(&self, operation: &'static str) -> Result<T, CloudMapError> {
-            Err(CloudMapError {
-                operation,
-                message: "boom".into(),
-                code: Some("RequestLimitExceeded".into()),
-                throttled: true,
-            })
+            Err(CloudMapError { operation, message: "boom".into(), code: Some("RequestLimitExceeded".into()), throttled: true })
         }
     }
 
