@@ -43,7 +43,11 @@ async def serve(args) -> None:
                 instance_id=args.instance_id, zone=args.zone, region="us-east-1", address=address, served=served
             )
 
-    server = grpc.aio.server()
+    # C-core queues at most 1000 calls the application has not picked up yet; a burst of 1,500
+    # arriving at once must not meet that limit (it is the server under test here, not the client).
+    server = grpc.aio.server(
+        options=[("grpc.server.max_pending_requests", 10_000), ("grpc.server.max_pending_requests_hard_limit", 10_000)]
+    )
     demo_pb2_grpc.add_DescriberServicer_to_server(Describer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     address = f"127.0.0.1:{port}"
