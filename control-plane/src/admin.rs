@@ -14,7 +14,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, NamespaceState};
 use crate::server::registry::{Registry, StreamStatus};
 
 #[derive(Clone)]
@@ -57,9 +57,27 @@ pub async fn serve(
     Ok(())
 }
 
+/// What `/ready` says about namespaces that are not served: one line each.
+fn namespace_lines(cache: &Cache) -> String {
+    cache
+        .namespace_states()
+        .iter()
+        .filter_map(|(name, state)| match state {
+            NamespaceState::Synced => None,
+            NamespaceState::Missing => {
+                Some(format!("namespace {name}: not found in Cloud Map (check --namespace and AWS_REGION)\n"))
+            }
+            NamespaceState::Pending => Some(format!("namespace {name}: first sync in progress\n")),
+            NamespaceState::Error(e) => Some(format!("namespace {name}: {e}\n")),
+        })
+        .collect()
+}
+
 async fn ready(State(state): State<AdminState>) -> Response {
+    let namespaces = namespace_lines(&state.cache);
     if !state.cache.is_ready() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first Cloud Map sync\n").into_response();
+        let body = format!("waiting for the first Cloud Map sync\n{namespaces}");
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
     }
     if let Some(bound) = state.staleness {
         let stale: Vec<String> = state
@@ -74,7 +92,7 @@ async fn ready(State(state): State<AdminState>) -> Response {
             return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
         }
     }
-    (StatusCode::OK, "ready\n").into_response()
+    (StatusCode::OK, format!("ready\n{namespaces}")).into_response()
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {
@@ -133,6 +151,7 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
     let clients: Vec<_> = state.registry.list().iter().map(client_json).collect();
     axum::Json(json!({
         "ready": state.cache.is_ready(),
+        "namespaces": state.cache.namespace_states(),
         "generation": snapshot.generation,
         "services": services,
         "clients": clients,
@@ -199,6 +218,15 @@ mod tests {
         assert_eq!(ready(State(s.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE, "stale");
         s.cache.mark_synced(&name);
         assert_eq!(ready(State(s.clone())).await.status(), StatusCode::OK, "recovered");
+
+        // A missing namespace is listed, and does not make the others unready.
+        s.cache.set_namespace_state("demo", NamespaceState::Synced);
+        s.cache.set_namespace_state("typo", NamespaceState::Missing);
+        let r = ready(State(s.clone())).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(r.into_body(), 4096).await.expect("body");
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("namespace typo: not found") && !body.contains("namespace demo"), "{body}");
 
         // Without a bound, serving the last good state is ready.
         let unbounded = state(None);

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use dashmap::DashMap;
@@ -319,6 +319,38 @@ impl Snapshot {
     }
 }
 
+/// The right of one Cloud Map watcher to write one service (see
+/// [`Cache::claim`]). A watcher whose service was removed, or claimed again by
+/// a newer watcher, can no longer write: its claim is revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub name: ServiceName,
+    owner: u64,
+}
+
+/// What a claimed write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Changed,
+    Unchanged,
+    /// The claim was revoked (the service was removed or re-claimed): nothing written.
+    Revoked,
+}
+
+/// How far a namespace named on the command line got.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum NamespaceState {
+    /// Not listed yet, or its first services not read yet.
+    Pending,
+    /// Listed, and every service in it read once.
+    Synced,
+    /// Cloud Map has no namespace of this name (a successful ListNamespaces said so).
+    Missing,
+    /// The last attempt failed; the text says why.
+    Error(String),
+}
+
 /// The shared store. Writers are the Cloud Map watchers and the census
 /// debouncer; readers are the streams and the admin endpoints.
 #[derive(Debug)]
@@ -327,6 +359,12 @@ pub struct Cache {
     snapshot: RwLock<Arc<Snapshot>>,
     changes: watch::Sender<u64>,
     ready: AtomicBool,
+    /// The current claim per service dial name; writes under any other are refused.
+    owners: Mutex<BTreeMap<String, u64>>,
+    next_owner: AtomicU64,
+    namespaces: Mutex<BTreeMap<String, NamespaceState>>,
+    /// Streams subscribed to each service's endpoints, with or without a zone.
+    subscribers: DashMap<String, usize>,
     /// Live census: clients per zone, per service dial name.
     census: Mutex<BTreeMap<String, PerZone>>,
     census_changed: tokio::sync::Notify,
@@ -348,6 +386,10 @@ impl Cache {
             snapshot: RwLock::new(Arc::new(Snapshot { egress, ..Default::default() })),
             changes: watch::channel(0).0,
             ready: AtomicBool::new(false),
+            owners: Mutex::new(BTreeMap::new()),
+            next_owner: AtomicU64::new(1),
+            namespaces: Mutex::new(BTreeMap::new()),
+            subscribers: DashMap::new(),
             census: Mutex::new(BTreeMap::new()),
             census_changed: tokio::sync::Notify::new(),
             census_new_zone: AtomicBool::new(false),
@@ -390,16 +432,60 @@ impl Cache {
 
     /// Set a service's endpoints and options (a bare [`Policy`] keeps the
     /// default limits); no-op (no push) when nothing changed.
+    /// Unconditional: the Cloud Map watchers write through a [`Claim`] instead.
     pub fn update_service(
         &self,
         name: &ServiceName,
         endpoints: ServiceEndpoints,
         options: impl Into<ServiceOptions>,
     ) -> bool {
-        let options = options.into();
+        self.write_service(name, None, endpoints, options.into()) == Write::Changed
+    }
+
+    pub fn remove_service(&self, name: &ServiceName) -> bool {
+        self.remove(name, None)
+    }
+
+    /// Make a new watcher the only writer of `name`, revoking any earlier claim.
+    pub fn claim(&self, name: &ServiceName) -> Claim {
+        let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).insert(name.dial_name(), owner);
+        Claim { name: name.clone(), owner }
+    }
+
+    /// Write under `claim`; refused once the claim is revoked, so a watcher
+    /// that is being removed can never write its service back.
+    pub fn write(&self, claim: &Claim, endpoints: ServiceEndpoints, options: impl Into<ServiceOptions>) -> Write {
+        self.write_service(&claim.name, Some(claim.owner), endpoints, options.into())
+    }
+
+    /// Remove the service of `claim` and revoke the claim; `false` (nothing
+    /// removed) when the claim was already revoked.
+    pub fn retire(&self, claim: &Claim) -> bool {
+        self.remove(&claim.name, Some(claim.owner))
+    }
+
+    fn owns(&self, dial: &str, owner: Option<u64>) -> bool {
+        owner.is_none_or(|o| self.owners.lock().unwrap_or_else(|e| e.into_inner()).get(dial) == Some(&o))
+    }
+
+    fn write_service(
+        &self,
+        name: &ServiceName,
+        owner: Option<u64>,
+        endpoints: ServiceEndpoints,
+        options: ServiceOptions,
+    ) -> Write {
         let dial = name.dial_name();
         let census = self.live_census(&dial);
+        let mut outcome = Write::Unchanged;
+        // The claim is checked under the snapshot's write lock, which `remove` also holds:
+        // a write and a removal cannot interleave.
         self.publish(|services| {
+            if !self.owns(&dial, owner) {
+                outcome = Write::Revoked;
+                return false;
+            }
             if let Some(old) = services.get(&dial)
                 && *old.endpoints == endpoints
                 && old.policy == options.policy
@@ -409,19 +495,55 @@ impl Cache {
             }
             let entry = ServiceEntry::new(name.clone(), Arc::new(endpoints), options, census);
             services.insert(dial.clone(), Arc::new(entry));
+            outcome = Write::Changed;
             true
-        })
+        });
+        outcome
     }
 
-    pub fn remove_service(&self, name: &ServiceName) -> bool {
+    fn remove(&self, name: &ServiceName, owner: Option<u64>) -> bool {
         let dial = name.dial_name();
-        self.synced.remove(&dial);
-        self.publish(|services| services.remove(&dial).is_some())
+        let mut owned = true;
+        let removed = self.publish(|services| {
+            if !self.owns(&dial, owner) {
+                owned = false;
+                return false;
+            }
+            self.owners.lock().unwrap_or_else(|e| e.into_inner()).remove(&dial);
+            services.remove(&dial).is_some()
+        });
+        if owned {
+            self.synced.remove(&dial);
+        }
+        removed
     }
 
     /// A Cloud Map call for this service just succeeded.
     pub fn mark_synced(&self, name: &ServiceName) {
         self.synced.insert(name.dial_name(), std::time::Instant::now());
+    }
+
+    /// [`Cache::mark_synced`] under a claim; ignored once the claim is revoked.
+    pub fn mark_synced_by(&self, claim: &Claim) {
+        if self.owns(&claim.name.dial_name(), Some(claim.owner)) {
+            self.mark_synced(&claim.name);
+        }
+    }
+
+    pub fn set_namespace_state(&self, namespace: &str, state: NamespaceState) {
+        let missing = f64::from(u8::from(state == NamespaceState::Missing));
+        metrics::gauge!("cloudmap_xds_namespace_missing", "namespace" => namespace.to_string()).set(missing);
+        self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).insert(namespace.to_string(), state);
+    }
+
+    /// Each namespace named on the command line and how far it got.
+    pub fn namespace_states(&self) -> BTreeMap<String, NamespaceState> {
+        self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether any stream subscribes to service `dial`'s endpoints.
+    pub fn has_subscribers(&self, dial: &str) -> bool {
+        self.subscribers.get(dial).is_some_and(|n| *n > 0)
     }
 
     /// Time since each service's last successful Cloud Map call.
@@ -435,8 +557,9 @@ impl Cache {
     }
 
     /// A client in `zone` subscribed to service `dial`'s endpoints. Clients
-    /// without a zone are not counted.
+    /// without a zone count as subscribers but not in the census.
     pub fn census_join(&self, dial: &str, zone: &Zone) {
+        *self.subscribers.entry(dial.to_string()).or_insert(0) += 1;
         if zone.is_unknown() {
             return;
         }
@@ -453,6 +576,12 @@ impl Cache {
     }
 
     pub fn census_leave(&self, dial: &str, zone: &Zone) {
+        if let dashmap::Entry::Occupied(mut n) = self.subscribers.entry(dial.to_string()) {
+            *n.get_mut() = n.get().saturating_sub(1);
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
         if zone.is_unknown() {
             return;
         }
@@ -719,6 +848,45 @@ mod tests {
         let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(after.resource.value.as_slice())
             .expect("decodes");
         assert_eq!(cluster.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100));
+    }
+
+    #[test]
+    fn a_revoked_claim_never_writes_again() {
+        // The race of issue 11, step by step: a watcher is between its
+        // DiscoverInstances and its cache write when its service is removed.
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        let old = cache.claim(&name);
+        assert_eq!(cache.write(&old, endpoints(&["a"]), Policy::ZoneAware), Write::Changed);
+        cache.mark_synced_by(&old);
+        assert!(cache.retire(&old), "removal by the namespace task");
+        assert!(!cache.snapshot().services.contains_key("echo.demo"));
+        assert!(cache.sync_ages().is_empty());
+        // The old watcher's read completes now: refused, nothing comes back.
+        let generation = cache.snapshot().generation;
+        assert_eq!(cache.write(&old, endpoints(&["a", "b"]), Policy::ZoneAware), Write::Revoked);
+        cache.mark_synced_by(&old);
+        assert!(!cache.snapshot().services.contains_key("echo.demo"));
+        assert_eq!(cache.snapshot().generation, generation, "a refused write publishes nothing");
+        assert!(cache.sync_ages().is_empty());
+        assert!(!cache.retire(&old));
+        // The service reappears: the new watcher writes, the old one still cannot clobber it.
+        let new = cache.claim(&name);
+        assert_eq!(cache.write(&new, endpoints(&["c"]), Policy::ZoneAware), Write::Changed);
+        assert_eq!(cache.write(&old, endpoints(&["a"]), Policy::ZoneAware), Write::Revoked);
+        assert!(!cache.retire(&old), "an old claim cannot remove the new watcher's service");
+        assert_eq!(cache.snapshot().services["echo.demo"].endpoints.endpoints[0].zone, Zone::new("c"));
+        assert_eq!(cache.write(&new, endpoints(&["c"]), Policy::ZoneAware), Write::Unchanged);
+    }
+
+    #[test]
+    fn subscribers_count_clients_without_a_zone() {
+        let cache = Cache::default();
+        cache.census_join("echo.demo", &Zone::default());
+        assert!(cache.has_subscribers("echo.demo"));
+        assert!(cache.live_census("echo.demo").is_empty());
+        cache.census_leave("echo.demo", &Zone::default());
+        assert!(!cache.has_subscribers("echo.demo"));
     }
 
     #[test]

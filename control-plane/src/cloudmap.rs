@@ -7,8 +7,17 @@
 //! per service, never per client, so Cloud Map calls do not grow with the
 //! number of clients. On any error the last good state stays in the cache
 //! and the watcher retries with jittered exponential backoff.
+//!
+//! Production estates, not just the demo: a namespace Cloud Map does not
+//! have is reported and looked for again, never holding the others up; a
+//! service is removed only when its deletion is confirmed (two listings
+//! without it, or `GetService` saying `ServiceNotFound`), and a removed
+//! watcher can never write again (its [`Claim`] is revoked); a service with
+//! a full `DiscoverInstances` page is read completely with `ListInstances`;
+//! every call draws from the replica's [`Budget`], and poll intervals
+//! stretch as the service count grows.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +31,12 @@ use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterce
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 use rand::Rng;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::cache::Cache;
+use crate::budget::{Budget, Priority, stretched_refresh};
+use crate::cache::{Cache, Claim, NamespaceState, Write};
 use crate::config::{FileConfig, HealthFilter, ServiceSettings};
 use crate::model::ServiceName;
 use crate::translate::{self, RawInstance, Skipped, TranslateOptions};
@@ -62,12 +72,37 @@ pub struct Namespace {
     pub http_name: String,
 }
 
+/// A service of a namespace, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub id: String,
+    pub name: String,
+}
+
+/// The result of a call that may have made several requests (pages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paged<T> {
+    pub items: T,
+    /// Requests made, at least 1; counted against the call budget.
+    pub calls: u32,
+}
+
+/// `DiscoverInstances` returns at most this many instances; a full page
+/// means the service may have more, read with `ListInstances` instead.
+pub const DISCOVER_PAGE: usize = 1000;
+
 /// The part of the Cloud Map API the control plane uses: reads only.
 pub trait CloudMap: Send + Sync + 'static {
-    /// Find a namespace by its name or HTTP name.
+    /// Find a namespace by its name or HTTP name; `Ok(None)` when Cloud Map has none.
     fn find_namespace(&self, name: &str) -> impl Future<Output = Result<Option<Namespace>, CloudMapError>> + Send;
-    /// Names of the services in the namespace with this id.
-    fn list_services(&self, namespace_id: &str) -> impl Future<Output = Result<Vec<String>, CloudMapError>> + Send;
+    /// The services in the namespace with this id.
+    fn list_services(
+        &self,
+        namespace_id: &str,
+    ) -> impl Future<Output = Result<Paged<Vec<ServiceRef>>, CloudMapError>> + Send;
+    /// Whether the service with this id exists (`GetService`).
+    fn service_exists(&self, service_id: &str) -> impl Future<Output = Result<bool, CloudMapError>> + Send;
+    /// One page (at most [`DISCOVER_PAGE`]) of `DiscoverInstances`, with the revision.
     fn discover_instances(
         &self,
         namespace: &str,
@@ -79,6 +114,13 @@ pub trait CloudMap: Send + Sync + 'static {
         namespace: &str,
         service: &str,
     ) -> impl Future<Output = Result<Option<i64>, CloudMapError>> + Send;
+    /// Every instance of the service (`ListInstances`, all pages) with its
+    /// health (`GetInstancesHealthStatus`; `None` where Cloud Map has none),
+    /// unfiltered: for services above [`DISCOVER_PAGE`] instances.
+    fn list_instances(
+        &self,
+        service_id: &str,
+    ) -> impl Future<Output = Result<Paged<Vec<RawInstance>>, CloudMapError>> + Send;
 }
 
 /// Cloud Map through the AWS SDK.
@@ -129,16 +171,17 @@ impl AwsCloudMap {
         AwsCloudMap { client: sd::Client::from_conf(config.build()), service_namespaces: Default::default() }
     }
 
-    async fn namespace_of(&self, service_id: &str) -> Result<Option<String>, CloudMapError> {
+    /// The namespace id of a service, and whether a `GetService` call was made for it.
+    async fn namespace_of(&self, service_id: &str) -> Result<(Option<String>, bool), CloudMapError> {
         if let Some(ns) = self.service_namespaces.get(service_id) {
-            return Ok(Some(ns.clone()));
+            return Ok((Some(ns.clone()), false));
         }
         let out = self.client.get_service().id(service_id).send().await.map_err(|e| error("GetService", e))?;
         let ns = out.service().and_then(|s| s.namespace_id()).map(str::to_string);
         if let Some(ns) = &ns {
             self.service_namespaces.insert(service_id.to_string(), ns.clone());
         }
-        Ok(ns)
+        Ok((ns, true))
     }
 }
 
@@ -196,7 +239,7 @@ impl CloudMap for AwsCloudMap {
         .await
     }
 
-    async fn list_services(&self, namespace_id: &str) -> Result<Vec<String>, CloudMapError> {
+    async fn list_services(&self, namespace_id: &str) -> Result<Paged<Vec<ServiceRef>>, CloudMapError> {
         timed("ListServices", async {
             let filter = sd::types::ServiceFilter::builder()
                 .name(sd::types::ServiceFilterName::NamespaceId)
@@ -205,19 +248,91 @@ impl CloudMap for AwsCloudMap {
                 .build()
                 .map_err(|e| CloudMapError::local("ListServices", e.to_string()))?;
             let mut pages = self.client.list_services().filters(filter).into_paginator().send();
-            let mut names = Vec::new();
+            let mut services = Vec::new();
+            let mut calls = 0;
             while let Some(page) = pages.next().await {
+                calls += 1;
                 let page = page.map_err(|e| error("ListServices", e))?;
                 for service in page.services() {
                     let (Some(id), Some(name)) = (service.id(), service.name()) else {
                         continue;
                     };
-                    if self.namespace_of(id).await?.as_deref() == Some(namespace_id) {
-                        names.push(name.to_string());
+                    let (namespace, called) = self.namespace_of(id).await?;
+                    calls += u32::from(called);
+                    if namespace.as_deref() == Some(namespace_id) {
+                        services.push(ServiceRef { id: id.to_string(), name: name.to_string() });
                     }
                 }
             }
-            Ok(names)
+            Ok(Paged { items: services, calls: calls.max(1) })
+        })
+        .await
+    }
+
+    async fn service_exists(&self, service_id: &str) -> Result<bool, CloudMapError> {
+        timed("GetService", async {
+            match self.client.get_service().id(service_id).send().await {
+                Ok(_) => Ok(true),
+                Err(e) => {
+                    let e = error("GetService", e);
+                    if e.is_not_found() { Ok(false) } else { Err(e) }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list_instances(&self, service_id: &str) -> Result<Paged<Vec<RawInstance>>, CloudMapError> {
+        timed("ListInstances", async {
+            let mut calls = 0;
+            let mut instances = Vec::new();
+            let mut pages =
+                self.client.list_instances().service_id(service_id).max_results(100).into_paginator().send();
+            while let Some(page) = pages.next().await {
+                calls += 1;
+                let page = page.map_err(|e| error("ListInstances", e))?;
+                for i in page.instances() {
+                    let Some(id) = i.id() else { continue };
+                    instances.push(RawInstance {
+                        instance_id: id.to_string(),
+                        health: None,
+                        attributes: i
+                            .attributes()
+                            .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                            .unwrap_or_default(),
+                    });
+                }
+            }
+            let mut health: HashMap<String, String> = HashMap::new();
+            let mut pages = self
+                .client
+                .get_instances_health_status()
+                .service_id(service_id)
+                .max_results(100)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                calls += 1;
+                match page {
+                    Ok(page) => {
+                        for (id, status) in page.status().into_iter().flatten() {
+                            health.insert(id.clone(), status.as_str().to_string());
+                        }
+                    }
+                    // A service without a health check has no health to report: every instance is UNKNOWN.
+                    Err(e) => {
+                        let e = error("GetInstancesHealthStatus", e);
+                        if e.code.as_deref() == Some("InvalidInput") {
+                            break;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            for i in &mut instances {
+                i.health = health.remove(&i.instance_id);
+            }
+            Ok(Paged { items: instances, calls })
         })
         .await
     }
@@ -236,7 +351,7 @@ impl CloudMap for AwsCloudMap {
                 .discover_instances()
                 .namespace_name(namespace)
                 .service_name(service)
-                .max_results(1000)
+                .max_results(DISCOVER_PAGE as i32)
                 .health_status(health_filter(settings.health_status))
                 .set_query_parameters((!query.is_empty()).then_some(query))
                 .send()
@@ -301,6 +416,18 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A random duration in [0.9 d, 1.1 d], so services do not poll in step.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.9..1.1))
+}
+
+/// How often a missing namespace is reported at ERROR level.
+const MISSING_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Consecutive successful listings a service must be missing from before it
+/// is removed (unless `GetService` confirms the deletion sooner).
+const ABSENT_LISTINGS: u32 = 2;
+
 /// Runs the watchers and feeds the cache.
 pub struct Watcher<C> {
     pub api: Arc<C>,
@@ -308,6 +435,8 @@ pub struct Watcher<C> {
     pub config: Arc<FileConfig>,
     pub timing: Timing,
     pub default_region: String,
+    /// Every Cloud Map call of this replica draws from it.
+    pub budget: Arc<Budget>,
 }
 
 impl<C> Clone for Watcher<C> {
@@ -318,102 +447,266 @@ impl<C> Clone for Watcher<C> {
             config: self.config.clone(),
             timing: self.timing.clone(),
             default_region: self.default_region.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
 
+/// What a service watcher tells its namespace task.
+#[derive(Debug)]
+enum ServiceEvent {
+    /// The first read of the service succeeded.
+    FirstRead(String),
+    /// Cloud Map answered `ServiceNotFound` for it.
+    NotFound(String),
+}
+
+/// One service being watched, as its namespace task keeps it.
+struct Watched {
+    id: String,
+    claim: Claim,
+    /// Consecutive successful listings without this service.
+    absent: u32,
+    _task: AbortOnDrop,
+}
+
+/// What one poll of a service did.
+enum Polled {
+    /// The revision had not moved.
+    Unchanged,
+    /// The instances were read.
+    Read,
+    /// The service was removed meanwhile: this watcher must stop.
+    Revoked,
+}
+
 impl<C: CloudMap> Watcher<C> {
-    /// Watch the namespaces until the task is dropped; marks the cache ready
-    /// once every namespace was listed and every service in it read once.
+    /// Watch the namespaces until the task is dropped. The cache turns ready
+    /// once every namespace that exists was listed and each of its services
+    /// read once (or found deleted), and at least one namespace exists. A
+    /// namespace Cloud Map does not have never holds the others up; it is
+    /// looked for again every services interval and served when it appears.
     pub async fn run(self, namespaces: Vec<String>) {
-        let mut synced = Vec::new();
+        let namespaces: BTreeSet<String> = namespaces.into_iter().collect();
+        let (report, mut reports) = mpsc::unbounded_channel::<(String, bool)>();
         let mut tasks = Vec::new();
-        for name in namespaces {
-            let (tx, rx) = oneshot::channel();
-            synced.push(rx);
-            tasks.push(AbortOnDrop(tokio::spawn(self.clone().watch_namespace(name, tx))));
+        for name in &namespaces {
+            self.cache.set_namespace_state(name, NamespaceState::Pending);
+            tasks.push(AbortOnDrop(tokio::spawn(self.clone().watch_namespace(name.clone(), report.clone()))));
         }
-        for rx in synced {
-            // A dropped sender means the task ended, which only happens on shutdown.
-            if rx.await.is_err() {
-                return;
+        drop(report);
+        // Namespace → whether it exists (and synced) or is missing.
+        let mut settled: BTreeMap<String, bool> = BTreeMap::new();
+        let mut ready = false;
+        while let Some((namespace, exists)) = reports.recv().await {
+            settled.insert(namespace, exists);
+            if !ready && settled.len() == namespaces.len() && settled.values().any(|exists| *exists) {
+                ready = true;
+                let missing: Vec<&String> = settled.iter().filter(|(_, e)| !**e).map(|(n, _)| n).collect();
+                tracing::info!(?missing, "first Cloud Map sync complete; serving");
+                self.cache.set_ready();
             }
         }
-        tracing::info!("first Cloud Map sync complete; serving");
-        self.cache.set_ready();
-        std::future::pending::<()>().await;
+        // Every namespace task ended: only on shutdown.
         drop(tasks);
     }
 
-    async fn watch_namespace(self, name: String, synced: oneshot::Sender<()>) {
-        let mut synced = Some(synced);
-        let mut failures = 0u32;
+    async fn watch_namespace(self, name: String, report: mpsc::UnboundedSender<(String, bool)>) {
         let mut namespace: Option<Namespace> = None;
-        let mut services: BTreeMap<String, AbortOnDrop> = BTreeMap::new();
+        let mut services: BTreeMap<String, Watched> = BTreeMap::new();
+        let (events_tx, mut events) = mpsc::unbounded_channel::<ServiceEvent>();
+        // Services whose first read the first sync waits for; `None` until the first listing.
+        let mut first_reads: Option<BTreeSet<String>> = None;
+        let mut synced = false;
+        let mut reported_missing = false;
+        let mut missing_logged: Option<Instant> = None;
+        let mut failures = 0u32;
+        let next_listing = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(next_listing);
         loop {
-            let listed = async {
-                let ns = match &namespace {
-                    Some(ns) => ns.clone(),
-                    None => self.api.find_namespace(&name).await?.ok_or_else(|| {
-                        CloudMapError::local(
-                            "ListNamespaces",
-                            format!("namespace {name:?} not found; check --namespace and AWS_REGION (keeping what is served)"),
-                        )
-                    })?,
-                };
-                let names = self.api.list_services(&ns.id).await?;
-                Ok::<_, CloudMapError>((ns, names))
+            tokio::select! {
+                () = &mut next_listing => {
+                    let wait = match self.list_namespace(&name, &mut namespace).await {
+                        Ok(None) => {
+                            failures = 0;
+                            self.cache.set_namespace_state(&name, NamespaceState::Missing);
+                            if missing_logged.is_none_or(|t| t.elapsed() >= MISSING_LOG_INTERVAL) {
+                                missing_logged = Some(Instant::now());
+                                tracing::error!(
+                                    namespace = %name,
+                                    "Cloud Map has no namespace {name:?}: check --namespace and AWS_REGION; \
+                                     the other namespaces are served, this one is looked for again every {:?}",
+                                    self.timing.services_interval
+                                );
+                            }
+                            if !reported_missing && !synced {
+                                reported_missing = true;
+                                let _ = report.send((name.clone(), false));
+                            }
+                            self.timing.services_interval
+                        }
+                        Ok(Some((ns, listed))) => {
+                            failures = 0;
+                            if missing_logged.take().is_some() {
+                                tracing::info!(namespace = %name, "namespace found");
+                            }
+                            self.reconcile(&ns, &name, listed, &mut services, &mut first_reads, &events_tx).await;
+                            self.timing.services_interval
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if !synced {
+                                self.cache.set_namespace_state(&name, NamespaceState::Error(e.to_string()));
+                            }
+                            tracing::warn!(namespace = %name, error = %e, "listing services failed; keeping the last known services");
+                            backoff(failures, self.timing.revision_interval, self.timing.max_backoff)
+                                .max(self.timing.revision_interval)
+                        }
+                    };
+                    next_listing.as_mut().reset(Instant::now() + jittered(wait));
+                }
+                Some(event) = events.recv() => match event {
+                    ServiceEvent::FirstRead(service) => {
+                        if let Some(pending) = first_reads.as_mut() {
+                            pending.remove(&service);
+                        }
+                    }
+                    ServiceEvent::NotFound(service) => {
+                        // Readiness never waits on a service that does not exist.
+                        if let Some(pending) = first_reads.as_mut() {
+                            pending.remove(&service);
+                        }
+                        let Some(id) = services.get(&service).map(|w| w.id.clone()) else { continue };
+                        match self.exists(&id).await {
+                            Ok(false) => self.drop_service(&mut services, &name, &service, "GetService: ServiceNotFound"),
+                            Ok(true) => tracing::debug!(namespace = %name, %service, "DiscoverInstances said ServiceNotFound, GetService finds it; still watching"),
+                            Err(e) => tracing::debug!(namespace = %name, %service, error = %e, "cannot confirm the deletion yet"),
+                        }
+                    }
+                },
             }
-            .await;
-            let wait = match listed {
-                Ok((ns, names)) => {
-                    failures = 0;
-                    let wanted: HashSet<String> = names.into_iter().collect();
-                    let before = services.len();
-                    services.retain(|service, _| {
-                        let keep = wanted.contains(service);
-                        if !keep {
-                            tracing::info!(namespace = %name, %service, "service deleted from Cloud Map; no longer served");
-                            self.cache.remove_service(&ServiceName::new(&name, service));
-                        }
-                        keep
-                    });
-                    let mut first_reads = Vec::new();
-                    for service in wanted {
-                        if services.contains_key(&service) {
-                            continue;
-                        }
-                        if before > 0 || synced.is_none() {
-                            tracing::info!(namespace = %name, %service, "new service found");
-                        }
-                        let (tx, rx) = oneshot::channel();
-                        first_reads.push(rx);
-                        let task = self.clone().watch_service(ns.clone(), ServiceName::new(&name, &service), tx);
-                        services.insert(service, AbortOnDrop(tokio::spawn(task)));
-                    }
-                    if let Some(tx) = synced.take() {
-                        for rx in first_reads {
-                            let _ = rx.await;
-                        }
-                        tracing::info!(namespace = %name, services = services.len(), "namespace synced");
-                        let _ = tx.send(());
-                    }
-                    namespace = Some(ns);
-                    self.timing.services_interval
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(namespace = %name, error = %e, "listing services failed; keeping the last known services");
-                    backoff(failures, self.timing.revision_interval, self.timing.max_backoff)
-                        .max(self.timing.revision_interval)
-                }
-            };
-            tokio::time::sleep(wait).await;
+            if !synced && namespace.is_some() && first_reads.as_ref().is_some_and(BTreeSet::is_empty) {
+                synced = true;
+                self.cache.set_namespace_state(&name, NamespaceState::Synced);
+                tracing::info!(namespace = %name, services = services.len(), "namespace synced");
+                let _ = report.send((name.clone(), true));
+            }
         }
     }
 
-    async fn watch_service(self, namespace: Namespace, name: ServiceName, synced: oneshot::Sender<()>) {
-        let mut synced = Some(synced);
+    /// Find the namespace (once) and list its services: `Ok(None)` when Cloud Map has no such namespace.
+    async fn list_namespace(
+        &self,
+        name: &str,
+        namespace: &mut Option<Namespace>,
+    ) -> Result<Option<(Namespace, Vec<ServiceRef>)>, CloudMapError> {
+        let ns = match namespace {
+            Some(ns) => ns.clone(),
+            None => {
+                self.budget.acquire(Priority::Background).await;
+                match self.api.find_namespace(name).await? {
+                    Some(ns) => {
+                        *namespace = Some(ns.clone());
+                        ns
+                    }
+                    None => return Ok(None),
+                }
+            }
+        };
+        self.budget.acquire(Priority::Background).await;
+        let listed = self.api.list_services(&ns.id).await?;
+        self.budget.charge(listed.calls.saturating_sub(1));
+        Ok(Some((ns, listed.items)))
+    }
+
+    async fn exists(&self, service_id: &str) -> Result<bool, CloudMapError> {
+        self.budget.acquire(Priority::Background).await;
+        self.api.service_exists(service_id).await
+    }
+
+    /// Start watchers for new services; remove services whose deletion is confirmed.
+    async fn reconcile(
+        &self,
+        ns: &Namespace,
+        name: &str,
+        listed: Vec<ServiceRef>,
+        services: &mut BTreeMap<String, Watched>,
+        first_reads: &mut Option<BTreeSet<String>>,
+        events: &mpsc::UnboundedSender<ServiceEvent>,
+    ) {
+        let listed: BTreeMap<String, String> = listed.into_iter().map(|s| (s.name, s.id)).collect();
+        let mut gone = Vec::new();
+        for (service, watched) in services.iter_mut() {
+            match listed.get(service) {
+                // The same name under a new id is a new service: start over.
+                Some(id) if *id != watched.id => gone.push((service.clone(), "re-created with a new id")),
+                Some(_) => watched.absent = 0,
+                None => {
+                    watched.absent += 1;
+                    if watched.absent >= ABSENT_LISTINGS {
+                        gone.push((service.clone(), "missing from two listings"));
+                        continue;
+                    }
+                    // One listing can miss a service (eventual consistency): ask for it by id.
+                    match self.exists(&watched.id).await {
+                        Ok(false) => gone.push((service.clone(), "GetService: ServiceNotFound")),
+                        Ok(true) => {
+                            tracing::info!(namespace = %name, %service, "service missing from a listing but GetService finds it; kept")
+                        }
+                        Err(e) => {
+                            tracing::info!(namespace = %name, %service, error = %e, "service missing from a listing; kept until the next listing confirms it")
+                        }
+                    }
+                }
+            }
+        }
+        for (service, reason) in gone {
+            self.drop_service(services, name, &service, reason);
+        }
+        let first_listing = first_reads.is_none();
+        let pending = first_reads.get_or_insert_with(BTreeSet::new);
+        for (service, id) in listed {
+            if services.contains_key(&service) {
+                continue;
+            }
+            if !first_listing {
+                tracing::info!(namespace = %name, %service, "new service found");
+            }
+            let service_name = ServiceName::new(name, &service);
+            let claim = self.cache.claim(&service_name);
+            let task = self.clone().watch_service(
+                ns.clone(),
+                ServiceRef { id: id.clone(), name: service.clone() },
+                claim.clone(),
+                events.clone(),
+            );
+            self.budget.service_started();
+            if first_listing {
+                pending.insert(service.clone());
+            }
+            services.insert(service, Watched { id, claim, absent: 0, _task: AbortOnDrop(tokio::spawn(task)) });
+        }
+    }
+
+    fn drop_service(&self, services: &mut BTreeMap<String, Watched>, namespace: &str, service: &str, reason: &str) {
+        let Some(watched) = services.remove(service) else { return };
+        // Abort first; the claim check makes a write that races the abort harmless.
+        drop(watched._task);
+        self.cache.retire(&watched.claim);
+        self.budget.service_ended();
+        metrics::gauge!("cloudmap_xds_endpoints", "service" => watched.claim.name.dial_name()).set(0.0);
+        tracing::info!(%namespace, %service, %reason, "service deleted from Cloud Map; no longer served");
+    }
+
+    async fn watch_service(
+        self,
+        namespace: Namespace,
+        service: ServiceRef,
+        claim: Claim,
+        events: mpsc::UnboundedSender<ServiceEvent>,
+    ) {
+        let name = claim.name.clone();
+        let dial = name.dial_name();
         let settings = self.config.settings(&name);
         let options = TranslateOptions {
             default_region: self.default_region.clone(),
@@ -423,17 +716,44 @@ impl<C: CloudMap> Watcher<C> {
         let mut next_refresh = Instant::now();
         let mut failures = 0u32;
         let mut warned: HashSet<Skipped> = HashSet::new();
+        let mut first_read = true;
+        let mut large = false;
         loop {
+            let priority = if self.cache.has_subscribers(&dial) { Priority::Subscribed } else { Priority::Background };
+            let revision_interval = self.budget.stretch(self.timing.revision_interval);
+            let refresh_interval =
+                stretched_refresh(self.timing.refresh_interval, self.timing.revision_interval, revision_interval);
             let result = async {
                 let due = Instant::now() >= next_refresh;
                 if !due {
+                    self.budget.acquire(priority).await;
                     let current = self.api.discover_revision(&namespace.http_name, &name.service).await?;
                     if current == revision {
-                        return Ok(false);
+                        return Ok(Polled::Unchanged);
                     }
                 }
-                let (instances, current) =
+                self.budget.acquire(priority).await;
+                let (mut instances, current) =
                     self.api.discover_instances(&namespace.http_name, &name.service, &settings).await?;
+                if instances.len() >= DISCOVER_PAGE {
+                    // DiscoverInstances stops at one page: read every instance the slow way.
+                    self.budget.acquire(priority).await;
+                    let listed = self.api.list_instances(&service.id).await?;
+                    self.budget.charge(listed.calls.saturating_sub(1));
+                    metrics::counter!("cloudmap_xds_full_listings_total", "service" => dial.clone()).increment(1);
+                    if !large {
+                        tracing::warn!(
+                            service = %name, instances = listed.items.len(),
+                            "service has {DISCOVER_PAGE} or more instances, more than one DiscoverInstances page: \
+                             reading them with ListInstances and GetInstancesHealthStatus (slower, lower quota)"
+                        );
+                    }
+                    large = true;
+                    instances = select_listed(listed.items, &settings);
+                } else if large {
+                    large = false;
+                    tracing::info!(service = %name, instances = instances.len(), "service back within one DiscoverInstances page");
+                }
                 let translation = translate::translate(&instances, &options);
                 for skipped in &translation.skipped {
                     if !warned.contains(skipped) {
@@ -445,38 +765,77 @@ impl<C: CloudMap> Watcher<C> {
                     tracing::warn!(service = %name, "no healthy instance: serving all instances (fail-open)");
                 }
                 let count = translation.endpoints.endpoints.len();
-                if self.cache.update_service(&name, translation.endpoints, settings.options()) {
-                    // When the change entered the cache: the start of push propagation.
-                    metrics::gauge!("cloudmap_xds_service_updated_timestamp_seconds", "service" => name.dial_name())
-                        .set(unix_now());
-                    metrics::gauge!("cloudmap_xds_endpoints", "service" => name.dial_name()).set(count as f64);
-                    tracing::info!(service = %name, endpoints = count, revision = ?current, "endpoints updated");
+                match self.cache.write(&claim, translation.endpoints, settings.options()) {
+                    Write::Revoked => return Ok(Polled::Revoked),
+                    Write::Unchanged => {}
+                    Write::Changed => {
+                        // When the change entered the cache: the start of push propagation.
+                        metrics::gauge!("cloudmap_xds_service_updated_timestamp_seconds", "service" => dial.clone())
+                            .set(unix_now());
+                        metrics::gauge!("cloudmap_xds_endpoints", "service" => dial.clone()).set(count as f64);
+                        tracing::info!(service = %name, endpoints = count, revision = ?current, "endpoints updated");
+                    }
                 }
                 revision = current;
-                next_refresh = Instant::now() + self.timing.refresh_interval;
-                Ok::<_, CloudMapError>(true)
+                next_refresh = Instant::now() + jittered(refresh_interval);
+                Ok::<_, CloudMapError>(Polled::Read)
             }
             .await;
             let wait = match result {
-                Ok(read) => {
+                Ok(Polled::Revoked) => {
+                    tracing::debug!(service = %name, "service removed; watcher ends");
+                    return;
+                }
+                Ok(polled) => {
                     failures = 0;
                     // Any successful call means Cloud Map's view of this service is current.
-                    self.cache.mark_synced(&name);
-                    metrics::gauge!("cloudmap_xds_last_sync_timestamp_seconds", "service" => name.dial_name())
+                    self.cache.mark_synced_by(&claim);
+                    metrics::gauge!("cloudmap_xds_last_sync_timestamp_seconds", "service" => dial.clone())
                         .set(unix_now());
-                    if read && let Some(tx) = synced.take() {
-                        let _ = tx.send(());
+                    if matches!(polled, Polled::Read) && first_read {
+                        first_read = false;
+                        let _ = events.send(ServiceEvent::FirstRead(name.service.clone()));
+                        // Start the steady polls of all services at spread-out moments.
+                        revision_interval.mul_f64(rand::rng().random::<f64>())
+                    } else {
+                        jittered(revision_interval)
                     }
-                    self.timing.revision_interval
                 }
                 Err(e) => {
                     failures += 1;
+                    if e.is_not_found() {
+                        let _ = events.send(ServiceEvent::NotFound(name.service.clone()));
+                    }
                     let wait = backoff(failures, self.timing.revision_interval, self.timing.max_backoff);
                     tracing::warn!(service = %name, error = %e, throttled = e.throttled, retry_in = ?wait, "Cloud Map call failed; keeping the last good endpoints");
                     wait
                 }
             };
             tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// What `DiscoverInstances` would have returned, from an unfiltered
+/// `ListInstances` + `GetInstancesHealthStatus` read: the query parameters
+/// and the health filter applied here. An instance without a known health
+/// (no health check) counts as healthy, as Cloud Map treats it.
+pub fn select_listed(instances: Vec<RawInstance>, settings: &ServiceSettings) -> Vec<RawInstance> {
+    let matching: Vec<RawInstance> = instances
+        .into_iter()
+        .filter(|i| settings.query_parameters.iter().all(|(k, v)| i.attributes.get(k) == Some(v)))
+        .collect();
+    let unhealthy = |i: &RawInstance| i.health.as_deref() == Some("UNHEALTHY");
+    match settings.health_status {
+        HealthFilter::All => matching,
+        HealthFilter::Healthy => matching.into_iter().filter(|i| !unhealthy(i)).collect(),
+        HealthFilter::Unhealthy => matching.into_iter().filter(unhealthy).collect(),
+        HealthFilter::HealthyOrElseAll => {
+            if matching.iter().all(unhealthy) {
+                matching
+            } else {
+                matching.into_iter().filter(|i| !unhealthy(i)).collect()
+            }
         }
     }
 }
@@ -491,50 +850,136 @@ mod tests {
     use crate::model::Zone;
     use crate::policy::Policy;
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// A Cloud Map test double for faults moto cannot produce on demand.
+    /// One service of the test double.
+    #[derive(Clone)]
+    struct FakeService {
+        id: String,
+        instances: Vec<RawInstance>,
+        revision: i64,
+        /// Shown by ListServices.
+        listed: bool,
+        /// GetService finds it.
+        exists: bool,
+        /// DiscoverInstances answers ServiceNotFound.
+        not_found: bool,
+    }
+
+    /// A Cloud Map test double for what moto cannot produce on demand: outages,
+    /// a listing that misses a service once, a deletion at an exact moment.
     #[derive(Default)]
     struct Fake {
-        instances: Mutex<Vec<RawInstance>>,
-        revision: Mutex<i64>,
-        failing: std::sync::atomic::AtomicBool,
-        discover_calls: AtomicUsize,
-        revision_calls: AtomicUsize,
+        /// Namespace name → service name → service.
+        namespaces: Mutex<BTreeMap<String, BTreeMap<String, FakeService>>>,
+        failing: AtomicBool,
+        calls: Mutex<BTreeMap<&'static str, usize>>,
     }
 
     impl Fake {
-        fn fail<T>(&self, operation: &'static str) -> Result<T, CloudMapError> {
-            Err(CloudMapError { operation, message: "boom".into(), code: Some("RequestLimitExceeded".into()), throttled: true })
+        fn with(namespace: &str, service: &str, instances: Vec<RawInstance>) -> Fake {
+            let fake = Fake::default();
+            fake.add(namespace, service, instances);
+            fake
         }
+
+        fn add(&self, namespace: &str, service: &str, instances: Vec<RawInstance>) {
+            let s = FakeService {
+                id: format!("srv-{namespace}-{service}"),
+                instances,
+                revision: 1,
+                listed: true,
+                exists: true,
+                not_found: false,
+            };
+            self.namespaces.lock().expect("lock").entry(namespace.into()).or_default().insert(service.into(), s);
+        }
+
+        fn edit(&self, namespace: &str, service: &str, f: impl FnOnce(&mut FakeService)) {
+            let mut namespaces = self.namespaces.lock().expect("lock");
+            f(namespaces.get_mut(namespace).and_then(|n| n.get_mut(service)).expect("fake service"));
+        }
+
+        fn count(&self, operation: &'static str) -> Result<(), CloudMapError> {
+            *self.calls.lock().expect("lock").entry(operation).or_default() += 1;
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(CloudMapError {
+                    operation,
+                    message: "boom".into(),
+                    code: Some("RequestLimitExceeded".into()),
+                    throttled: true,
+                });
+            }
+            Ok(())
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.lock().expect("lock").values().sum()
+        }
+
+        fn service(&self, namespace: &str, service: &str) -> Option<FakeService> {
+            self.namespaces.lock().expect("lock").get(namespace).and_then(|n| n.get(service)).cloned()
+        }
+    }
+
+    fn not_found(operation: &'static str) -> CloudMapError {
+        CloudMapError { operation, message: "gone".into(), code: Some("ServiceNotFound".into()), throttled: false }
     }
 
     impl CloudMap for Fake {
         async fn find_namespace(&self, name: &str) -> Result<Option<Namespace>, CloudMapError> {
-            Ok(Some(Namespace { id: "ns-1".into(), http_name: name.into() }))
+            self.count("ListNamespaces")?;
+            let known = self.namespaces.lock().expect("lock").contains_key(name);
+            Ok(known.then(|| Namespace { id: name.into(), http_name: name.into() }))
         }
-        async fn list_services(&self, _namespace_id: &str) -> Result<Vec<String>, CloudMapError> {
-            Ok(vec!["echo".into()])
+        async fn list_services(&self, namespace_id: &str) -> Result<Paged<Vec<ServiceRef>>, CloudMapError> {
+            self.count("ListServices")?;
+            let namespaces = self.namespaces.lock().expect("lock");
+            let items = namespaces
+                .get(namespace_id)
+                .into_iter()
+                .flatten()
+                .filter(|(_, s)| s.listed)
+                .map(|(name, s)| ServiceRef { id: s.id.clone(), name: name.clone() })
+                .collect();
+            Ok(Paged { items, calls: 1 })
+        }
+        async fn service_exists(&self, service_id: &str) -> Result<bool, CloudMapError> {
+            self.count("GetService")?;
+            let namespaces = self.namespaces.lock().expect("lock");
+            Ok(namespaces.values().flat_map(|n| n.values()).any(|s| s.id == service_id && s.exists))
         }
         async fn discover_instances(
             &self,
-            _namespace: &str,
-            _service: &str,
+            namespace: &str,
+            service: &str,
             _settings: &ServiceSettings,
         ) -> Result<(Vec<RawInstance>, Option<i64>), CloudMapError> {
-            self.discover_calls.fetch_add(1, Ordering::SeqCst);
-            if self.failing.load(Ordering::SeqCst) {
-                return self.fail("DiscoverInstances");
+            self.count("DiscoverInstances")?;
+            let s = self.service(namespace, service).ok_or_else(|| not_found("DiscoverInstances"))?;
+            if s.not_found {
+                return Err(not_found("DiscoverInstances"));
             }
-            let instances = self.instances.lock().map(|i| i.clone()).unwrap_or_default();
-            Ok((instances, Some(*self.revision.lock().expect("lock"))))
+            Ok((s.instances.into_iter().take(DISCOVER_PAGE).collect(), Some(s.revision)))
         }
-        async fn discover_revision(&self, _namespace: &str, _service: &str) -> Result<Option<i64>, CloudMapError> {
-            self.revision_calls.fetch_add(1, Ordering::SeqCst);
-            if self.failing.load(Ordering::SeqCst) {
-                return self.fail("DiscoverInstancesRevision");
+        async fn discover_revision(&self, namespace: &str, service: &str) -> Result<Option<i64>, CloudMapError> {
+            self.count("DiscoverInstancesRevision")?;
+            let s = self.service(namespace, service).ok_or_else(|| not_found("DiscoverInstancesRevision"))?;
+            if s.not_found {
+                return Err(not_found("DiscoverInstancesRevision"));
             }
-            Ok(Some(*self.revision.lock().expect("lock")))
+            Ok(Some(s.revision))
+        }
+        async fn list_instances(&self, service_id: &str) -> Result<Paged<Vec<RawInstance>>, CloudMapError> {
+            self.count("ListInstances")?;
+            let namespaces = self.namespaces.lock().expect("lock");
+            let s = namespaces
+                .values()
+                .flat_map(|n| n.values())
+                .find(|s| s.id == service_id)
+                .ok_or_else(|| not_found("ListInstances"))?;
+            let pages = s.instances.len().div_ceil(100) as u32;
+            Ok(Paged { items: s.instances.clone(), calls: 2 * pages.max(1) })
         }
     }
 
@@ -549,68 +994,219 @@ mod tests {
         }
     }
 
-    fn endpoint_count(cache: &Cache) -> Option<usize> {
-        cache.snapshot().services.get("echo.demo").map(|s| s.endpoints.endpoints.len())
+    fn many(n: usize) -> Vec<RawInstance> {
+        (0..n).map(|i| instance(&format!("i-{i}"), &format!("10.0.{}.{}", i / 250, i % 250 + 1))).collect()
+    }
+
+    fn endpoint_count(cache: &Cache, dial: &str) -> Option<usize> {
+        cache.snapshot().services.get(dial).map(|s| s.endpoints.endpoints.len())
+    }
+
+    fn timing() -> Timing {
+        Timing {
+            revision_interval: Duration::from_millis(100),
+            refresh_interval: Duration::from_secs(1),
+            services_interval: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+
+    fn watcher(fake: &Arc<Fake>, cache: &Arc<Cache>, budget: Budget) -> Watcher<Fake> {
+        Watcher {
+            api: fake.clone(),
+            cache: cache.clone(),
+            config: Arc::new(FileConfig::default()),
+            timing: timing(),
+            default_region: "us-east-1".into(),
+            budget: Arc::new(budget),
+        }
+    }
+
+    fn start(fake: &Arc<Fake>, namespaces: &[&str]) -> (Arc<Cache>, AbortOnDrop) {
+        let cache = Arc::new(Cache::default());
+        let w = watcher(fake, &cache, Budget::unlimited());
+        let task = tokio::spawn(w.run(namespaces.iter().map(|n| n.to_string()).collect()));
+        (cache, AbortOnDrop(task))
     }
 
     #[tokio::test(start_paused = true)]
     async fn errors_keep_the_last_good_state_and_back_off() {
-        let fake = Arc::new(Fake::default());
-        *fake.instances.lock().expect("lock") = vec![instance("i-1", "10.0.0.1")];
-        let cache = Arc::new(Cache::default());
-        let watcher = Watcher {
-            api: fake.clone(),
-            cache: cache.clone(),
-            config: Arc::new(FileConfig::default()),
-            timing: Timing {
-                revision_interval: Duration::from_millis(100),
-                refresh_interval: Duration::from_secs(1),
-                services_interval: Duration::from_secs(10),
-                max_backoff: Duration::from_secs(5),
-            },
-            default_region: "us-east-1".into(),
-        };
-        let task = tokio::spawn(watcher.run(vec!["demo".into()]));
+        let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
+        let (cache, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(cache.is_ready());
-        assert_eq!(endpoint_count(&cache), Some(1));
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
         assert_eq!(cache.snapshot().services["echo.demo"].policy, Policy::ZoneAware);
 
-        // A registration moves the revision: picked up at the next poll.
-        fake.instances.lock().expect("lock").push(instance("i-2", "10.0.0.2"));
-        *fake.revision.lock().expect("lock") += 1;
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(endpoint_count(&cache), Some(2));
+        // A registration moves the revision: picked up within a poll (100 ms ± jitter).
+        fake.edit("demo", "echo", |s| {
+            s.instances.push(instance("i-2", "10.0.0.2"));
+            s.revision += 1;
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(2));
 
         // Outage for 60 s: state kept, calls bounded by the backoff (max 5 s → ≥ ~12 waits of ≥ 2.5 s).
         fake.failing.store(true, Ordering::SeqCst);
-        let calls_before = fake.revision_calls.load(Ordering::SeqCst) + fake.discover_calls.load(Ordering::SeqCst);
+        let calls_before = fake.calls();
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let calls =
-            fake.revision_calls.load(Ordering::SeqCst) + fake.discover_calls.load(Ordering::SeqCst) - calls_before;
-        assert_eq!(endpoint_count(&cache), Some(2), "an outage removes nothing");
-        assert!(calls <= 30, "{calls} calls in 60 s of outage: backoff not applied");
+        let calls = fake.calls() - calls_before;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(2), "an outage removes nothing");
+        // Service watcher and namespace lister each back off to ≤ 5 s waits.
+        assert!(calls <= 60, "{calls} calls in 60 s of outage: backoff not applied");
         assert!(calls >= 10, "{calls} calls: still retrying");
 
         // Recovery: the next successful poll brings changes in.
         fake.failing.store(false, Ordering::SeqCst);
-        fake.instances.lock().expect("lock").pop();
-        *fake.revision.lock().expect("lock") += 1;
+        fake.edit("demo", "echo", |s| {
+            s.instances.pop();
+            s.revision += 1;
+        });
         tokio::time::sleep(Duration::from_secs(6)).await;
-        assert_eq!(endpoint_count(&cache), Some(1));
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
         let zone = &cache.snapshot().services["echo.demo"].endpoints.endpoints[0].zone;
         assert_eq!(zone, &Zone::new("us-east-1a"));
-        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_namespace_does_not_hold_up_the_others() {
+        let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
+        let (cache, _task) = start(&fake, &["demo", "no-such-namespace"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(cache.is_ready(), "the namespace that exists is served");
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
+        let states = cache.namespace_states();
+        assert_eq!(states["demo"], NamespaceState::Synced);
+        assert_eq!(states["no-such-namespace"], NamespaceState::Missing);
+
+        // It appears later: served within a services interval (10 s ± 10 %).
+        fake.add("no-such-namespace", "late", vec![instance("i-9", "10.0.9.1")]);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(endpoint_count(&cache, "late.no-such-namespace"), Some(1));
+        assert_eq!(cache.namespace_states()["no-such-namespace"], NamespaceState::Synced);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_namespace_at_all_is_not_ready() {
+        let fake = Arc::new(Fake::default());
+        let (cache, _task) = start(&fake, &["typo"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!cache.is_ready(), "nothing to serve: not ready, so a rollout with a typo stops");
+        assert_eq!(cache.namespace_states()["typo"], NamespaceState::Missing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_deleted_before_its_first_read_does_not_block_readiness() {
+        let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
+        fake.add("demo", "gone", vec![instance("i-2", "10.0.0.2")]);
+        // Listed, then deleted before its first DiscoverInstances.
+        fake.edit("demo", "gone", |s| {
+            s.not_found = true;
+            s.exists = false;
+        });
+        let (cache, _task) = start(&fake, &["demo"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(cache.is_ready());
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
+        assert_eq!(endpoint_count(&cache, "gone.demo"), None);
+        // Dropped, not retried forever.
+        let discovers = fake.calls.lock().expect("lock").get("DiscoverInstances").copied();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let polls_of_gone = fake.calls.lock().expect("lock").get("DiscoverInstances").copied();
+        // Only echo's refreshes (1 s) happened since; gone's watcher would add ≥ 6 more.
+        let delta = polls_of_gone.unwrap_or(0) - discovers.unwrap_or(0);
+        assert!(delta <= 33, "{delta} DiscoverInstances in 30 s: the deleted service is still polled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deletion_is_confirmed_before_a_service_is_removed() {
+        let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
+        let (cache, _task) = start(&fake, &["demo"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
+
+        // One listing misses it, GetService still finds it: kept.
+        fake.edit("demo", "echo", |s| s.listed = false);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1), "one listing is not a deletion");
+        fake.edit("demo", "echo", |s| s.listed = true);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
+
+        // Missing from two listings in a row: removed, even though GetService still answers.
+        fake.edit("demo", "echo", |s| s.listed = false);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), None, "two listings without it");
+
+        // Back again, then deleted for real: GetService's ServiceNotFound removes it at the first listing.
+        fake.edit("demo", "echo", |s| s.listed = true);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
+        fake.edit("demo", "echo", |s| {
+            s.listed = false;
+            s.exists = false;
+        });
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(endpoint_count(&cache, "echo.demo"), None, "confirmed by GetService");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn services_above_one_page_are_read_completely() {
+        let mut instances = many(1_500);
+        instances[7].health = Some("UNHEALTHY".into());
+        let fake = Arc::new(Fake::with("demo", "big", instances));
+        let (cache, _task) = start(&fake, &["demo"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(cache.is_ready());
+        // 1,500 listed, one unhealthy left out by HEALTHY_OR_ELSE_ALL.
+        assert_eq!(endpoint_count(&cache, "big.demo"), Some(1_499));
+        assert!(fake.calls.lock().expect("lock").get("ListInstances").is_some());
     }
 
     #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(10);
-        for failures in 0..40 {
-            let d = backoff(failures, base, max);
-            let ceiling = base.saturating_mul(1 << failures.min(16)).min(max);
-            assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?} vs {ceiling:?}");
+    fn listed_instances_are_filtered_like_discover_instances() {
+        let mut settings = FileConfig::default().settings(&ServiceName::new("demo", "echo"));
+        let mut all = many(4);
+        all[0].health = Some("UNHEALTHY".into());
+        all[1].health = None;
+        all[2].attributes.insert("stage".into(), "prod".into());
+        all[3].attributes.insert("stage".into(), "dev".into());
+        let ids = |v: Vec<RawInstance>| v.into_iter().map(|i| i.instance_id).collect::<Vec<_>>();
+        assert_eq!(ids(select_listed(all.clone(), &settings)), vec!["i-1", "i-2", "i-3"]);
+        settings.health_status = HealthFilter::Unhealthy;
+        assert_eq!(ids(select_listed(all.clone(), &settings)), vec!["i-0"]);
+        settings.health_status = HealthFilter::All;
+        assert_eq!(select_listed(all.clone(), &settings).len(), 4);
+        settings.query_parameters = BTreeMap::from([("stage".to_string(), "prod".to_string())]);
+        assert_eq!(ids(select_listed(all.clone(), &settings)), vec!["i-2"]);
+        settings.query_parameters.clear();
+        settings.health_status = HealthFilter::HealthyOrElseAll;
+        let unhealthy: Vec<RawInstance> =
+            all.iter().cloned().map(|i| RawInstance { health: Some("UNHEALTHY".into()), ..i }).collect();
+        assert_eq!(select_listed(unhealthy, &settings).len(), 4, "none healthy: all of them");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_holds_at_a_thousand_services() {
+        let fake = Arc::new(Fake::default());
+        for i in 0..1_000 {
+            fake.add("demo", &format!("s{i}"), vec![instance("i-1", "10.0.0.1")]);
         }
+        let cache = Arc::new(Cache::default());
+        let rate = 200.0;
+        let w = watcher(&fake, &cache, Budget::new(rate));
+        let _task = AbortOnDrop(tokio::spawn(w.run(vec!["demo".into()])));
+        // Start-up reads everything once, at the budget's pace: 1,000 reads ≈ 5 s.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(cache.is_ready());
+        assert_eq!(cache.snapshot().services.len(), 1_000);
+        let before = fake.calls();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let per_second = (fake.calls() - before) as f64 / 60.0;
+        assert!(per_second <= rate, "{per_second} calls/s over a budget of {rate}");
+        // Stretched to ~6.25 s per service: ~160 polls/s, not 1,000.
+        assert!(per_second >= 0.5 * crate::budget::STEADY_SHARE * rate, "{per_second} calls/s: polling stalled");
     }
 }

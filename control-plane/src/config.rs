@@ -82,6 +82,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_MAX_BACKOFF", default_value = "10s", value_parser = parse_duration)]
     pub max_backoff: Duration,
 
+    /// Cloud Map calls per second this replica may make, all APIs together. Poll
+    /// intervals stretch when the services would need more (see README, "Cloud Map call budget").
+    #[arg(long, env = "CLOUDMAP_XDS_API_RATE", default_value = "200", value_parser = parse_rate)]
+    pub api_rate: f64,
+
     /// How long to gather client connects and disconnects before recomputing zone shares.
     #[arg(long, env = "CLOUDMAP_XDS_CENSUS_DEBOUNCE", default_value = "1s", value_parser = parse_duration)]
     pub census_debounce: Duration,
@@ -136,6 +141,14 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "CLOUDMAP_XDS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// A positive number of calls per second.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a positive number of calls per second")),
+    }
 }
 
 /// Accepts `500ms`, `1s`, `2m`, or a bare number of seconds.
@@ -340,6 +353,9 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_rate("200"), Ok(200.0));
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        assert!(parse_rate("0").is_err() && parse_rate("-1").is_err() && parse_rate("inf").is_err());
     }
 
     #[test]

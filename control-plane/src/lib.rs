@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod budget;
 pub mod cache;
 pub mod cloudmap;
 pub mod config;

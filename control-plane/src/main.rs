@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use cloudmap_xds::budget::Budget;
 use cloudmap_xds::cache::Cache;
 use cloudmap_xds::cloudmap::{AwsCloudMap, Timing, Watcher};
 use cloudmap_xds::config::{Cli, Command, FileConfig, LogFormat, ServeArgs};
@@ -76,8 +77,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_backoff: args.max_backoff,
         },
         default_region: region,
+        budget: Arc::new(Budget::new(args.api_rate)),
     };
-    tracing::info!(namespaces = ?args.namespaces, "watching Cloud Map");
+    metrics::gauge!("cloudmap_xds_api_rate").set(args.api_rate);
+    tracing::info!(namespaces = ?args.namespaces, api_rate = args.api_rate, "watching Cloud Map");
     let watching = tokio::spawn(watcher.run(args.namespaces.clone()));
     let census = tokio::spawn(apply_census(cache.clone(), args.census_debounce));
 

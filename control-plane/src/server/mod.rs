@@ -234,9 +234,8 @@ struct CensusGuard {
 
 impl CensusGuard {
     fn update(&mut self, services: BTreeSet<String>) {
-        let Some(zone) = self.zone.clone() else {
-            return;
-        };
+        // A client without a zone still counts as a subscriber (it is in no zone's census).
+        let zone = self.zone.clone().unwrap_or_default();
         for gone in self.services.difference(&services) {
             self.cache.census_leave(gone, &zone);
         }
