@@ -71,17 +71,17 @@ fn stages(c: &mut Criterion) {
     });
     c.bench_function("policy/plan", |b| b.iter(|| policy::plan(black_box(&shares), &capacity)));
     c.bench_function("resources/cluster_load_assignment/1000", |b| {
-        b.iter(|| resources::cluster_load_assignment("echo.prod", black_box(&endpoints), &plan, ClientKind::Grpc))
+        b.iter(|| resources::cluster_load_assignment("echo.prod", black_box(&endpoints), &plan, ClientKind::Grpc, 0))
     });
     c.bench_function("eds/build/1000", |b| {
         b.iter(|| {
             let shares = policy::shares(Policy::ZoneAware, Some(black_box(&zone)), &capacity, &census);
             let plan = policy::plan(&shares, &capacity);
-            resources::cluster_load_assignment("echo.prod", &endpoints, &plan, ClientKind::Grpc)
+            resources::cluster_load_assignment("echo.prod", &endpoints, &plan, ClientKind::Grpc, 0)
         })
     });
 
-    let cla = resources::cluster_load_assignment("echo.prod", &endpoints, &plan, ClientKind::Grpc);
+    let cla = resources::cluster_load_assignment("echo.prod", &endpoints, &plan, ClientKind::Grpc, 0);
     eprintln!("one CLA of {ENDPOINTS} endpoints encodes to {} bytes", cla.encoded_len());
     c.bench_function("encode/cla/1000", |b| b.iter_batched(|| cla.clone(), pack_any, BatchSize::LargeInput));
 
@@ -89,7 +89,7 @@ fn stages(c: &mut Criterion) {
     cache.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
     cache.set_ready();
     let snapshot = cache.snapshot();
-    let client = Client { zone: Some(zone.clone()), kind: ClientKind::Grpc };
+    let client = Client::new(Some(zone.clone()), ClientKind::Grpc, "bench");
     let eds = ResourceType::ClusterLoadAssignment;
     snapshot.resolve(eds, "echo.prod", &client).expect("served");
     c.bench_function("push/per_client/1000", |b| {

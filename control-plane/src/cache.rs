@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::model::{ClientKind, ServiceEndpoints, ServiceName, Zone};
 use crate::policy::{self, PerZone, Plan, Policy};
-use crate::resources::{self, ResourceType};
+use crate::resources::{self, ClusterLimits, ResourceType};
 
 /// Census changes that move no zone's share by this much or more are not pushed.
 pub const SHARE_THRESHOLD: f64 = 0.02;
@@ -40,6 +40,35 @@ pub struct Encoded {
 pub struct Client {
     pub zone: Option<Zone>,
     pub kind: ClientKind,
+    /// Which endpoint subset a flat client gets (< [`resources::FLAT_SUBSETS`],
+    /// a stable hash of its node id); 0 for every other kind, whose
+    /// resources do not depend on it.
+    pub subset: u16,
+}
+
+impl Client {
+    pub fn new(zone: Option<Zone>, kind: ClientKind, node_id: &str) -> Client {
+        let subset = if kind == ClientKind::Flat {
+            (stable_hash(&node_id) % u64::from(resources::FLAT_SUBSETS)) as u16
+        } else {
+            0
+        };
+        Client { zone, kind, subset }
+    }
+}
+
+/// What a service's settings decide in the cache: the traffic policy and the
+/// cluster limits.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ServiceOptions {
+    pub policy: Policy,
+    pub limits: ClusterLimits,
+}
+
+impl From<Policy> for ServiceOptions {
+    fn from(policy: Policy) -> Self {
+        ServiceOptions { policy, ..Default::default() }
+    }
 }
 
 /// FNV-1a: deterministic across processes, unlike the std hasher's random seed.
@@ -77,6 +106,7 @@ pub struct ServiceEntry {
     pub name: ServiceName,
     pub endpoints: Arc<ServiceEndpoints>,
     pub policy: Policy,
+    pub limits: ClusterLimits,
     /// The census the plans use (last applied, see [`Cache::apply_census`]).
     pub census: PerZone,
     pub capacity: PerZone,
@@ -88,13 +118,14 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    fn new(name: ServiceName, endpoints: Arc<ServiceEndpoints>, policy: Policy, census: PerZone) -> Self {
+    fn new(name: ServiceName, endpoints: Arc<ServiceEndpoints>, options: ServiceOptions, census: PerZone) -> Self {
         let endpoints_hash = stable_hash(&*endpoints);
         let capacity = endpoints.capacity();
         ServiceEntry {
             name,
             endpoints,
-            policy,
+            policy: options.policy,
+            limits: options.limits,
             census,
             capacity,
             endpoints_hash,
@@ -109,6 +140,7 @@ impl ServiceEntry {
             name: self.name.clone(),
             endpoints: self.endpoints.clone(),
             policy: self.policy,
+            limits: self.limits,
             census,
             capacity: self.capacity.clone(),
             endpoints_hash: self.endpoints_hash,
@@ -147,9 +179,18 @@ impl ServiceEntry {
     fn eds(&self, client: &Client) -> Arc<Encoded> {
         let plan = self.plan(client.zone.as_ref());
         let name = self.name.dial_name();
-        let key = stable_hash(&(ResourceType::ClusterLoadAssignment, &name, self.endpoints_hash, &*plan, client.kind));
+        // Flat clients differ by subset; the others share one variant per plan.
+        let subset = if client.kind == ClientKind::Flat { client.subset % resources::FLAT_SUBSETS } else { 0 };
+        let key = stable_hash(&(
+            ResourceType::ClusterLoadAssignment,
+            &name,
+            self.endpoints_hash,
+            &*plan,
+            client.kind,
+            subset,
+        ));
         self.memo(key, || {
-            let cla = resources::cluster_load_assignment(&name, &self.endpoints, &plan, client.kind);
+            let cla = resources::cluster_load_assignment(&name, &self.endpoints, &plan, client.kind, subset);
             (name.clone(), pack_any(cla))
         })
     }
@@ -253,8 +294,12 @@ impl Snapshot {
             }
             ResourceType::Cluster => {
                 let entry = self.services.get(name)?;
-                let key = stable_hash(&(ty, name, client.kind));
-                Some(entry.memo(key, || (name.to_string(), pack_any(resources::cluster(name, client.kind)))))
+                let key = stable_hash(&(ty, name, client.kind, entry.limits));
+                Some(
+                    entry.memo(key, || {
+                        (name.to_string(), pack_any(resources::cluster(name, client.kind, &entry.limits)))
+                    }),
+                )
             }
             ResourceType::ClusterLoadAssignment => Some(self.services.get(name)?.eds(client)),
         }
@@ -385,10 +430,16 @@ impl Cache {
         true
     }
 
-    /// Set a service's endpoints and policy; no-op (no push) when nothing changed.
+    /// Set a service's endpoints and options (a bare [`Policy`] keeps the
+    /// default limits); no-op (no push) when nothing changed.
     /// Unconditional: the Cloud Map watchers write through a [`Claim`] instead.
-    pub fn update_service(&self, name: &ServiceName, endpoints: ServiceEndpoints, policy: Policy) -> bool {
-        self.write_service(name, None, endpoints, policy) == Write::Changed
+    pub fn update_service(
+        &self,
+        name: &ServiceName,
+        endpoints: ServiceEndpoints,
+        options: impl Into<ServiceOptions>,
+    ) -> bool {
+        self.write_service(name, None, endpoints, options.into()) == Write::Changed
     }
 
     pub fn remove_service(&self, name: &ServiceName) -> bool {
@@ -404,8 +455,8 @@ impl Cache {
 
     /// Write under `claim`; refused once the claim is revoked, so a watcher
     /// that is being removed can never write its service back.
-    pub fn write(&self, claim: &Claim, endpoints: ServiceEndpoints, policy: Policy) -> Write {
-        self.write_service(&claim.name, Some(claim.owner), endpoints, policy)
+    pub fn write(&self, claim: &Claim, endpoints: ServiceEndpoints, options: impl Into<ServiceOptions>) -> Write {
+        self.write_service(&claim.name, Some(claim.owner), endpoints, options.into())
     }
 
     /// Remove the service of `claim` and revoke the claim; `false` (nothing
@@ -423,7 +474,7 @@ impl Cache {
         name: &ServiceName,
         owner: Option<u64>,
         endpoints: ServiceEndpoints,
-        policy: Policy,
+        options: ServiceOptions,
     ) -> Write {
         let dial = name.dial_name();
         let census = self.live_census(&dial);
@@ -437,11 +488,12 @@ impl Cache {
             }
             if let Some(old) = services.get(&dial)
                 && *old.endpoints == endpoints
-                && old.policy == policy
+                && old.policy == options.policy
+                && old.limits == options.limits
             {
                 return false;
             }
-            let entry = ServiceEntry::new(name.clone(), Arc::new(endpoints), policy, census);
+            let entry = ServiceEntry::new(name.clone(), Arc::new(endpoints), options, census);
             services.insert(dial.clone(), Arc::new(entry));
             outcome = Write::Changed;
             true
@@ -609,7 +661,7 @@ mod tests {
     }
 
     fn grpc(zone: &str) -> Client {
-        Client { zone: Some(Zone::new(zone)), kind: ClientKind::Grpc }
+        Client::new(Some(Zone::new(zone)), ClientKind::Grpc, "test")
     }
 
     fn eds_zones(e: &Encoded) -> Vec<(u32, String, u32)> {
@@ -730,7 +782,7 @@ mod tests {
         let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
         cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a"]), Policy::ZoneAware);
         let snap = cache.snapshot();
-        let envoy = Client { zone: None, kind: ClientKind::Envoy };
+        let envoy = Client::new(None, ClientKind::Envoy, "envoy-1");
         assert_eq!(snap.wildcard_names(ResourceType::Listener, &envoy), vec![resources::EGRESS]);
         assert_eq!(snap.wildcard_names(ResourceType::Cluster, &envoy), vec!["echo.demo"]);
         let routes = snap.resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("routes");
@@ -740,6 +792,63 @@ mod tests {
             cache.snapshot().resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("routes");
         assert_ne!(before, after.version, "a new service changes the egress routes");
         assert!(Cache::default().snapshot().resolve(ResourceType::Listener, resources::EGRESS, &envoy).is_none());
+    }
+
+    #[test]
+    fn flat_variants_are_bounded_per_zone() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a", "a", "b", "b"]), Policy::ZoneAware);
+        let snap = cache.snapshot();
+        let eds = |kind, node: &str| {
+            let client = Client::new(Some(Zone::new("a")), kind, node);
+            snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client).expect("eds")
+        };
+        let mut flat = BTreeSet::new();
+        let mut grpc = BTreeSet::new();
+        for i in 0..1000 {
+            let node = format!("node-{i}");
+            flat.insert(eds(ClientKind::Flat, &node).version.clone());
+            grpc.insert(eds(ClientKind::Grpc, &node).version.clone());
+        }
+        assert!(flat.len() > 1, "flat clients all got one subset");
+        assert!(flat.len() <= usize::from(resources::FLAT_SUBSETS), "{} flat variants", flat.len());
+        assert_eq!(grpc.len(), 1, "gRPC clients do not differ by node id");
+        // A reconnecting flat client gets the same subset (the same encoded variant).
+        assert!(Arc::ptr_eq(&eds(ClientKind::Flat, "node-7"), &eds(ClientKind::Flat, "node-7")));
+    }
+
+    #[test]
+    fn census_of_a_zone_without_servers_is_not_pushed() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(&name, endpoints(&["a", "b", "b", "b"]), Policy::ZoneAware);
+        for zone in ["a", "a", "b", "b"] {
+            cache.census_join("echo.demo", &Zone::new(zone));
+        }
+        assert!(cache.apply_census());
+        // Clients in x spread by capacity whatever their number; nobody's shares move.
+        for _ in 0..4 {
+            cache.census_join("echo.demo", &Zone::new("x"));
+        }
+        assert!(!cache.apply_census());
+        let a = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
+        assert_eq!(eds_zones(&a), vec![(0, "a".into(), 5_000), (0, "b".into(), 5_000)]);
+    }
+
+    #[test]
+    fn limits_change_the_cluster() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        cache.update_service(&name, endpoints(&["a"]), Policy::ZoneAware);
+        let before = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
+        let options = ServiceOptions { policy: Policy::ZoneAware, limits: ClusterLimits { max_requests: 100 } };
+        assert!(cache.update_service(&name, endpoints(&["a"]), options));
+        assert!(!cache.update_service(&name, endpoints(&["a"]), options));
+        let after = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
+        assert_ne!(before.version, after.version);
+        let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(after.resource.value.as_slice())
+            .expect("decodes");
+        assert_eq!(cluster.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100));
     }
 
     #[test]

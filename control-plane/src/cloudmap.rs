@@ -772,7 +772,7 @@ impl<C: CloudMap> Watcher<C> {
                     tracing::warn!(service = %name, "no healthy instance: serving all instances (fail-open)");
                 }
                 let count = translation.endpoints.endpoints.len();
-                match self.cache.write(&claim, translation.endpoints, settings.policy) {
+                match self.cache.write(&claim, translation.endpoints, settings.options()) {
                     Write::Revoked => return Ok(Polled::Revoked),
                     Write::Unchanged => {}
                     Write::Changed => {

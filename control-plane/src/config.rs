@@ -12,8 +12,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::cache::ServiceOptions;
 use crate::model::{AgentRules, ClientKind, ServiceName};
 use crate::policy::Policy;
+use crate::resources::ClusterLimits;
 use crate::translate::MetadataAttributes;
 
 #[derive(Debug, Parser)]
@@ -195,6 +197,16 @@ pub struct ServiceTable {
     pub weight_attribute: Option<String>,
     /// Instance attributes published as endpoint metadata (`["*"]`: all; default none).
     pub metadata_attributes: Option<Vec<String>>,
+    /// `[….limits]`: caps on each client's concurrency to the service's cluster.
+    pub limits: Option<LimitsTable>,
+}
+
+/// `[default.limits]` / `[services."…".limits]`, merged field by field.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsTable {
+    /// Circuit-breaker `max_requests` per client (≥ 1); default 2147483647.
+    pub max_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -246,6 +258,14 @@ pub struct ServiceSettings {
     pub query_parameters: BTreeMap<String, String>,
     pub weight_attribute: Option<String>,
     pub metadata_attributes: MetadataAttributes,
+    pub limits: ClusterLimits,
+}
+
+impl ServiceSettings {
+    /// What the cache needs of these settings.
+    pub fn options(&self) -> ServiceOptions {
+        ServiceOptions { policy: self.policy, limits: self.limits }
+    }
 }
 
 impl FileConfig {
@@ -267,6 +287,9 @@ impl FileConfig {
     fn check(&self, table: &ServiceTable, label: &str) -> anyhow::Result<()> {
         let merged = merge(&self.default, table);
         policy_of(&merged).with_context(|| label.to_string())?;
+        if merged.limits.and_then(|l| l.max_requests) == Some(0) {
+            bail!("{label}: limits.max_requests = 0 would refuse every request (use at least 1)");
+        }
         Ok(())
     }
 
@@ -280,6 +303,13 @@ impl FileConfig {
             query_parameters: merged.query_parameters.unwrap_or_default(),
             weight_attribute: merged.weight_attribute.filter(|w| !w.is_empty()),
             metadata_attributes: MetadataAttributes::from_names(&merged.metadata_attributes.unwrap_or_default()),
+            limits: ClusterLimits {
+                max_requests: merged
+                    .limits
+                    .and_then(|l| l.max_requests)
+                    .unwrap_or(ClusterLimits::DEFAULT_MAX_REQUESTS)
+                    .max(1),
+            },
         }
     }
 }
@@ -292,6 +322,10 @@ fn merge(base: &ServiceTable, over: &ServiceTable) -> ServiceTable {
         query_parameters: over.query_parameters.clone().or_else(|| base.query_parameters.clone()),
         weight_attribute: over.weight_attribute.clone().or_else(|| base.weight_attribute.clone()),
         metadata_attributes: over.metadata_attributes.clone().or_else(|| base.metadata_attributes.clone()),
+        limits: match (base.limits, over.limits) {
+            (Some(b), Some(o)) => Some(LimitsTable { max_requests: o.max_requests.or(b.max_requests) }),
+            (b, o) => o.or(b),
+        },
     }
 }
 
@@ -379,6 +413,37 @@ mod tests {
             FileConfig::default().settings(&ServiceName::new("demo", "echo")).metadata_attributes,
             MetadataAttributes::None
         );
+    }
+
+    #[test]
+    fn limits_default_and_override() {
+        let none = FileConfig::default().settings(&ServiceName::new("demo", "echo"));
+        assert_eq!(none.limits.max_requests, 2_147_483_647);
+        let config = FileConfig::parse(
+            r#"
+            [default.limits]
+            max_requests = 5000
+
+            [services."echo.demo".limits]
+            max_requests = 100000
+
+            [services."other.demo"]
+            policy = "local-first"
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(config.settings(&ServiceName::new("demo", "echo")).limits.max_requests, 100_000);
+        let other = config.settings(&ServiceName::new("demo", "other"));
+        assert_eq!(other.limits.max_requests, 5000);
+        assert_eq!(other.options(), ServiceOptions { policy: Policy::LocalFirst, limits: other.limits });
+        for (text, needle) in [
+            ("[default.limits]\nmax_requests = 0", "max_requests = 0"),
+            ("[default.limits]\nmax_requests = -1", "invalid value"),
+            ("[default.limits]\nmax_connections = 5", "unknown field"),
+        ] {
+            let error = format!("{:#}", FileConfig::parse(text).expect_err(text));
+            assert!(error.contains(needle), "{text}: {error}");
+        }
     }
 
     #[test]

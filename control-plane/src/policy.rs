@@ -86,8 +86,14 @@ pub fn shares(policy: Policy, client_zone: Option<&Zone>, capacity: &PerZone, ce
             with_local(local, local_share, &capacity)
         }
         Policy::ZoneAware => {
-            let census: PerZone =
-                census.iter().filter(|(z, d)| **d > 0 && !z.is_unknown()).map(|(z, d)| (z.clone(), *d)).collect();
+            // Demand counts only zones that also have capacity: clients in a zone without
+            // servers spread by capacity (above), adding the same load per unit of capacity
+            // everywhere, so counting them would only make the other zones look emptier.
+            let census: PerZone = census
+                .iter()
+                .filter(|(z, d)| **d > 0 && !z.is_unknown() && capacity.contains_key(*z))
+                .map(|(z, d)| (z.clone(), *d))
+                .collect();
             let total_demand: u64 = census.values().sum();
             let demand_here = census.get(local).copied().unwrap_or(0);
             if total_demand == 0 || demand_here == 0 {
@@ -149,22 +155,53 @@ fn proportional(capacity: &PerZone, except: Option<&Zone>) -> Shares {
 }
 
 /// Express shares as priorities for a priority-aware client (see [`Plan`]).
+/// Every priority's weights sum to at most [`WEIGHT_SUM_MAX`].
 pub fn plan(shares: &Shares, capacity: &PerZone) -> Plan {
     let mut first = Vec::new();
     for (zone, share) in shares {
         // Shares below half a weight unit round to 0: leave such zones to the failover priority.
         let weight = (share * WEIGHT_SCALE).round();
         if weight >= 1.0 {
-            first.push(Weighted { zone: zone.clone(), weight: weight.min(u32::MAX as f64) as u32 });
+            first.push((zone.clone(), weight as u64));
         }
     }
-    let rest: Vec<Weighted> = capacity
+    let rest: Vec<(Zone, u64)> = capacity
         .iter()
-        .filter(|(z, c)| **c > 0 && !first.iter().any(|w| &w.zone == *z))
-        .map(|(z, c)| Weighted { zone: z.clone(), weight: (*c).clamp(1, u64::from(u32::MAX)) as u32 })
+        .filter(|(z, c)| **c > 0 && !first.iter().any(|(w, _)| w == *z))
+        .map(|(z, c)| (z.clone(), *c))
         .collect();
-    let priorities = [first, rest].into_iter().filter(|p| !p.is_empty()).collect();
+    let priorities = [first, rest]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let weights = fit_weights(&p.iter().map(|(_, w)| *w).collect::<Vec<_>>());
+            p.into_iter().zip(weights).map(|((zone, _), weight)| Weighted { zone, weight }).collect()
+        })
+        .collect();
     Plan { priorities }
+}
+
+/// The most the weights of one priority (localities) or of one locality
+/// (endpoints) may sum to: gRPC (grpc-go `parseEDSRespProto`, C-core
+/// `EdsResourceParse`) and Envoy (`normalizeLocalityWeights`,
+/// `normalizeHostWeights`) reject a ClusterLoadAssignment beyond it.
+pub const WEIGHT_SUM_MAX: u64 = u32::MAX as u64;
+
+/// `weights` scaled down, if need be, so they sum to at most
+/// [`WEIGHT_SUM_MAX`]; every weight stays ≥ 1 (0 drops a locality in gRPC
+/// and is a NACK for an endpoint) and the proportions are kept as far as
+/// integers allow. Weights that already fit are returned unchanged.
+pub fn fit_weights(weights: &[u64]) -> Vec<u32> {
+    let weights: Vec<u64> = weights.iter().map(|w| (*w).max(1)).collect();
+    let total: u128 = weights.iter().map(|w| u128::from(*w)).sum();
+    if total <= u128::from(WEIGHT_SUM_MAX) {
+        return weights.iter().map(|w| *w as u32).collect();
+    }
+    // Scaling to (MAX - n) leaves room for the n weights that flooring lifts back to 1:
+    // Σ max(1, ⌊w·f⌋) ≤ Σ (w·f + 1) = MAX - n + n.
+    let n = weights.len() as u128;
+    let room = u128::from(WEIGHT_SUM_MAX).saturating_sub(n).max(1);
+    weights.iter().map(|w| (u128::from(*w) * room / total).clamp(1, u128::from(u32::MAX)) as u32).collect()
 }
 
 #[cfg(test)]
@@ -258,13 +295,33 @@ mod tests {
                 vec![("a", 0.5), ("c", 0.5)],
             ),
             (
-                // Clients in a zone without servers count in the demand but a still has room.
+                // Clients in x (no servers) spread by capacity and are left out of the demand:
+                // a and b have equal demand (1/2 each, not 1/4) and equal capacity.
                 "census zone without servers",
                 za,
                 Some("a"),
                 zones(&[("a", 1), ("b", 1)]),
                 zones(&[("a", 1), ("b", 1), ("x", 2)]),
                 vec![("a", 1.0)],
+            ),
+            (
+                // Issue 11: demand over {a, b} is 1/2 each; a has 1/4 of the capacity, so it
+                // keeps 1/2 and sends the rest to b. Counting x made a's demand 1/4 and kept a
+                // 100 % local at 3 units of load per unit of capacity against 1.67 in b.
+                "census zone without servers does not dilute demand",
+                za,
+                Some("a"),
+                zones(&[("a", 1), ("b", 3)]),
+                zones(&[("a", 2), ("b", 2), ("x", 4)]),
+                vec![("a", 0.5), ("b", 0.5)],
+            ),
+            (
+                "census zone without servers, the roomy zone stays local",
+                za,
+                Some("b"),
+                zones(&[("a", 1), ("b", 3)]),
+                zones(&[("a", 2), ("b", 2), ("x", 4)]),
+                vec![("b", 1.0)],
             ),
             ("local-first", Policy::LocalFirst, Some("b"), even.clone(), skewed.clone(), vec![("b", 1.0)]),
             (
@@ -337,6 +394,46 @@ mod tests {
     }
 
     #[test]
+    fn serverless_census_zone_leaves_load_per_capacity_even() {
+        // The issue's example, as load: every client sends 1 unit; x's clients spread by capacity.
+        let capacity = zones(&[("a", 1), ("b", 3)]);
+        let census = zones(&[("a", 2), ("b", 2), ("x", 4)]);
+        let mut load: BTreeMap<Zone, f64> = BTreeMap::new();
+        for (zone, clients) in &census {
+            for (to, share) in shares(Policy::ZoneAware, Some(zone), &capacity, &census) {
+                *load.entry(to).or_default() += *clients as f64 * share;
+            }
+        }
+        for (zone, c) in &capacity {
+            let per_capacity = load[zone] / *c as f64;
+            assert!((per_capacity - 2.0).abs() < 1e-9, "zone {zone}: {per_capacity} per unit ({load:?})");
+        }
+    }
+
+    #[test]
+    fn weights_fit_the_per_priority_sum() {
+        assert_eq!(fit_weights(&[1, 2, 3]), vec![1, 2, 3]);
+        assert_eq!(fit_weights(&[0, 5]), vec![1, 5]);
+        let max = u64::from(u32::MAX);
+        for weights in [vec![max, max], vec![max, 1, 1, 1], vec![max / 2 + 1, max / 2 + 1], vec![max; 1000]] {
+            let fitted = fit_weights(&weights);
+            let sum: u64 = fitted.iter().map(|w| u64::from(*w)).sum();
+            assert!(sum <= WEIGHT_SUM_MAX, "{weights:?} → sum {sum}");
+            assert!(fitted.iter().all(|w| *w >= 1));
+        }
+        // Proportions survive scaling.
+        let fitted = fit_weights(&[max, max / 3]);
+        let ratio = f64::from(fitted[0]) / f64::from(fitted[1]);
+        assert!((ratio - 3.0).abs() < 1e-6, "{fitted:?}");
+        // Huge capacities in the failover priority (they used to be passed on raw).
+        let capacity = zones(&[("a", 1), ("b", max), ("c", max)]);
+        let p = plan(&shares(Policy::LocalFirst, Some(&Zone::new("a")), &capacity, &PerZone::new()), &capacity);
+        let sum: u64 = p.priorities[1].iter().map(|l| u64::from(l.weight)).sum();
+        assert!(sum <= WEIGHT_SUM_MAX, "priority 1 sums to {sum}");
+        assert_eq!(p.priorities[1].len(), 2);
+    }
+
+    #[test]
     fn plan_expresses_shares_as_two_priorities() {
         let capacity = zones(&[("a", 2), ("b", 2), ("c", 2)]);
         let s = shares(Policy::LocalFirst, Some(&Zone::new("a")), &capacity, &PerZone::new());
@@ -360,7 +457,7 @@ mod tests {
     fn per_zone() -> impl Strategy<Value = PerZone> {
         prop::collection::btree_map(
             prop::sample::select(vec!["a", "b", "c", "d", "e", ""]).prop_map(Zone::new),
-            0u64..50,
+            prop_oneof![0u64..50, Just(u64::from(u32::MAX)), 0u64..=u64::from(u32::MAX) * 8],
             0..6,
         )
     }
@@ -396,6 +493,10 @@ mod tests {
             }
             let p = plan(&s, &capacity);
             prop_assert!(p.priorities.len() <= 2);
+            for priority in &p.priorities {
+                let sum: u64 = priority.iter().map(|l| u64::from(l.weight)).sum();
+                prop_assert!(sum <= WEIGHT_SUM_MAX, "priority sums to {sum}");
+            }
             let mut listed = std::collections::BTreeSet::new();
             for priority in &p.priorities {
                 prop_assert!(!priority.is_empty(), "empty priority (priorities must be contiguous)");

@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, circuit_breakers, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, SocketAddress,
-    address, config_source, socket_address,
+    self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, RoutingPriority,
+    SocketAddress, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -28,7 +28,7 @@ use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, va
 use envoy_types::util::pack_any;
 
 use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, Zone};
-use crate::policy::Plan;
+use crate::policy::{self, Plan};
 
 /// The four resource types served over ADS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,6 +190,15 @@ pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
                 }),
                 action: Some(route::Action::Route(RouteAction {
                     cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+                    // The caller's deadline rules. Envoy: no 15 s route timeout, and the
+                    // `grpc-timeout` header bounds the stream without a cap. gRPC ignores
+                    // `timeout` and reads `grpc_timeout_header_max` 0 as "the application's
+                    // deadline, unmodified" (gRFC A31).
+                    timeout: Some(Duration { seconds: 0, nanos: 0 }),
+                    max_stream_duration: Some(route_action::MaxStreamDuration {
+                        grpc_timeout_header_max: Some(Duration { seconds: 0, nanos: 0 }),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -200,15 +209,55 @@ pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
     }
 }
 
-/// An EDS cluster over ADS, round robin. Envoy additionally gets
+/// Per-service caps on a cluster's concurrency (`[services."…".limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClusterLimits {
+    /// Concurrent requests per cluster and client. gRPC caps at 1024 when
+    /// the cluster sets none (gRFC A32); the default, App Mesh's client-side
+    /// value, does not limit.
+    pub max_requests: u32,
+}
+
+impl ClusterLimits {
+    pub const DEFAULT_MAX_REQUESTS: u32 = i32::MAX as u32;
+}
+
+impl Default for ClusterLimits {
+    fn default() -> Self {
+        ClusterLimits { max_requests: Self::DEFAULT_MAX_REQUESTS }
+    }
+}
+
+/// The DEFAULT-priority circuit breaker. gRPC reads only `max_requests`.
+/// Envoy also gets `max_pending_requests` and `max_connections` at the same
+/// value (its defaults, 1024 each, would cap an application that its own
+/// concurrency already bounds); `max_retries` stays at Envoy's default (3
+/// concurrent retries) because no route here configures retries.
+fn breakers(limits: &ClusterLimits) -> CircuitBreakers {
+    let value = Some(UInt32Value { value: limits.max_requests.max(1) });
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            priority: RoutingPriority::Default as i32,
+            max_requests: value,
+            max_pending_requests: value,
+            max_connections: value,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An EDS cluster over ADS, round robin, with circuit breakers that do not
+/// cap clients (see [`ClusterLimits`]). Envoy additionally gets
 /// `locality_weighted_lb_config`, without which it ignores locality weights.
-pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
+pub fn cluster(name: &str, kind: ClientKind, limits: &ClusterLimits) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
         connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+        circuit_breakers: Some(breakers(limits)),
         ..Default::default()
     };
     if kind == ClientKind::Envoy {
@@ -238,6 +287,11 @@ pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
     c
 }
 
+/// How many endpoint subsets flat clients are spread over (see
+/// [`cluster_load_assignment`]). Bounded so arbitrary node ids cannot grow
+/// the encoded variants; 12 divides evenly by 1, 2, 3, 4 and 6 endpoints per zone.
+pub const FLAT_SUBSETS: u16 = 12;
+
 /// The endpoints of one service as a client of `kind` should see them under `plan`.
 ///
 /// - gRPC: the plan's priorities and weights; UNHEALTHY endpoints left out
@@ -247,16 +301,23 @@ pub fn cluster(name: &str, kind: ClientKind) -> Cluster {
 ///   failover maths sees them; zones that have only unhealthy endpoints go in
 ///   one more, last, priority.
 /// - Flat: one priority; the endpoint *set* approximates the shares, since
-///   such clients ignore localities and weights.
+///   such clients ignore localities and weights. `subset` (< [`FLAT_SUBSETS`],
+///   from the client's node id) rotates which endpoints of a zone it gets, so
+///   that over many clients every endpoint carries the same load.
+///
+/// Endpoint weights are scaled down together when they would sum past
+/// [`policy::WEIGHT_SUM_MAX`], so no locality or priority can exceed it.
 pub fn cluster_load_assignment(
     name: &str,
     service: &ServiceEndpoints,
     plan: &Plan,
     kind: ClientKind,
+    subset: u16,
 ) -> ClusterLoadAssignment {
-    let mut by_zone: BTreeMap<&Zone, Vec<&Endpoint>> = BTreeMap::new();
-    for e in &service.endpoints {
-        by_zone.entry(&e.zone).or_default().push(e);
+    let weights = policy::fit_weights(&service.endpoints.iter().map(|e| u64::from(e.weight)).collect::<Vec<_>>());
+    let mut by_zone: BTreeMap<&Zone, Vec<(&Endpoint, u32)>> = BTreeMap::new();
+    for (e, w) in service.endpoints.iter().zip(weights) {
+        by_zone.entry(&e.zone).or_default().push((e, w));
     }
     let mut localities = Vec::new();
     match kind {
@@ -267,8 +328,8 @@ pub fn cluster_load_assignment(
                     let members = by_zone.get(&weighted.zone).map(Vec::as_slice).unwrap_or_default();
                     let lb: Vec<LbEndpoint> = members
                         .iter()
-                        .filter(|e| keep_unhealthy || e.health.is_serving())
-                        .map(|e| lb_endpoint(e))
+                        .filter(|(e, _)| keep_unhealthy || e.health.is_serving())
+                        .map(|(e, w)| lb_endpoint(e, *w))
                         .collect();
                     if !lb.is_empty() {
                         localities.push(locality(&weighted.zone, members, lb, weighted.weight, priority as u32));
@@ -279,7 +340,7 @@ pub fn cluster_load_assignment(
                 let last = plan.priorities.len() as u32;
                 for (zone, members) in &by_zone {
                     if plan.find(zone).is_none() {
-                        let lb = members.iter().map(|e| lb_endpoint(e)).collect();
+                        let lb = members.iter().map(|(e, w)| lb_endpoint(e, *w)).collect();
                         localities.push(locality(zone, members, lb, 1, last));
                     }
                 }
@@ -289,8 +350,9 @@ pub fn cluster_load_assignment(
             let counts = flat_counts(plan, &by_zone);
             for (zone, members) in &by_zone {
                 let take = counts.get(*zone).copied().unwrap_or(0);
+                let serving: Vec<&(&Endpoint, u32)> = members.iter().filter(|(e, _)| e.health.is_serving()).collect();
                 let lb: Vec<LbEndpoint> =
-                    members.iter().filter(|e| e.health.is_serving()).take(take).map(|e| lb_endpoint(e)).collect();
+                    flat_window(serving.len(), take, subset).map(|i| lb_endpoint(serving[i].0, serving[i].1)).collect();
                 if !lb.is_empty() {
                     let weight = lb.len() as u32;
                     localities.push(locality(zone, members, lb, weight, 0));
@@ -301,12 +363,24 @@ pub fn cluster_load_assignment(
     ClusterLoadAssignment { cluster_name: name.to_string(), endpoints: localities, ..Default::default() }
 }
 
+/// The indices (of `n` serving endpoints of a zone) a flat client in
+/// `subset` gets when it should get `k` of them: `k` consecutive ones from an
+/// offset spread evenly over the zone by subset, so the subsets together
+/// cover every endpoint equally often (exactly when `n` divides
+/// [`FLAT_SUBSETS`]).
+fn flat_window(n: usize, k: usize, subset: u16) -> impl Iterator<Item = usize> {
+    let k = k.min(n);
+    let offset = if n == 0 { 0 } else { usize::from(subset % FLAT_SUBSETS) * n / usize::from(FLAT_SUBSETS) };
+    (0..k).map(move |j| (offset + j) % n)
+}
+
 /// How many serving endpoints of each zone a flat client gets so that its
 /// per-endpoint round robin approximates the shares of the plan's first
 /// priority: the largest total K with round(share × K) ≤ available in every
 /// zone, at least one per zone with a share.
-fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<&Endpoint>>) -> HashMap<Zone, usize> {
-    let serving = |z: &Zone| by_zone.get(z).map(|m| m.iter().filter(|e| e.health.is_serving()).count()).unwrap_or(0);
+fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<(&Endpoint, u32)>>) -> HashMap<Zone, usize> {
+    let serving =
+        |z: &Zone| by_zone.get(z).map(|m| m.iter().filter(|(e, _)| e.health.is_serving()).count()).unwrap_or(0);
     let first = plan.priorities.first().map(Vec::as_slice).unwrap_or_default();
     let total_weight: f64 = first.iter().map(|w| f64::from(w.weight)).sum();
     let positive: Vec<(&Zone, f64)> =
@@ -323,14 +397,14 @@ fn flat_counts(plan: &Plan, by_zone: &BTreeMap<&Zone, Vec<&Endpoint>>) -> HashMa
 
 fn locality(
     zone: &Zone,
-    members: &[&Endpoint],
+    members: &[(&Endpoint, u32)],
     lb: Vec<LbEndpoint>,
     weight: u32,
     priority: u32,
 ) -> LocalityLbEndpoints {
     LocalityLbEndpoints {
         locality: Some(Locality {
-            region: members.first().map(|e| e.region.clone()).unwrap_or_default(),
+            region: members.first().map(|(e, _)| e.region.clone()).unwrap_or_default(),
             zone: zone.as_str().to_string(),
             ..Default::default()
         }),
@@ -341,7 +415,8 @@ fn locality(
     }
 }
 
-fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
+/// `weight`: the endpoint's weight after [`policy::fit_weights`].
+fn lb_endpoint(e: &Endpoint, weight: u32) -> LbEndpoint {
     let health = match e.health {
         Health::Healthy => core_v3::HealthStatus::Healthy,
         Health::Unhealthy => core_v3::HealthStatus::Unhealthy,
@@ -375,14 +450,16 @@ fn lb_endpoint(e: &Endpoint) -> LbEndpoint {
         health_status: health as i32,
         metadata,
         // Unset means 1; an explicit 0 is a NACK.
-        load_balancing_weight: (e.weight != 1).then_some(UInt32Value { value: e.weight.max(1) }),
+        load_balancing_weight: (weight != 1).then_some(UInt32Value { value: weight.max(1) }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Client;
     use crate::policy::{self, PerZone, Policy};
+    use proptest::prelude::*;
     use std::collections::BTreeSet;
 
     fn ep(id: &str, ip: &str, zone: &str, health: Health) -> Endpoint {
@@ -418,7 +495,7 @@ mod tests {
         let capacity = service.capacity();
         let shares = policy::shares(policy, Some(&Zone::new(zone)), &capacity, census);
         let plan = policy::plan(&shares, &capacity);
-        cluster_load_assignment("echo.demo", &service, &plan, kind)
+        cluster_load_assignment("echo.demo", &service, &plan, kind, 0)
     }
 
     /// The checks gRPC clients apply (xds-rules.md), as one predicate.
@@ -427,13 +504,21 @@ mod tests {
         assert_eq!(priorities, (0..priorities.len() as u32).collect(), "priorities contiguous from 0");
         let mut seen_localities = BTreeSet::new();
         let mut seen_addresses = BTreeSet::new();
+        // Sums per priority of locality weights (grpc-go, C-core, Envoy) and of endpoint
+        // weights (Envoy: per locality, or per priority without locality weighting).
+        let mut locality_sums: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut endpoint_sums: BTreeMap<u32, u64> = BTreeMap::new();
         for l in &cla.endpoints {
             let locality = l.locality.as_ref().expect("locality set");
             assert!(seen_localities.insert((l.priority, locality.zone.clone())), "locality twice in a priority");
             assert!(l.load_balancing_weight.as_ref().is_some_and(|w| w.value > 0), "locality weight > 0");
+            *locality_sums.entry(l.priority).or_default() +=
+                l.load_balancing_weight.map(|w| u64::from(w.value)).unwrap_or(0);
             assert!(!l.lb_endpoints.is_empty());
             for e in &l.lb_endpoints {
                 assert_ne!(e.load_balancing_weight.as_ref().map(|w| w.value), Some(0));
+                *endpoint_sums.entry(l.priority).or_default() +=
+                    e.load_balancing_weight.map(|w| u64::from(w.value)).unwrap_or(1);
                 let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &e.host_identifier else {
                     panic!("endpoint")
                 };
@@ -448,6 +533,12 @@ mod tests {
                     "duplicate address"
                 );
             }
+        }
+        for (p, sum) in locality_sums {
+            assert!(sum <= policy::WEIGHT_SUM_MAX, "locality weights of priority {p} sum to {sum}");
+        }
+        for (p, sum) in endpoint_sums {
+            assert!(sum <= policy::WEIGHT_SUM_MAX, "endpoint weights of priority {p} sum to {sum}");
         }
     }
 
@@ -512,28 +603,206 @@ mod tests {
         let census = PerZone::from([(Zone::new("a"), 4), (Zone::new("b"), 1), (Zone::new("c"), 1)]);
         let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &census);
         let plan = policy::plan(&shares, &capacity);
-        let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat);
+        let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat, 0);
         assert_grpc_valid(&cla);
         // Shares .5/.25/.25 → 2/1/1 endpoints.
         let counts: Vec<usize> = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).collect();
         assert_eq!(counts, vec![2, 1, 1]);
         let shares = policy::shares(Policy::ZoneAware, Some(&Zone::new("b")), &capacity, &census);
-        let cla = cluster_load_assignment("echo.demo", &service, &policy::plan(&shares, &capacity), ClientKind::Flat);
+        let cla =
+            cluster_load_assignment("echo.demo", &service, &policy::plan(&shares, &capacity), ClientKind::Flat, 0);
         assert_eq!(zones_at(&cla, 0), vec![("b".into(), 2, 2)]);
+    }
+
+    /// The load each server carries when `clients` flat clients (zone, node id) each spread
+    /// one unit evenly over the endpoints of their own ClusterLoadAssignment.
+    fn flat_loads(service: &ServiceEndpoints, census: &PerZone, clients: &[(Zone, String)], subsets: bool) -> Vec<f64> {
+        let capacity = service.capacity();
+        let mut load: BTreeMap<String, f64> =
+            service.endpoints.iter().filter(|e| e.health.is_serving()).map(|e| (e.ip.to_string(), 0.0)).collect();
+        for (zone, node_id) in clients {
+            let subset = if subsets { Client::new(Some(zone.clone()), ClientKind::Flat, node_id).subset } else { 0 };
+            let plan = policy::plan(&policy::shares(Policy::ZoneAware, Some(zone), &capacity, census), &capacity);
+            let cla = cluster_load_assignment("echo.demo", service, &plan, ClientKind::Flat, subset);
+            assert_grpc_valid(&cla);
+            let chosen: Vec<String> = cla
+                .endpoints
+                .iter()
+                .flat_map(|l| &l.lb_endpoints)
+                .filter_map(|e| match &e.host_identifier {
+                    Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) => {
+                        match endpoint.address.as_ref()?.address.as_ref()? {
+                            address::Address::SocketAddress(sa) => Some(sa.address.clone()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect();
+            for ip in &chosen {
+                *load.get_mut(ip).expect("a serving endpoint") += 1.0 / chosen.len() as f64;
+            }
+        }
+        load.into_values().collect()
+    }
+
+    fn servers(per_zone: &[(&str, usize)]) -> ServiceEndpoints {
+        let mut endpoints = Vec::new();
+        for (z, (zone, n)) in per_zone.iter().enumerate() {
+            for i in 0..*n {
+                endpoints.push(ep(&format!("{zone}{i}"), &format!("10.0.{z}.{}", i + 1), zone, Health::Healthy));
+            }
+        }
+        ServiceEndpoints::new(endpoints, false)
+    }
+
+    /// Node ids as tonic-xds deployments make them (one per task), from a fixed seed.
+    fn node_ids(census: &PerZone, seed: u64) -> Vec<(Zone, String)> {
+        let mut x = seed;
+        let mut out = Vec::new();
+        for (zone, n) in census {
+            for _ in 0..*n {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                out.push((zone.clone(), format!("task/{:016x}", x)));
+            }
+        }
+        out
+    }
+
+    fn worst_deviation(loads: &[f64]) -> f64 {
+        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        loads.iter().map(|l| (l / mean - 1.0).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn flat_clients_spread_over_every_server() {
+        // 60 flat clients, skewed census 30/20/10: zone-aware shares spill a's and b's excess.
+        // The ids come from a fixed seed: which subset a client lands in is a hash, so with 20–30
+        // clients picking one of two servers the loads carry binomial noise (over 1,000 seeds the
+        // worst server stays within ±20 % in 98.9 % of id sets for 2/2/2 and 96.7 % for 3/1/2;
+        // median worst deviation 6.7 % and 10 %). Exact balance per subset is flat_subsets_cover_….
+        let census = PerZone::from([(Zone::new("a"), 30), (Zone::new("b"), 20), (Zone::new("c"), 10)]);
+        for topology in [[("a", 2), ("b", 2), ("c", 2)], [("a", 3), ("b", 1), ("c", 2)]] {
+            let service = servers(&topology);
+            let clients = node_ids(&census, 11);
+            let loads = flat_loads(&service, &census, &clients, true);
+            assert!((loads.iter().sum::<f64>() - 60.0).abs() < 1e-9);
+            let worst = worst_deviation(&loads);
+            assert!(worst <= 0.2, "{topology:?}: loads {loads:?} ({:.0} % off the mean)", worst * 100.0);
+            // Before: every flat client of a zone got the same subset.
+            let same = flat_loads(&service, &census, &clients, false);
+            assert!(worst_deviation(&same) > 0.2, "{topology:?}: one subset per zone was already even: {same:?}");
+        }
+    }
+
+    #[test]
+    fn flat_subsets_cover_a_zone_evenly() {
+        // One client per subset: every endpoint is in the same number of windows.
+        for n in [1usize, 2, 3, 4, 6, 12] {
+            for k in 1..=n {
+                let mut cover = vec![0usize; n];
+                for subset in 0..FLAT_SUBSETS {
+                    for i in flat_window(n, k, subset) {
+                        cover[i] += 1;
+                    }
+                }
+                assert!(cover.iter().all(|c| *c == cover[0]), "n={n} k={k}: {cover:?}");
+                assert_eq!(cover.iter().sum::<usize>(), k * usize::from(FLAT_SUBSETS));
+            }
+        }
+        assert_eq!(flat_window(0, 3, 5).count(), 0);
+        assert_eq!(flat_window(2, 5, 5).count(), 2, "never more than the zone has");
+    }
+
+    #[test]
+    fn flat_client_of_a_dead_zone_gets_the_other_zones() {
+        let mut service = servers(&[("a", 2), ("b", 2), ("c", 2)]);
+        for e in service.endpoints.iter_mut().filter(|e| e.zone.as_str() == "a") {
+            e.health = Health::Unhealthy;
+        }
+        let census = PerZone::from([(Zone::new("a"), 30), (Zone::new("b"), 20), (Zone::new("c"), 10)]);
+        let capacity = service.capacity();
+        for subset in 0..FLAT_SUBSETS {
+            let plan =
+                policy::plan(&policy::shares(Policy::ZoneAware, Some(&Zone::new("a")), &capacity, &census), &capacity);
+            let cla = cluster_load_assignment("echo.demo", &service, &plan, ClientKind::Flat, subset);
+            assert_grpc_valid(&cla);
+            let zones: Vec<(String, u32, usize)> = zones_at(&cla, 0);
+            assert_eq!(zones.iter().map(|(z, _, _)| z.as_str()).collect::<Vec<_>>(), ["b", "c"], "subset {subset}");
+        }
+        // a's 30 clients spread over the four live servers: 60 / 4 = 15 each, within ±20 %.
+        let loads = flat_loads(&service, &census, &node_ids(&census, 7), true);
+        assert_eq!(loads.len(), 4);
+        assert!(worst_deviation(&loads) <= 0.2, "{loads:?}");
+    }
+
+    fn endpoint_set() -> impl Strategy<Value = ServiceEndpoints> {
+        let one = (
+            prop::sample::select(vec!["a", "b", "c", "d"]),
+            prop_oneof![Just(Health::Healthy), Just(Health::Unhealthy), Just(Health::Unknown)],
+            prop_oneof![1u32..10, Just(u32::MAX), 1u32..=u32::MAX],
+        );
+        (prop::collection::vec(one, 0..40), any::<bool>()).prop_map(|(endpoints, fail_open)| {
+            let endpoints = endpoints
+                .into_iter()
+                .enumerate()
+                .map(|(i, (zone, health, weight))| {
+                    let mut e = ep(&format!("i-{i}"), &format!("10.1.{}.{}", i / 200, i % 200 + 1), zone, health);
+                    e.weight = weight;
+                    e
+                })
+                .collect();
+            ServiceEndpoints::new(endpoints, fail_open)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_assignment_passes_the_grpc_checks(
+            service in endpoint_set(),
+            census in prop::collection::btree_map(
+                prop::sample::select(vec!["a", "b", "c", "d", "x"]).prop_map(Zone::new), 0u64..1000, 0..5),
+            zone in prop::option::of(prop::sample::select(vec!["a", "b", "c", "x"]).prop_map(Zone::new)),
+            policy in prop_oneof![
+                Just(Policy::ZoneAware), Just(Policy::LocalFirst), Just(Policy::None),
+                (0.0f64..=1.0).prop_map(|local_share| Policy::FixedShare { local_share }),
+            ],
+            kind in prop_oneof![Just(ClientKind::Grpc), Just(ClientKind::Envoy), Just(ClientKind::Flat)],
+            subset in 0..FLAT_SUBSETS,
+        ) {
+            let capacity = service.capacity();
+            let plan = policy::plan(&policy::shares(policy, zone.as_ref(), &capacity, &census), &capacity);
+            let cla = cluster_load_assignment("echo.demo", &service, &plan, kind, subset);
+            assert_grpc_valid(&cla);
+            let listed: BTreeSet<String> =
+                cla.endpoints.iter().filter_map(|l| l.locality.as_ref().map(|x| x.zone.clone())).collect();
+            let serving: BTreeSet<String> = service
+                .endpoints.iter().filter(|e| e.health.is_serving()).map(|e| e.zone.as_str().to_string()).collect();
+            match kind {
+                // Never a zone dropped: every zone with a serving endpoint is reachable.
+                ClientKind::Grpc => prop_assert_eq!(listed, serving),
+                ClientKind::Envoy => {
+                    let all: BTreeSet<String> = service.endpoints.iter().map(|e| e.zone.as_str().to_string()).collect();
+                    prop_assert_eq!(listed, all);
+                }
+                // Flat clients get the zones of the first priority: something whenever anything serves.
+                ClientKind::Flat => prop_assert_eq!(listed.is_empty(), serving.is_empty()),
+            }
+        }
     }
 
     #[test]
     fn endpoint_carries_attributes_and_weight() {
         let mut e = ep("a1", "10.0.0.1", "a", Health::Healthy);
-        let lb = lb_endpoint(&e);
+        let lb = lb_endpoint(&e, e.weight);
         assert!(lb.load_balancing_weight.is_none());
         let meta = lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(METADATA_KEY)).expect("metadata");
         assert!(meta.fields.contains_key("AVAILABILITY_ZONE"));
         e.weight = 3;
-        assert_eq!(lb_endpoint(&e).load_balancing_weight.map(|w| w.value), Some(3));
+        assert_eq!(lb_endpoint(&e, e.weight).load_balancing_weight.map(|w| w.value), Some(3));
         // Nothing selected for publishing: no metadata at all, not an empty struct.
         e.metadata.clear();
-        assert!(lb_endpoint(&e).metadata.is_none());
+        assert!(lb_endpoint(&e, e.weight).metadata.is_none());
     }
 
     #[test]
@@ -553,11 +822,38 @@ mod tests {
 
     #[test]
     fn envoy_cluster_speaks_http2_and_weights_localities() {
-        let c = cluster("echo.demo", ClientKind::Envoy);
+        let c = cluster("echo.demo", ClientKind::Envoy, &ClusterLimits::default());
         assert!(c.typed_extension_protocol_options.contains_key(HTTP_PROTOCOL_OPTIONS));
         assert!(c.common_lb_config.is_some());
-        let g = cluster("echo.demo", ClientKind::Grpc);
+        let g = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits::default());
         assert!(g.typed_extension_protocol_options.is_empty() && g.common_lb_config.is_none());
+    }
+
+    #[test]
+    fn clusters_do_not_cap_and_routes_leave_the_deadline_to_the_caller() {
+        for kind in [ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat] {
+            let c = cluster("echo.demo", kind, &ClusterLimits::default());
+            let thresholds = c.circuit_breakers.expect("circuit breakers").thresholds;
+            assert_eq!(thresholds.len(), 1);
+            assert_eq!(thresholds[0].priority, RoutingPriority::Default as i32);
+            assert_eq!(thresholds[0].max_requests.map(|v| v.value), Some(2_147_483_647));
+            assert_eq!(thresholds[0].max_pending_requests.map(|v| v.value), Some(2_147_483_647));
+            assert_eq!(thresholds[0].max_connections.map(|v| v.value), Some(2_147_483_647));
+            assert_eq!(thresholds[0].max_retries, None, "Envoy's default: no retries are configured");
+        }
+        let c = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits { max_requests: 100_000 });
+        assert_eq!(c.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100_000));
+        let zero = Some(Duration { seconds: 0, nanos: 0 });
+        let egress = egress_route_configuration(["echo.demo"]);
+        for config in [route_configuration("echo.demo", "echo.demo"), egress] {
+            let Some(route::Action::Route(action)) = config.virtual_hosts[0].routes[0].action.clone() else {
+                panic!("route action")
+            };
+            assert_eq!(action.timeout, zero);
+            let msd = action.max_stream_duration.expect("max_stream_duration");
+            assert_eq!(msd.grpc_timeout_header_max, zero);
+            assert_eq!(msd.max_stream_duration, None);
+        }
     }
 
     #[test]

@@ -245,7 +245,9 @@ mod tests {
         let (ty, cluster) =
             next(RDS, &pack_any(resources::route_configuration(name, name))).expect("ok").expect("follows");
         assert_eq!((ty, cluster.as_str()), (CDS, name));
-        let (ty, eds) = next(CDS, &pack_any(resources::cluster(name, ClientKind::Grpc))).expect("ok").expect("follows");
+        let (ty, eds) = next(CDS, &pack_any(resources::cluster(name, ClientKind::Grpc, &Default::default())))
+            .expect("ok")
+            .expect("follows");
         assert_eq!((ty, eds.as_str()), (EDS, name));
     }
 
@@ -266,9 +268,9 @@ mod tests {
             ServiceEndpoints::new(vec![endpoint(1, Some("3")), endpoint(2, Some("12")), endpoint(3, None)], false);
         let capacity = service.capacity();
         let plan = policy::plan(&policy::shares(Policy::ZoneAware, None, &capacity, &capacity), &capacity);
-        let cla = resources::cluster_load_assignment("x", &service, &plan, ClientKind::Grpc);
+        let cla = resources::cluster_load_assignment("x", &service, &plan, ClientKind::Grpc, 0);
         assert_eq!(marker(&pack_any(cla)).expect("decodes"), 12);
-        let none = resources::cluster_load_assignment("x", &ServiceEndpoints::default(), &plan, ClientKind::Grpc);
+        let none = resources::cluster_load_assignment("x", &ServiceEndpoints::default(), &plan, ClientKind::Grpc, 0);
         assert_eq!(marker(&pack_any(none)).expect("decodes"), 0);
     }
 }

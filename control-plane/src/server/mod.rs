@@ -56,8 +56,9 @@ impl ClientInfo {
         }
     }
 
+    /// The cache's view of this client; flat clients get a subset from their node id.
     pub fn client(&self) -> Client {
-        Client { zone: self.zone.clone(), kind: self.kind }
+        Client::new(self.zone.clone(), self.kind, &self.node_id)
     }
 }
 
