@@ -1,9 +1,11 @@
 //! The versioned store every stream reads: one [`Snapshot`] of all services,
 //! replaced whole on each change and announced through a watch channel.
 //! Resources are encoded once per variant (service × type × name × client
-//! kind × traffic plan) and shared by every stream that needs them; versions
-//! are hashes of the inputs, so they are stable across restarts and equal
-//! content never looks new.
+//! kind × traffic plan) and shared by every stream that needs them. The memo
+//! is keyed by a hash of the inputs; a resource's *version* is a hash of its
+//! encoded bytes, so it is stable across restarts, equal content never looks
+//! new, and a release that changes a resource's shape changes its version
+//! (a Delta Envoy reconnecting with the old versions is sent the new shape).
 //!
 //! The cache also keeps the census — which zones the connected clients of
 //! each service are in — and turns it into traffic plans (`policy`).
@@ -30,9 +32,19 @@ pub const SHARE_THRESHOLD: f64 = 0.02;
 #[derive(Debug)]
 pub struct Encoded {
     pub name: String,
-    /// Hash of everything the resource was built from.
+    /// Hash of the encoded bytes (type URL and value).
     pub version: String,
     pub resource: Any,
+}
+
+impl Encoded {
+    pub fn new(name: String, resource: Any) -> Self {
+        let mut h = StableHasher::default();
+        h.write(resource.type_url.as_bytes());
+        h.write(&[0]);
+        h.write(&resource.value);
+        Encoded { name, version: format!("{:016x}", h.finish()), resource }
+    }
 }
 
 /// Who is on the other end of a stream, as far as resources differ by it.
@@ -171,7 +183,7 @@ impl ServiceEntry {
             self.encoded.clear();
         }
         let (name, resource) = build();
-        let encoded = Arc::new(Encoded { name, version: format!("{key:016x}"), resource });
+        let encoded = Arc::new(Encoded::new(name, resource));
         self.encoded.insert(key, encoded.clone());
         encoded
     }
@@ -253,22 +265,16 @@ impl Snapshot {
 
     fn egress(&self, ty: ResourceType) -> Option<Arc<Encoded>> {
         let address = self.egress?;
-        let encode = |resource: Any, inputs: u64| {
-            Arc::new(Encoded { name: resources::EGRESS.to_string(), version: format!("{inputs:016x}"), resource })
-        };
+        let encode = |resource: Any| Arc::new(Encoded::new(resources::EGRESS.to_string(), resource));
         Some(match ty {
-            ResourceType::Listener => self
-                .egress_listener
-                .get_or_init(|| encode(pack_any(resources::egress_listener(address)), stable_hash(&(ty, address))))
-                .clone(),
+            ResourceType::Listener => {
+                self.egress_listener.get_or_init(|| encode(pack_any(resources::egress_listener(address)))).clone()
+            }
             ResourceType::RouteConfiguration => self
                 .egress_routes
                 .get_or_init(|| {
                     let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
-                    encode(
-                        pack_any(resources::egress_route_configuration(names.iter().copied())),
-                        stable_hash(&(ty, &names)),
-                    )
+                    encode(pack_any(resources::egress_route_configuration(names.iter().copied())))
                 })
                 .clone(),
             _ => return None,
@@ -849,6 +855,21 @@ mod tests {
         let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(after.resource.value.as_slice())
             .expect("decodes");
         assert_eq!(cluster.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100));
+    }
+
+    #[test]
+    fn versions_are_hashes_of_the_encoded_bytes() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a"]), Policy::ZoneAware);
+        let snap = cache.snapshot();
+        for ty in ResourceType::ALL {
+            let e = snap.resolve(ty, "echo.demo", &grpc("a")).expect("resolves");
+            assert_eq!(e.version, Encoded::new(e.name.clone(), e.resource.clone()).version, "{ty:?}");
+            // A release that changes a resource's shape from the same inputs changes its version.
+            let mut reshaped = e.resource.clone();
+            reshaped.value.push(0);
+            assert_ne!(e.version, Encoded::new(e.name.clone(), reshaped).version, "{ty:?}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tonic::Status;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::registry::TypeStatus;
-use super::{ClientInfo, Nack, Outcome, Protocol};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, Protocol, remove_rank};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
 
@@ -157,14 +157,17 @@ impl Protocol for DeltaState {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (ty, state) in self.types.iter_mut() {
+        // Removals of every type, sent after all additions (make before break).
+        let mut removals = Vec::new();
+        for ty in ADD_ORDER {
+            let Some(state) = self.types.get_mut(&ty) else { continue };
             let mut wanted: BTreeSet<String> = state.names.clone();
             if state.wildcard {
-                wanted.extend(snapshot.wildcard_names(*ty, &client));
+                wanted.extend(snapshot.wildcard_names(ty, &client));
             }
             let present: BTreeMap<String, _> = wanted
                 .iter()
-                .filter_map(|name| snapshot.resolve(*ty, name, &client).map(|r| (name.clone(), r)))
+                .filter_map(|name| snapshot.resolve(ty, name, &client).map(|r| (name.clone(), r)))
                 .collect();
             let updated: Vec<_> =
                 present.iter().filter(|(name, r)| state.known.get(*name) != Some(&r.version)).collect();
@@ -183,38 +186,57 @@ impl Protocol for DeltaState {
             if updated.is_empty() && removed.is_empty() && !state.must_respond {
                 continue;
             }
-            self.nonce += 1;
-            let nonce = self.nonce.to_string();
-            let resources: Vec<Resource> = updated
-                .iter()
-                .map(|(name, r)| Resource {
-                    name: (*name).clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.resource.clone()),
-                    ..Default::default()
-                })
-                .collect();
-            for (name, r) in &updated {
-                state.known.insert((*name).clone(), r.version.clone());
-            }
-            for name in &removed {
-                state.known.remove(name);
-                if state.names.contains(name) {
-                    state.absent_reported.insert(name.clone());
+            let system_version =
+                format!("{:016x}", stable_hash(&present.iter().map(|(n, r)| (n, &r.version)).collect::<Vec<_>>()));
+            if !updated.is_empty() || removed.is_empty() {
+                self.nonce += 1;
+                let nonce = self.nonce.to_string();
+                let resources: Vec<Resource> = updated
+                    .iter()
+                    .map(|(name, r)| Resource {
+                        name: (*name).clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.resource.clone()),
+                        ..Default::default()
+                    })
+                    .collect();
+                for (name, r) in &updated {
+                    state.known.insert((*name).clone(), r.version.clone());
                 }
+                out.push(DeltaDiscoveryResponse {
+                    system_version_info: system_version.clone(),
+                    resources,
+                    type_url: ty.type_url().to_string(),
+                    nonce: nonce.clone(),
+                    ..Default::default()
+                });
+                state.last_nonce = Some(nonce);
             }
-            let system_version = stable_hash(&present.iter().map(|(n, r)| (n, &r.version)).collect::<Vec<_>>());
-            out.push(DeltaDiscoveryResponse {
-                system_version_info: format!("{system_version:016x}"),
-                resources,
-                type_url: ty.type_url().to_string(),
-                removed_resources: removed,
-                nonce: nonce.clone(),
-                ..Default::default()
-            });
-            state.last_nonce = Some(nonce);
+            if !removed.is_empty() {
+                self.nonce += 1;
+                let nonce = self.nonce.to_string();
+                for name in &removed {
+                    state.known.remove(name);
+                    if state.names.contains(name) {
+                        state.absent_reported.insert(name.clone());
+                    }
+                }
+                removals.push((
+                    ty,
+                    DeltaDiscoveryResponse {
+                        system_version_info: system_version,
+                        type_url: ty.type_url().to_string(),
+                        removed_resources: removed,
+                        nonce: nonce.clone(),
+                        ..Default::default()
+                    },
+                ));
+                state.last_nonce = Some(nonce);
+            }
             state.must_respond = false;
         }
+        removals.sort_by_key(|(ty, _)| remove_rank(*ty));
+        out.extend(removals.into_iter().map(|(_, r)| r));
         out
     }
 
@@ -316,7 +338,8 @@ mod tests {
         s.on_request(&request(EDS, &["echo.demo", "ghost.demo"], &[], "")).expect("ok");
         let r = s.responses(&cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"]);
-        assert_eq!(r[0].removed_resources, vec!["ghost.demo"], "absent names are reported once");
+        assert!(r[0].removed_resources.is_empty(), "removals go in a later response");
+        assert_eq!(r[1].removed_resources, vec!["ghost.demo"], "absent names are reported once");
         assert!(s.responses(&cache.snapshot()).is_empty());
         assert_eq!(s.eds_names(), BTreeSet::from(["echo.demo".to_string(), "ghost.demo".to_string()]));
         // Endpoint change: the one resource is re-sent with a new version.
@@ -346,7 +369,77 @@ mod tests {
         again.on_request(&first).expect("ok");
         let r = again.responses(&cache.snapshot());
         assert_eq!(names(&r[0]), vec!["new.demo"], "echo.demo is unchanged and not re-sent");
-        assert_eq!(r[0].removed_resources, vec!["other.demo"]);
+        assert_eq!(r[1].removed_resources, vec!["other.demo"]);
+    }
+
+    /// What one moment's responses carry, in the order sent: (type, names, removed).
+    fn walk(r: &[DeltaDiscoveryResponse]) -> Vec<(ResourceType, Vec<&str>, Vec<&str>)> {
+        r.iter()
+            .map(|r| {
+                let ty = ResourceType::from_type_url(&r.type_url).expect("type");
+                (ty, names(r), r.removed_resources.iter().map(String::as_str).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn make_before_break_for_a_new_and_a_removed_service() {
+        use ResourceType::RouteConfiguration as RDS;
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        service(&cache, "echo", 1);
+        cache.set_ready();
+        let mut s = DeltaState::default();
+        let mut first = request(LDS, &[], &[], "");
+        first.node = Some(envoy_node());
+        s.on_request(&first).expect("lds");
+        s.on_request(&request(RDS, &[crate::resources::EGRESS], &[], "")).expect("rds");
+        s.on_request(&request(CDS, &[], &[], "")).expect("cds");
+        s.on_request(&request(EDS, &["echo.demo"], &[], "")).expect("eds");
+        let first = s.responses(&cache.snapshot());
+        let order: Vec<ResourceType> = walk(&first).into_iter().map(|(t, _, _)| t).collect();
+        assert_eq!(order, vec![CDS, EDS, LDS, RDS], "clusters and endpoints before the routes naming them");
+
+        // A new service: its cluster goes out before the route that names it.
+        service(&cache, "new", 3);
+        s.on_request(&request(EDS, &["new.demo"], &[], "")).expect("eds");
+        let order: Vec<ResourceType> = walk(&s.responses(&cache.snapshot())).into_iter().map(|(t, _, _)| t).collect();
+        assert_eq!(order, vec![CDS, EDS, RDS]);
+
+        // Removed: the route stops naming it before the cluster goes.
+        cache.remove_service(&ServiceName::new("demo", "new"));
+        let r = s.responses(&cache.snapshot());
+        let w = walk(&r);
+        let rds = w.iter().position(|(t, n, _)| *t == RDS && !n.is_empty()).expect("routes updated");
+        let cds = w.iter().position(|(t, _, removed)| *t == CDS && removed == &vec!["new.demo"]).expect("cds removal");
+        assert!(rds < cds, "{w:?}");
+    }
+
+    #[test]
+    fn reconnect_after_an_upgrade_that_reshaped_a_resource_sends_it() {
+        // What an Envoy holds from the previous release: the same cluster from the same
+        // inputs, in an older shape (no circuit breakers), and that shape's version.
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use prost::Message;
+        let (cache, _) = setup();
+        let client = crate::cache::Client::new(Some(Zone::new("a")), crate::model::ClientKind::Envoy, "envoy-1");
+        let now = cache.snapshot().resolve(CDS, "echo.demo", &client).expect("cds");
+        let mut old = Cluster::decode(now.resource.value.as_slice()).expect("decodes");
+        old.circuit_breakers = None;
+        let old = crate::cache::Encoded::new("echo.demo".into(), envoy_types::util::pack_any(old));
+        assert_ne!(old.version, now.version, "a different shape is a different version");
+        let other = cache.snapshot().resolve(CDS, "other.demo", &client).expect("cds");
+
+        let mut s = DeltaState::default();
+        let mut first = request(CDS, &[], &[], "");
+        first.node = Some(envoy_node());
+        first.initial_resource_versions = HashMap::from([
+            ("echo.demo".to_string(), old.version.clone()),
+            ("other.demo".to_string(), other.version.clone()),
+        ]);
+        s.on_request(&first).expect("ok");
+        let r = s.responses(&cache.snapshot());
+        assert_eq!(names(&r[0]), vec!["echo.demo"], "the reshaped cluster is sent, the unchanged one is not");
+        assert_eq!(r[0].resources[0].version, now.version);
     }
 
     #[test]

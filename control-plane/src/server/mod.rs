@@ -9,7 +9,8 @@
 //! `error_detail`) is recorded and the rejected version is never re-sent —
 //! only a new version is; newly named resources are answered at once.
 //! Nothing is sent before the first Cloud Map sync, so a restarted control
-//! plane never tells clients their resources are gone.
+//! plane never tells clients their resources are gone. Responses of one
+//! moment go out make-before-break ([`ADD_ORDER`], then [`REMOVE_ORDER`]).
 
 pub mod csds;
 pub mod delta;
@@ -34,6 +35,29 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::cache::{Cache, Client, Snapshot};
 use crate::model::{ClientKind, Zone};
 use crate::resources::ResourceType;
+
+/// Make before break: a client is sent what a resource refers to before the
+/// resource that refers to it — clusters, their endpoints, then listeners and
+/// routes (a route never names a cluster the client does not have yet) ...
+pub const ADD_ORDER: [ResourceType; 4] = [
+    ResourceType::Cluster,
+    ResourceType::ClusterLoadAssignment,
+    ResourceType::Listener,
+    ResourceType::RouteConfiguration,
+];
+
+/// ... and removals go last, referrers first: listeners and routes stop
+/// naming a cluster before the cluster goes.
+pub const REMOVE_ORDER: [ResourceType; 4] = [
+    ResourceType::Listener,
+    ResourceType::RouteConfiguration,
+    ResourceType::Cluster,
+    ResourceType::ClusterLoadAssignment,
+];
+
+fn remove_rank(ty: ResourceType) -> usize {
+    REMOVE_ORDER.iter().position(|t| *t == ty).unwrap_or(REMOVE_ORDER.len())
+}
 
 /// Who a stream belongs to, from the Node of its first request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,7 +35,7 @@ use tonic::Status;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::registry::{ResourceState, TypeStatus};
-use super::{ClientInfo, Nack, Outcome, Protocol};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, Protocol, remove_rank};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
 
@@ -278,7 +278,11 @@ impl Protocol for SotwState {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (ty, state) in self.types.iter_mut() {
+        // Whole sets that only lose names: sent after everything else.
+        let mut removals = Vec::new();
+        for ty in ADD_ORDER {
+            let Some(state) = self.types.get_mut(&ty) else { continue };
+            let ty = &ty;
             let sub = &state.subscription;
             if !sub.wildcard && sub.names.is_empty() {
                 state.must_respond = false;
@@ -298,16 +302,19 @@ impl Protocol for SotwState {
                 if unchanged && !state.must_respond {
                     continue;
                 }
+                let shrinks_only = resources.len() < state.sent.len()
+                    && resources.iter().all(|r| state.sent.get(&r.name) == Some(&r.version));
                 self.nonce += 1;
                 let held = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
                 state.record(self.nonce, version.clone(), held, true);
-                out.push(DiscoveryResponse {
+                let response = DiscoveryResponse {
                     version_info: version,
                     resources: resources.iter().map(|r| r.resource.clone()).collect(),
                     type_url: ty.type_url().to_string(),
                     nonce: self.nonce.to_string(),
                     ..Default::default()
-                });
+                };
+                if shrinks_only { removals.push((*ty, response)) } else { out.push(response) }
             } else {
                 for r in &resources {
                     if state.sent.get(&r.name) == Some(&r.version) {
@@ -332,6 +339,8 @@ impl Protocol for SotwState {
             }
             state.must_respond = false;
         }
+        removals.sort_by_key(|(ty, _)| remove_rank(*ty));
+        out.extend(removals.into_iter().map(|(_, r)| r));
         out
     }
 
@@ -424,6 +433,45 @@ mod tests {
     }
 
     use ResourceType::{Cluster as CDS, ClusterLoadAssignment as EDS, Listener as LDS, RouteConfiguration as RDS};
+
+    #[test]
+    fn make_before_break_order_for_envoy() {
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        let one = |ip: u8| {
+            let endpoint = Endpoint {
+                instance_id: format!("i-{ip}"),
+                ip: std::net::IpAddr::from([10, 0, 0, ip]),
+                port: 50051,
+                zone: Zone::new("a"),
+                region: "r".into(),
+                health: Health::Healthy,
+                weight: 1,
+                attributes: Default::default(),
+                metadata: Default::default(),
+            };
+            ServiceEndpoints::new(vec![endpoint], false)
+        };
+        cache.update_service(&ServiceName::new("demo", "echo"), one(1), Policy::ZoneAware);
+        cache.set_ready();
+        let mut s = SotwState::default();
+        let mut first = request(LDS, &[], "", "");
+        first.node = Some(node("a", "envoy"));
+        s.on_request(&first).expect("lds");
+        s.on_request(&request(RDS, &[crate::resources::EGRESS], "", "")).expect("rds");
+        s.on_request(&request(CDS, &[], "", "")).expect("cds");
+        s.on_request(&request(EDS, &["echo.demo"], "", "")).expect("eds");
+        let types = |r: &[DiscoveryResponse]| -> Vec<ResourceType> {
+            r.iter().map(|r| ResourceType::from_type_url(&r.type_url).expect("type")).collect()
+        };
+        assert_eq!(types(&s.responses(&cache.snapshot())), vec![CDS, EDS, LDS, RDS]);
+
+        // A new service: the whole CDS set (with it) before the routes naming it.
+        cache.update_service(&ServiceName::new("demo", "new"), one(2), Policy::ZoneAware);
+        assert_eq!(types(&s.responses(&cache.snapshot())), vec![CDS, RDS]);
+        // Removed: the routes lose it before the CDS set does.
+        cache.remove_service(&ServiceName::new("demo", "new"));
+        assert_eq!(types(&s.responses(&cache.snapshot())), vec![RDS, CDS]);
+    }
 
     #[test]
     fn grpc_client_walk_lds_rds_cds_eds() {
