@@ -40,6 +40,8 @@ pub struct DeltaState {
     pub client: Option<ClientInfo>,
     pub types: BTreeMap<ResourceType, DeltaTypeState>,
     nonce: u64,
+    /// A request since the last [`Protocol::take_changed`] may need an answer.
+    changed: bool,
 }
 
 impl Protocol for DeltaState {
@@ -149,7 +151,15 @@ impl Protocol for DeltaState {
                 state.known.remove(name);
             }
         }
+        self.changed |= first
+            || outcome == Outcome::Subscribe
+            || !request.resource_names_subscribe.is_empty()
+            || !request.resource_names_unsubscribe.is_empty();
         Ok((ty, outcome))
+    }
+
+    fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     fn responses(&mut self, snapshot: &Snapshot) -> Vec<DeltaDiscoveryResponse> {

@@ -123,6 +123,10 @@ pub trait Protocol: Default + Send + 'static {
     fn request_names(request: &Self::Request) -> usize;
     /// The Node the request carries, if any.
     fn request_node(request: &Self::Request) -> Option<&Node>;
+    /// Whether a request since the last call may need an answer (a new or
+    /// changed subscription); clears the flag. A plain ACK, a NACK or a stale
+    /// request does not, so the stream skips recomputing its responses.
+    fn take_changed(&mut self) -> bool;
     /// What the client holds, per type (for /config_dump and CSDS).
     fn status(&self) -> Vec<registry::TypeStatus>;
     fn response_type_url(response: &Self::Response) -> &str;
@@ -283,28 +287,58 @@ async fn run_stream<P: Protocol>(
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
     let StreamTask { cache, id, peer, limits, admission, mut shutdown } = stream;
-    let mut node: Option<Node> = None;
     let mut changes = cache.subscribe();
-    let mut state = P::default();
+    // Shared with the registry, which locks it briefly when someone asks for status.
+    let state = Arc::new(std::sync::Mutex::new(P::default()));
+    let status_of = state.clone();
+    admission.attach(Arc::new(move || status_of.lock().map(|s| s.status()).unwrap_or_default()));
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut client: Option<ClientInfo> = None;
     let mut census: Option<CensusGuard> = None;
     let mut labels: Option<(String, String)> = None;
+    // The snapshot generation the responses were last computed against, and
+    // whether a request since then may need an answer.
+    let mut answered: Option<u64> = None;
+    let mut dirty = true;
     'stream: loop {
         tokio::select! {
             message = inbound.message() => match message {
-                Ok(Some(request)) => match checked::<P>(&limits, &request).and_then(|()| state.on_request(&request)) {
-                    Ok((ty, outcome)) => {
-                        if node.is_none() {
-                            node = P::request_node(&request).cloned();
+                Ok(Some(request)) => {
+                    let handled = checked::<P>(&limits, &request).and_then(|()| {
+                        let mut state = lock();
+                        let result = state.on_request(&request);
+                        if client.is_none() {
+                            client = state.client().cloned();
                         }
-                        record(id, ty, P::request_type_url(&request), &outcome);
-                        admission.update(node.as_ref(), state.client(), state.status());
+                        dirty |= state.take_changed();
+                        result.map(|(ty, outcome)| (ty, outcome, state.eds_names()))
+                    });
+                    match handled {
+                        Ok((ty, outcome, eds_names)) => {
+                            record(id, ty, P::request_type_url(&request), &outcome);
+                            if let (None, Some(c)) = (&census, &client) {
+                                admission.identify(P::request_node(&request), Some(c));
+                                tracing::info!(
+                                    stream = id, ?peer, protocol = P::NAME, node = %c.node_id, zone = ?c.zone.as_ref().map(Zone::as_str),
+                                    agent = %c.user_agent, kind = ?c.kind, "client connected"
+                                );
+                                let zone = c.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
+                                let kind = format!("{:?}", c.kind).to_ascii_lowercase();
+                                metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
+                                labels = Some((zone, kind));
+                                census = Some(CensusGuard { cache: cache.clone(), zone: c.zone.clone(), services: BTreeSet::new() });
+                            }
+                            if let Some(guard) = census.as_mut() {
+                                guard.update(eds_names);
+                            }
+                        }
+                        Err(status) => {
+                            tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
+                            let _ = tx.send(Err(status)).await;
+                            break 'stream;
+                        }
                     }
-                    Err(status) => {
-                        tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
-                        let _ = tx.send(Err(status)).await;
-                        break 'stream;
-                    }
-                },
+                }
                 Ok(None) => break 'stream,
                 Err(status) => {
                     tracing::debug!(stream = id, error = %status, "stream closed by transport error");
@@ -317,28 +351,16 @@ async fn run_stream<P: Protocol>(
                 break 'stream;
             }
         }
-        if let (None, Some(client)) = (&census, state.client()) {
-            tracing::info!(
-                stream = id, ?peer, protocol = P::NAME, node = %client.node_id, zone = ?client.zone.as_ref().map(Zone::as_str),
-                agent = %client.user_agent, kind = ?client.kind, "client connected"
-            );
-            let zone = client.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
-            let kind = format!("{:?}", client.kind).to_ascii_lowercase();
-            metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
-            labels = Some((zone, kind));
-            census = Some(CensusGuard { cache: cache.clone(), zone: client.zone.clone(), services: BTreeSet::new() });
-        }
-        if let Some(guard) = census.as_mut() {
-            guard.update(state.eds_names());
-        }
         if !cache.is_ready() {
             continue;
         }
-        let responses = state.responses(&cache.snapshot());
-        if responses.is_empty() {
+        let snapshot = cache.snapshot();
+        if !dirty && answered == Some(snapshot.generation) {
             continue;
         }
-        admission.update(node.as_ref(), state.client(), state.status());
+        let responses = lock().responses(&snapshot);
+        answered = Some(snapshot.generation);
+        dirty = false;
         for response in responses {
             let type_url = P::response_type_url(&response).to_string();
             tracing::debug!(stream = id, %type_url, "push");

@@ -1,6 +1,8 @@
 //! Who is connected, and what each client was sent and accepted. Feeds
-//! `/config_dump`, CSDS and the stream limit; written by the stream tasks
-//! after each request and push, read by the admin and CSDS handlers.
+//! `/config_dump`, CSDS and the stream limit. Off the hot path: a stream
+//! registers once and leaves a way to ask for its status ([`StatusFn`]);
+//! status is built only when the admin or CSDS handlers ask for it, never
+//! copied per request or push.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,10 +53,27 @@ pub struct StreamStatus {
     pub types: Vec<TypeStatus>,
 }
 
-#[derive(Debug)]
+/// Builds a stream's per-type status on demand (briefly locks its protocol state).
+pub type StatusFn = Arc<dyn Fn() -> Vec<TypeStatus> + Send + Sync>;
+
+struct Entry {
+    /// Everything but `types`, which comes from `status` when asked.
+    summary: StreamStatus,
+    status: Option<StatusFn>,
+}
+
 pub struct Registry {
-    streams: DashMap<u64, StreamStatus>,
+    streams: DashMap<u64, Entry>,
     max_streams: usize,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("streams", &self.streams.len())
+            .field("max_streams", &self.max_streams)
+            .finish()
+    }
 }
 
 impl Registry {
@@ -76,23 +95,31 @@ impl Registry {
                 self.max_streams
             )));
         }
-        self.streams.insert(
+        let summary = StreamStatus {
             id,
-            StreamStatus {
-                id,
-                protocol,
-                peer,
-                connected_at: std::time::SystemTime::now(),
-                node: None,
-                client: None,
-                types: Vec::new(),
-            },
-        );
+            protocol,
+            peer,
+            connected_at: std::time::SystemTime::now(),
+            node: None,
+            client: None,
+            types: Vec::new(),
+        };
+        self.streams.insert(id, Entry { summary, status: None });
         Ok(Admission { registry: self.clone(), id })
     }
 
+    /// Every stream's status, built now.
     pub fn list(&self) -> Vec<StreamStatus> {
-        let mut all: Vec<StreamStatus> = self.streams.iter().map(|s| s.value().clone()).collect();
+        // Take the handles first: no registry shard stays locked while streams are asked.
+        let entries: Vec<(StreamStatus, Option<StatusFn>)> =
+            self.streams.iter().map(|e| (e.summary.clone(), e.status.clone())).collect();
+        let mut all: Vec<StreamStatus> = entries
+            .into_iter()
+            .map(|(mut summary, status)| {
+                summary.types = status.map(|f| f()).unwrap_or_default();
+                summary
+            })
+            .collect();
         all.sort_by_key(|s| s.id);
         all
     }
@@ -114,15 +141,22 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn update(&self, node: Option<&Node>, client: Option<&ClientInfo>, types: Vec<TypeStatus>) {
-        if let Some(mut status) = self.registry.streams.get_mut(&self.id) {
-            if status.node.is_none() {
-                status.node = node.cloned();
+    /// Who the client is, once known (the first request's Node).
+    pub fn identify(&self, node: Option<&Node>, client: Option<&ClientInfo>) {
+        if let Some(mut entry) = self.registry.streams.get_mut(&self.id) {
+            if entry.summary.node.is_none() {
+                entry.summary.node = node.cloned();
             }
-            if status.client.is_none() {
-                status.client = client.cloned();
+            if entry.summary.client.is_none() {
+                entry.summary.client = client.cloned();
             }
-            status.types = types;
+        }
+    }
+
+    /// How to ask this stream for its status.
+    pub fn attach(&self, status: StatusFn) {
+        if let Some(mut entry) = self.registry.streams.get_mut(&self.id) {
+            entry.status = Some(status);
         }
     }
 }
@@ -141,6 +175,9 @@ mod tests {
     fn limit_and_removal_on_drop() {
         let registry = Arc::new(Registry::new(2));
         let a = registry.admit(1, "sotw", None).expect("first");
+        let types = vec![TypeStatus { type_url: "t".into(), ..Default::default() }];
+        a.attach(Arc::new(move || types.clone()));
+        assert_eq!(registry.list()[0].types.len(), 1, "status is asked for when listed");
         let _b = registry.admit(2, "sotw", None).expect("second");
         let refused = registry.admit(3, "sotw", None).expect_err("over the limit");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);

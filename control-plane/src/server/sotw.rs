@@ -161,6 +161,8 @@ pub struct SotwState {
     pub client: Option<ClientInfo>,
     pub types: BTreeMap<ResourceType, TypeState>,
     nonce: u64,
+    /// A request since the last [`Protocol::take_changed`] may need an answer.
+    changed: bool,
 }
 
 impl Protocol for SotwState {
@@ -268,8 +270,14 @@ impl Protocol for SotwState {
             }
             state.forget_superseded_nack();
         }
+        let changed = state.subscription != subscription || outcome == Outcome::Subscribe;
         state.subscription = subscription;
+        self.changed |= changed;
         Ok((ty, outcome))
+    }
+
+    fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// Empty until the first request has told us who the client is.
