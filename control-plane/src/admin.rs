@@ -139,7 +139,8 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 entry.census.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
             let live: serde_json::Map<_, _> = state
                 .cache
-                .live_census(&entry.name.dial_name())
+                .census()
+                .live(&entry.name.dial_name())
                 .iter()
                 .map(|(z, c)| (z.as_str().to_string(), json!(c)))
                 .collect();

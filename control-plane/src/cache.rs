@@ -7,8 +7,8 @@
 //! new, and a release that changes a resource's shape changes its version
 //! (a Delta Envoy reconnecting with the old versions is sent the new shape).
 //!
-//! The cache also keeps the census — which zones the connected clients of
-//! each service are in — and turns it into traffic plans (`policy`).
+//! The plans of each service come from the census the entry was built with
+//! (`census` keeps the live one; [`Cache::apply_census`] moves entries to it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -21,6 +21,7 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use tokio::sync::watch;
 
+use crate::census::Census;
 use crate::model::{ClientKind, ServiceEndpoints, ServiceName, Zone};
 use crate::policy::{self, PerZone, Plan, Policy};
 use crate::resources::{self, ClusterLimits, ResourceType};
@@ -369,12 +370,8 @@ pub struct Cache {
     owners: Mutex<BTreeMap<String, u64>>,
     next_owner: AtomicU64,
     namespaces: Mutex<BTreeMap<String, NamespaceState>>,
-    /// Streams subscribed to each service's endpoints, with or without a zone.
-    subscribers: DashMap<String, usize>,
-    /// Live census: clients per zone, per service dial name.
-    census: Mutex<BTreeMap<String, PerZone>>,
-    census_changed: tokio::sync::Notify,
-    census_new_zone: AtomicBool,
+    /// Who is connected to which service, written by the streams.
+    census: Census,
     synced: DashMap<String, std::time::Instant>,
 }
 
@@ -395,10 +392,7 @@ impl Cache {
             owners: Mutex::new(BTreeMap::new()),
             next_owner: AtomicU64::new(1),
             namespaces: Mutex::new(BTreeMap::new()),
-            subscribers: DashMap::new(),
-            census: Mutex::new(BTreeMap::new()),
-            census_changed: tokio::sync::Notify::new(),
-            census_new_zone: AtomicBool::new(false),
+            census: Census::default(),
             synced: DashMap::new(),
         }
     }
@@ -483,7 +477,7 @@ impl Cache {
         options: ServiceOptions,
     ) -> Write {
         let dial = name.dial_name();
-        let census = self.live_census(&dial);
+        let census = self.census.live(&dial);
         let mut outcome = Write::Unchanged;
         // The claim is checked under the snapshot's write lock, which `remove` also holds:
         // a write and a removal cannot interleave.
@@ -547,77 +541,20 @@ impl Cache {
         self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Whether any stream subscribes to service `dial`'s endpoints.
-    pub fn has_subscribers(&self, dial: &str) -> bool {
-        self.subscribers.get(dial).is_some_and(|n| *n > 0)
-    }
-
     /// Time since each service's last successful Cloud Map call.
     pub fn sync_ages(&self) -> BTreeMap<String, std::time::Duration> {
         self.synced.iter().map(|e| (e.key().clone(), e.value().elapsed())).collect()
     }
 
-    /// Clients per zone connected now for service `dial` (the plans may use an older census).
-    pub fn live_census(&self, dial: &str) -> PerZone {
-        self.census.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default()
-    }
-
-    /// A client in `zone` subscribed to service `dial`'s endpoints. Clients
-    /// without a zone count as subscribers but not in the census.
-    pub fn census_join(&self, dial: &str, zone: &Zone) {
-        *self.subscribers.entry(dial.to_string()).or_insert(0) += 1;
-        if zone.is_unknown() {
-            return;
-        }
-        let mut census = self.census.lock().unwrap_or_else(|e| e.into_inner());
-        let count = census.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            // A zone new to this service changes its shares the most (from
-            // "by capacity" to "local"); there are few zones, so apply soon.
-            self.census_new_zone.store(true, Ordering::Release);
-        }
-        drop(census);
-        self.census_changed.notify_one();
-    }
-
-    pub fn census_leave(&self, dial: &str, zone: &Zone) {
-        if let dashmap::Entry::Occupied(mut n) = self.subscribers.entry(dial.to_string()) {
-            *n.get_mut() = n.get().saturating_sub(1);
-            if *n.get() == 0 {
-                n.remove();
-            }
-        }
-        if zone.is_unknown() {
-            return;
-        }
-        let mut census = self.census.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(zones) = census.get_mut(dial) {
-            if let Some(count) = zones.get_mut(zone) {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    zones.remove(zone);
-                }
-            }
-            if zones.is_empty() {
-                census.remove(dial);
-            }
-        }
-        drop(census);
-        self.census_changed.notify_one();
-    }
-
-    /// Resolves when the census changed since the last call; `true` when a
-    /// zone joined a service's census (worth applying without the full debounce).
-    pub async fn census_changed(&self) -> bool {
-        self.census_changed.notified().await;
-        self.census_new_zone.swap(false, Ordering::AcqRel)
+    /// The live census (the plans may use an older one, see [`Cache::apply_census`]).
+    pub fn census(&self) -> &Census {
+        &self.census
     }
 
     /// Move services to the live census where that shifts some share by at
     /// least [`SHARE_THRESHOLD`]; returns whether anything was published.
     pub fn apply_census(&self) -> bool {
-        let live = self.census.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let live = self.census.all();
         self.publish(|services| {
             let mut changed = false;
             for (dial, entry) in services.iter_mut() {
@@ -741,7 +678,7 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "a", "b", "b", "c", "c"]), Policy::ZoneAware);
         for zone in ["a", "b", "c"] {
-            cache.census_join("echo.demo", &Zone::new(zone));
+            cache.census().join("echo.demo", &Zone::new(zone));
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
@@ -751,7 +688,7 @@ mod tests {
 
         // Skew to 4/1/1: a spills half, b and c stay local — and b's resource is not re-encoded.
         for _ in 0..3 {
-            cache.census_join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("a"));
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
@@ -768,17 +705,17 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b"]), Policy::ZoneAware);
         for _ in 0..100 {
-            cache.census_join("echo.demo", &Zone::new("a"));
-            cache.census_join("echo.demo", &Zone::new("b"));
+            cache.census().join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("b"));
         }
         assert!(cache.apply_census());
         // 101 vs 100 clients: both zones stay local, nothing moves.
-        cache.census_join("echo.demo", &Zone::new("a"));
+        cache.census().join("echo.demo", &Zone::new("a"));
         assert!(!cache.apply_census());
         // Non zone-aware services ignore the census.
         cache.update_service(&name, endpoints(&["a", "b"]), Policy::LocalFirst);
         for _ in 0..50 {
-            cache.census_join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("a"));
         }
         assert!(!cache.apply_census());
     }
@@ -829,12 +766,12 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b", "b", "b"]), Policy::ZoneAware);
         for zone in ["a", "a", "b", "b"] {
-            cache.census_join("echo.demo", &Zone::new(zone));
+            cache.census().join("echo.demo", &Zone::new(zone));
         }
         assert!(cache.apply_census());
         // Clients in x spread by capacity whatever their number; nobody's shares move.
         for _ in 0..4 {
-            cache.census_join("echo.demo", &Zone::new("x"));
+            cache.census().join("echo.demo", &Zone::new("x"));
         }
         assert!(!cache.apply_census());
         let a = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
@@ -899,25 +836,5 @@ mod tests {
         assert!(!cache.retire(&old), "an old claim cannot remove the new watcher's service");
         assert_eq!(cache.snapshot().services["echo.demo"].endpoints.endpoints[0].zone, Zone::new("c"));
         assert_eq!(cache.write(&new, endpoints(&["c"]), Policy::ZoneAware), Write::Unchanged);
-    }
-
-    #[test]
-    fn subscribers_count_clients_without_a_zone() {
-        let cache = Cache::default();
-        cache.census_join("echo.demo", &Zone::default());
-        assert!(cache.has_subscribers("echo.demo"));
-        assert!(cache.live_census("echo.demo").is_empty());
-        cache.census_leave("echo.demo", &Zone::default());
-        assert!(!cache.has_subscribers("echo.demo"));
-    }
-
-    #[test]
-    fn census_leave_forgets_empty_zones() {
-        let cache = Cache::default();
-        cache.census_join("echo.demo", &Zone::new("a"));
-        cache.census_join("echo.demo", &Zone::default());
-        cache.census_leave("echo.demo", &Zone::new("a"));
-        cache.census_leave("echo.demo", &Zone::new("a"));
-        assert!(cache.live_census("echo.demo").is_empty());
     }
 }

@@ -723,7 +723,8 @@ impl<C: CloudMap> Watcher<C> {
         let mut first_read = true;
         let mut large = false;
         loop {
-            let priority = if self.cache.has_subscribers(&dial) { Priority::Subscribed } else { Priority::Background };
+            let priority =
+                if self.cache.census().has_subscribers(&dial) { Priority::Subscribed } else { Priority::Background };
             let revision_interval = self.budget.stretch(self.timing.revision_interval);
             let refresh_interval =
                 stretched_refresh(self.timing.refresh_interval, self.timing.revision_interval, revision_interval);

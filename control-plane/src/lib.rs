@@ -11,6 +11,7 @@ pub mod aws_error;
 pub mod bootstrap;
 pub mod budget;
 pub mod cache;
+pub mod census;
 pub mod cloudmap;
 pub mod config;
 pub mod model;

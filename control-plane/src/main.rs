@@ -99,7 +99,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics::gauge!("cloudmap_xds_api_rate").set(args.api_rate);
     tracing::info!(namespaces = ?args.namespaces, api_rate = args.api_rate, "watching Cloud Map");
     let watching = tokio::spawn(watcher.run(args.namespaces.clone()));
-    let census = tokio::spawn(apply_census(cache.clone(), args.census_debounce));
+    let census = tokio::spawn(cloudmap_xds::census::follow(cache.clone(), args.census_debounce));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let streams_stop = stop_rx.clone();
@@ -153,20 +153,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await;
     Ok(())
-}
-
-/// Recompute zone shares after bursts of connects and disconnects settle.
-async fn apply_census(cache: Arc<Cache>, debounce: std::time::Duration) {
-    // Connects that arrive together (a deploy, a control-plane restart) are
-    // gathered; a zone new to a service waits only a short moment.
-    let new_zone_debounce = debounce.min(std::time::Duration::from_millis(100));
-    loop {
-        let new_zone = cache.census_changed().await;
-        tokio::time::sleep(if new_zone { new_zone_debounce } else { debounce }).await;
-        if cache.apply_census() {
-            tracing::debug!("census changed zone shares");
-        }
-    }
 }
 
 async fn shutdown_signal() {

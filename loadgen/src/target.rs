@@ -126,7 +126,7 @@ impl InProcess {
                     eprintln!("in-process xDS server failed: {e}");
                 }
             }),
-            tokio::spawn(census(cache.clone(), Duration::from_secs(1))),
+            tokio::spawn(cloudmap_xds::census::follow(cache.clone(), Duration::from_secs(1))),
         ];
         let mut target = InProcess {
             xds,
@@ -151,16 +151,6 @@ impl InProcess {
         let at = unix_now();
         self.cache.update_service(&self.name, translation.endpoints, Policy::ZoneAware);
         self.applied.insert(k, at);
-    }
-}
-
-/// The binary's census debouncer (`main.rs`), so zone-aware plans follow the clients.
-async fn census(cache: Arc<Cache>, debounce: Duration) {
-    let new_zone_debounce = debounce.min(Duration::from_millis(100));
-    loop {
-        let new_zone = cache.census_changed().await;
-        tokio::time::sleep(if new_zone { new_zone_debounce } else { debounce }).await;
-        cache.apply_census();
     }
 }
 

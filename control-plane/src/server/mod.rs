@@ -266,10 +266,10 @@ impl CensusGuard {
         // A client without a zone still counts as a subscriber (it is in no zone's census).
         let zone = self.zone.clone().unwrap_or_default();
         for gone in self.services.difference(&services) {
-            self.cache.census_leave(gone, &zone);
+            self.cache.census().leave(gone, &zone);
         }
         for new in services.difference(&self.services) {
-            self.cache.census_join(new, &zone);
+            self.cache.census().join(new, &zone);
         }
         self.services = services;
     }

@@ -1,0 +1,166 @@
+//! The census: which zones the connected clients of each service are in,
+//! written by the ADS streams as they subscribe to and leave a service's
+//! endpoints, and [`follow`], the debouncer that moves the cache's plans to
+//! it once bursts of connects settle. The binary and the load generator run
+//! the same [`follow`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::cache::Cache;
+use crate::model::Zone;
+use crate::policy::PerZone;
+
+/// Clients per zone per service (by dial name), and subscribers with or without a zone.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Streams subscribed to each service's endpoints, with or without a zone.
+    subscribers: DashMap<String, usize>,
+    /// Clients with a zone, per zone, per service.
+    zones: Mutex<BTreeMap<String, PerZone>>,
+    changed: Notify,
+    new_zone: AtomicBool,
+}
+
+impl Census {
+    /// A client in `zone` subscribed to service `dial`'s endpoints. Clients
+    /// without a zone count as subscribers but not in any zone.
+    pub fn join(&self, dial: &str, zone: &Zone) {
+        *self.subscribers.entry(dial.to_string()).or_insert(0) += 1;
+        if zone.is_unknown() {
+            return;
+        }
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        let count = zones.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            // A zone new to this service changes its shares the most (from
+            // "by capacity" to "local"); there are few zones, so apply soon.
+            self.new_zone.store(true, Ordering::Release);
+        }
+        drop(zones);
+        self.changed.notify_one();
+    }
+
+    pub fn leave(&self, dial: &str, zone: &Zone) {
+        if let dashmap::Entry::Occupied(mut n) = self.subscribers.entry(dial.to_string()) {
+            *n.get_mut() = n.get().saturating_sub(1);
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+        if zone.is_unknown() {
+            return;
+        }
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(per_zone) = zones.get_mut(dial) {
+            if let Some(count) = per_zone.get_mut(zone) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    per_zone.remove(zone);
+                }
+            }
+            if per_zone.is_empty() {
+                zones.remove(dial);
+            }
+        }
+        drop(zones);
+        self.changed.notify_one();
+    }
+
+    /// Clients per zone connected now for service `dial`.
+    pub fn live(&self, dial: &str) -> PerZone {
+        self.zones.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default()
+    }
+
+    /// Clients per zone of every service.
+    pub fn all(&self) -> BTreeMap<String, PerZone> {
+        self.zones.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether any stream subscribes to service `dial`'s endpoints.
+    pub fn has_subscribers(&self, dial: &str) -> bool {
+        self.subscribers.get(dial).is_some_and(|n| *n > 0)
+    }
+
+    /// Resolves when the census changed since the last call; `true` when a
+    /// zone joined a service's census (worth applying without the full debounce).
+    pub async fn changed(&self) -> bool {
+        self.changed.notified().await;
+        self.new_zone.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Move the cache's plans to the census after bursts of connects and
+/// disconnects settle: `debounce` after a change, at most 100 ms when a zone
+/// is new to a service. Runs until the task is dropped.
+pub async fn follow(cache: Arc<Cache>, debounce: Duration) {
+    // Connects that arrive together (a deploy, a control-plane restart) are
+    // gathered; a zone new to a service waits only a short moment.
+    let new_zone_debounce = debounce.min(Duration::from_millis(100));
+    loop {
+        let new_zone = cache.census().changed().await;
+        tokio::time::sleep(if new_zone { new_zone_debounce } else { debounce }).await;
+        if cache.apply_census() {
+            tracing::debug!("census changed zone shares");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leave_forgets_empty_zones_and_counts_zoneless_subscribers() {
+        let census = Census::default();
+        census.join("echo.demo", &Zone::new("a"));
+        census.join("echo.demo", &Zone::default());
+        assert!(census.has_subscribers("echo.demo"));
+        assert_eq!(census.live("echo.demo").len(), 1);
+        census.leave("echo.demo", &Zone::new("a"));
+        assert!(census.live("echo.demo").is_empty());
+        assert!(census.has_subscribers("echo.demo"), "the zoneless one is still there");
+        census.leave("echo.demo", &Zone::default());
+        assert!(!census.has_subscribers("echo.demo"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_applies_after_the_debounce() {
+        use crate::model::{Endpoint, Health, ServiceEndpoints, ServiceName};
+        use crate::policy::Policy;
+        let cache = Arc::new(Cache::default());
+        let endpoints = ServiceEndpoints::new(
+            ["a", "b"]
+                .iter()
+                .enumerate()
+                .map(|(i, z)| Endpoint {
+                    instance_id: format!("i-{i}"),
+                    ip: std::net::IpAddr::from([10, 0, 0, i as u8 + 1]),
+                    port: 1,
+                    zone: Zone::new(*z),
+                    region: "r".into(),
+                    health: Health::Healthy,
+                    weight: 1,
+                    attributes: Default::default(),
+                    metadata: Default::default(),
+                })
+                .collect(),
+            false,
+        );
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints, Policy::ZoneAware);
+        let task = tokio::spawn(follow(cache.clone(), Duration::from_secs(1)));
+        tokio::task::yield_now().await;
+        cache.census().join("echo.demo", &Zone::new("a"));
+        // A new zone: applied within ~100 ms, not the full second.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(cache.snapshot().services["echo.demo"].census.get(&Zone::new("a")), Some(&1));
+        task.abort();
+    }
+}
