@@ -27,8 +27,10 @@ async fn main() -> anyhow::Result<()> {
     };
     init_logging(args.log_format);
     if let Err(e) = serve(args).await {
+        // One line that says what to do, and out: no second copy with a backtrace
+        // (with RUST_BACKTRACE set, symbolising one can take seconds on a busy host).
         tracing::error!("{e:#}");
-        return Err(e);
+        std::process::exit(1);
     }
     Ok(())
 }
