@@ -876,6 +876,8 @@ mod tests {
         exists: bool,
         /// DiscoverInstances answers ServiceNotFound.
         not_found: bool,
+        /// DiscoverInstances fails (throttled).
+        failing: bool,
     }
 
     /// A Cloud Map test double for what moto cannot produce on demand: outages,
@@ -903,6 +905,7 @@ mod tests {
                 listed: true,
                 exists: true,
                 not_found: false,
+                failing: false,
             };
             self.namespaces.lock().expect("lock").entry(namespace.into()).or_default().insert(service.into(), s);
         }
@@ -971,6 +974,9 @@ mod tests {
             let s = self.service(namespace, service).ok_or_else(|| not_found("DiscoverInstances"))?;
             if s.not_found {
                 return Err(not_found("DiscoverInstances"));
+            }
+            if s.failing {
+                return Err(CloudMapError::local("DiscoverInstances", "throttled"));
             }
             Ok((s.instances.into_iter().take(DISCOVER_PAGE).collect(), Some(s.revision)))
         }
@@ -1135,58 +1141,14 @@ mod tests {
         let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
         fake.add("demo", "flaky", vec![instance("i-2", "10.0.0.2")]);
         // Its reads fail (not "not found"), then it disappears from the listings.
-        let failing = Arc::new(FailFor { inner: fake.clone(), service: "flaky" });
-        let cache = Arc::new(Cache::default());
-        let w = Watcher {
-            api: failing,
-            cache: cache.clone(),
-            config: Arc::new(FileConfig::default()),
-            timing: timing(),
-            default_region: "us-east-1".into(),
-            budget: Arc::new(Budget::unlimited()),
-        };
-        let _task = AbortOnDrop(tokio::spawn(w.run(vec!["demo".into()])));
+        fake.edit("demo", "flaky", |s| s.failing = true);
+        let (cache, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!cache.is_ready(), "an existing service's first read is waited for");
         fake.edit("demo", "flaky", |s| s.listed = false);
         tokio::time::sleep(Duration::from_secs(25)).await;
         assert!(cache.is_ready(), "deleted (two listings without it): no longer waited for");
         assert_eq!(endpoint_count(&cache, "flaky.demo"), None);
-    }
-
-    /// The double, with every DiscoverInstances of one service failing.
-    struct FailFor {
-        inner: Arc<Fake>,
-        service: &'static str,
-    }
-
-    impl CloudMap for FailFor {
-        async fn find_namespace(&self, name: &str) -> Result<Option<Namespace>, CloudMapError> {
-            self.inner.find_namespace(name).await
-        }
-        async fn list_services(&self, namespace_id: &str) -> Result<Paged<Vec<ServiceRef>>, CloudMapError> {
-            self.inner.list_services(namespace_id).await
-        }
-        async fn service_exists(&self, service_id: &str) -> Result<bool, CloudMapError> {
-            self.inner.service_exists(service_id).await
-        }
-        async fn discover_instances(
-            &self,
-            namespace: &str,
-            service: &str,
-            settings: &ServiceSettings,
-        ) -> Result<(Vec<RawInstance>, Option<i64>), CloudMapError> {
-            if service == self.service {
-                return Err(CloudMapError::local("DiscoverInstances", "throttled"));
-            }
-            self.inner.discover_instances(namespace, service, settings).await
-        }
-        async fn discover_revision(&self, namespace: &str, service: &str) -> Result<Option<i64>, CloudMapError> {
-            self.inner.discover_revision(namespace, service).await
-        }
-        async fn list_instances(&self, service_id: &str) -> Result<Paged<Vec<RawInstance>>, CloudMapError> {
-            self.inner.list_instances(service_id).await
-        }
     }
 
     #[tokio::test(start_paused = true)]

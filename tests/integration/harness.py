@@ -728,18 +728,6 @@ class XdsClient:
                 s.errors.append(f"t={c['t']:.3f} {c.get('code')}: {c.get('error')}")
         return s
 
-    def wait_exit(self, timeout: float) -> int:
-        """Wait for the process to end on its own (an expected exit, e.g. a failed start); its code."""
-        try:
-            rc = self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"cloudmap-xds still running after {timeout} s; stderr tail:\n{tail(self.stderr_path)}") from None
-        self.proc.stopped_by_us = True  # expected: not a process that died during the test
-        return rc
-
-    def stderr_lines(self) -> list[str]:
-        return self.stderr_path.read_text(errors="replace").splitlines()
-
     def _alive_or_fail(self) -> None:
         if not self.proc.alive():
             raise AssertionError(

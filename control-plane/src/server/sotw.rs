@@ -393,23 +393,27 @@ mod tests {
         }
     }
 
+    /// One healthy endpoint in zone a at 10.0.0.`ip`.
+    fn endpoint(ip: u8) -> Endpoint {
+        Endpoint {
+            instance_id: format!("i-{ip}"),
+            ip: std::net::IpAddr::from([10, 0, 0, ip]),
+            port: 50051,
+            zone: Zone::new("a"),
+            region: "r".into(),
+            health: Health::Healthy,
+            weight: 1,
+            attributes: Default::default(),
+            metadata: Default::default(),
+        }
+    }
+
     fn cache_with(services: &[(&str, &str)]) -> Cache {
         let cache = Cache::default();
         for (i, (ns, svc)) in services.iter().enumerate() {
-            let endpoint = Endpoint {
-                instance_id: format!("i-{i}"),
-                ip: std::net::IpAddr::from([10, 0, 0, i as u8 + 1]),
-                port: 50051,
-                zone: Zone::new("a"),
-                region: "r".into(),
-                health: Health::Healthy,
-                weight: 1,
-                attributes: Default::default(),
-                metadata: Default::default(),
-            };
             cache.update_service(
                 &ServiceName::new(*ns, *svc),
-                ServiceEndpoints::new(vec![endpoint], false),
+                ServiceEndpoints::new(vec![endpoint(i as u8 + 1)], false),
                 Policy::LocalFirst,
             );
         }
@@ -445,20 +449,7 @@ mod tests {
     #[test]
     fn make_before_break_order_for_envoy() {
         let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
-        let one = |ip: u8| {
-            let endpoint = Endpoint {
-                instance_id: format!("i-{ip}"),
-                ip: std::net::IpAddr::from([10, 0, 0, ip]),
-                port: 50051,
-                zone: Zone::new("a"),
-                region: "r".into(),
-                health: Health::Healthy,
-                weight: 1,
-                attributes: Default::default(),
-                metadata: Default::default(),
-            };
-            ServiceEndpoints::new(vec![endpoint], false)
-        };
+        let one = |ip: u8| ServiceEndpoints::new(vec![endpoint(ip)], false);
         cache.update_service(&ServiceName::new("demo", "echo"), one(1), Policy::ZoneAware);
         cache.set_ready();
         let mut s = SotwState::default();
