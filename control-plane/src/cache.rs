@@ -264,6 +264,22 @@ impl Snapshot {
         self.services.get(host)
     }
 
+    /// The service a resource belongs to (its change key): the dial name,
+    /// without a `:PORT` suffix (listener and route names) or a `/SUBSET`
+    /// suffix (subset clusters). Pure string work, so a stream can watch a
+    /// service that does not exist yet. The egress listener and routes are
+    /// their own key, [`resources::EGRESS`].
+    pub fn key_of(name: &str) -> &str {
+        if name == resources::EGRESS {
+            return name;
+        }
+        let service = name.split_once('/').map_or(name, |(service, _)| service);
+        match service.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => service,
+        }
+    }
+
     fn egress(&self, ty: ResourceType) -> Option<Arc<Encoded>> {
         let address = self.egress?;
         let encode = |resource: Any| Arc::new(Encoded::new(resources::EGRESS.to_string(), resource));
@@ -635,6 +651,20 @@ mod tests {
         let l = snap.resolve(ResourceType::Listener, "echo.grpc.demo:50051", &client).expect("listener");
         assert_eq!(l.name, "echo.grpc.demo:50051");
         assert!(snap.resolve(ResourceType::Cluster, "echo.grpc.demo:50051", &client).is_none());
+    }
+
+    #[test]
+    fn every_resource_name_maps_to_its_service() {
+        for (name, key) in [
+            ("echo.demo", "echo.demo"),
+            ("echo.demo:50051", "echo.demo"),
+            ("echo.demo/canary", "echo.demo"),
+            ("echo.demo:http", "echo.demo:http"),
+            ("echo.my.name.space", "echo.my.name.space"),
+            (resources::EGRESS, resources::EGRESS),
+        ] {
+            assert_eq!(Snapshot::key_of(name), key, "{name}");
+        }
     }
 
     #[test]
