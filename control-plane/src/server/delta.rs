@@ -13,9 +13,10 @@ use tonic::Status;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
+use super::names::{NameMap, NameSet};
 use super::registry::TypeStatus;
 use super::wire::{self, Frame, Reply};
-use super::{ADD_ORDER, ClientInfo, Nack, Outcome, Protocol, remove_rank, watch_names};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_names};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
 use crate::wakeup::{Changed, Watch};
@@ -25,12 +26,12 @@ use crate::wakeup::{Changed, Watch};
 pub struct DeltaTypeState {
     pub wildcard: bool,
     /// Explicitly subscribed names.
-    pub names: BTreeSet<String>,
+    pub names: NameSet,
     /// What the client holds: name → version (from `initial_resource_versions`
     /// and from what was sent).
-    pub known: BTreeMap<String, String>,
+    pub known: NameMap<String>,
     /// Explicitly subscribed names already reported as not existing.
-    absent_reported: BTreeSet<String>,
+    absent_reported: NameSet,
     pub last_nonce: Option<String>,
     pub acked_nonce: Option<String>,
     pub nack: Option<Nack>,
@@ -40,7 +41,7 @@ pub struct DeltaTypeState {
 #[derive(Debug, Default)]
 pub struct DeltaState {
     pub client: Option<ClientInfo>,
-    pub types: BTreeMap<ResourceType, DeltaTypeState>,
+    pub types: PerType<DeltaTypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
     changed: bool,
@@ -72,7 +73,7 @@ impl Protocol for DeltaState {
         self.types
             .iter()
             .map(|(ty, state)| {
-                let mut subscribed: Vec<String> = state.names.iter().cloned().collect();
+                let mut subscribed: Vec<String> = state.names.keys().cloned().collect();
                 if state.wildcard {
                     subscribed.insert(0, "*".to_string());
                 }
@@ -82,7 +83,7 @@ impl Protocol for DeltaState {
                     sent: state.last_nonce.clone(),
                     acked: state.acked_nonce.clone(),
                     nack: state.nack.clone(),
-                    resources: state.known.clone(),
+                    resources: state.known.to_btree(),
                     states: BTreeMap::new(),
                 }
             })
@@ -102,7 +103,7 @@ impl Protocol for DeltaState {
             return Ok((ResourceType::Listener, Outcome::UnknownType));
         };
         let first = !self.types.contains_key(&ty);
-        let state = self.types.entry(ty).or_default();
+        let state = self.types.entry(ty);
 
         let outcome = if request.response_nonce.is_empty() {
             Outcome::Subscribe
@@ -130,7 +131,7 @@ impl Protocol for DeltaState {
             if name == "*" {
                 state.must_respond |= !state.wildcard;
                 state.wildcard = true;
-            } else if state.names.insert(name.clone()) {
+            } else if state.names.add(name.clone()) {
                 state.absent_reported.remove(name);
                 state.must_respond = true;
             }
@@ -170,12 +171,12 @@ impl Protocol for DeltaState {
             let Some(state) = self.types.get_mut(&ty) else { continue };
             let stale = state.must_respond
                 || (state.wildcard && !changed.is_empty())
-                || state.names.iter().any(|n| changed.touches(Snapshot::key_of(n)))
+                || state.names.keys().any(|n| changed.touches(Snapshot::key_of(n)))
                 || state.known.keys().any(|n| changed.touches(Snapshot::key_of(n)));
             if !stale {
                 continue;
             }
-            let mut wanted: BTreeSet<String> = state.names.clone();
+            let mut wanted: BTreeSet<String> = state.names.keys().cloned().collect();
             if state.wildcard {
                 wanted.extend(snapshot.wildcard_names(ty, &client));
             }
@@ -184,12 +185,12 @@ impl Protocol for DeltaState {
                 .filter_map(|name| snapshot.resolve(ty, name, &client).map(|r| (name.clone(), r)))
                 .collect();
             let updated: Vec<_> =
-                present.iter().filter(|(name, r)| state.known.get(*name) != Some(&r.version)).collect();
+                present.iter().filter(|(name, r)| state.known.get(name) != Some(&r.version)).collect();
             // Gone from the wildcard set, or no longer existing.
             let mut removed: Vec<String> =
                 state.known.keys().filter(|name| !present.contains_key(*name)).cloned().collect();
             // Named but never existed: say so once, so the client does not wait for it.
-            for name in &state.names {
+            for name in state.names.keys() {
                 if !present.contains_key(name)
                     && !state.known.contains_key(name)
                     && !state.absent_reported.contains(name)
@@ -222,7 +223,7 @@ impl Protocol for DeltaState {
                 for name in &removed {
                     state.known.remove(name);
                     if state.names.contains(name) {
-                        state.absent_reported.insert(name.clone());
+                        state.absent_reported.add(name.clone());
                     }
                 }
                 removals.push(Reply { ty, version: system_version, nonce: self.nonce, resources: Vec::new(), removed });
@@ -242,13 +243,16 @@ impl Protocol for DeltaState {
     fn watch(&self) -> Watch {
         let mut watch = Watch::default();
         for state in self.types.values() {
-            watch_names(&mut watch, state.wildcard, &state.names);
+            watch_names(&mut watch, state.wildcard, state.names.keys());
         }
         watch
     }
 
     fn eds_names(&self) -> BTreeSet<String> {
-        self.types.get(&ResourceType::ClusterLoadAssignment).map(|s| s.names.clone()).unwrap_or_default()
+        self.types
+            .get(&ResourceType::ClusterLoadAssignment)
+            .map(|s| s.names.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub mod csds;
 pub mod delta;
+pub mod names;
 pub mod registry;
 pub mod sotw;
 pub mod wire;
@@ -65,6 +66,61 @@ pub const REMOVE_ORDER: [ResourceType; 4] = [
 
 fn remove_rank(ty: ResourceType) -> usize {
     REMOVE_ORDER.iter().position(|t| *t == ty).unwrap_or(REMOVE_ORDER.len())
+}
+
+/// One value per resource type, inline: a stream's per-type state without a
+/// map's allocation (most streams use all four types, one name each).
+#[derive(Debug, Clone)]
+pub struct PerType<T>([Option<T>; 4]);
+
+impl<T> Default for PerType<T> {
+    fn default() -> Self {
+        PerType([None, None, None, None])
+    }
+}
+
+impl<T> PerType<T> {
+    fn slot(ty: ResourceType) -> usize {
+        ty as usize
+    }
+
+    pub fn contains_key(&self, ty: &ResourceType) -> bool {
+        self.0[Self::slot(*ty)].is_some()
+    }
+
+    pub fn get(&self, ty: &ResourceType) -> Option<&T> {
+        self.0[Self::slot(*ty)].as_ref()
+    }
+
+    pub fn get_mut(&mut self, ty: &ResourceType) -> Option<&mut T> {
+        self.0[Self::slot(*ty)].as_mut()
+    }
+
+    /// The value of `ty`, created empty if absent.
+    pub fn entry(&mut self, ty: ResourceType) -> &mut T
+    where
+        T: Default,
+    {
+        self.0[Self::slot(ty)].get_or_insert_with(T::default)
+    }
+
+    /// The types present, in [`ResourceType::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (ResourceType, &T)> {
+        ResourceType::ALL.into_iter().filter_map(|ty| self.get(&ty).map(|v| (ty, v)))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().flatten()
+    }
+}
+
+impl<T> std::ops::Index<&ResourceType> for PerType<T> {
+    type Output = T;
+
+    /// Panics when the type is absent (tests).
+    fn index(&self, ty: &ResourceType) -> &T {
+        self.0[Self::slot(*ty)].as_ref().expect("no state for this type")
+    }
 }
 
 /// Who a stream belongs to, from the Node of its first request.

@@ -27,16 +27,17 @@
 //! between responses) updates the subscription. Any other nonce is stale and
 //! ignored, subscription included. A plain ACK sends nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
+use super::names::{NameMap, NameSet};
 use super::registry::{ResourceState, TypeStatus};
 use super::wire::{self, Frame, Reply};
-use super::{ADD_ORDER, ClientInfo, Nack, Outcome, Protocol, remove_rank, watch_names};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_names};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
 use crate::wakeup::{Changed, Watch};
@@ -46,7 +47,7 @@ use crate::wakeup::{Changed, Watch};
 pub struct Subscription {
     /// Every resource of the type (LDS/CDS only).
     pub wildcard: bool,
-    pub names: BTreeSet<String>,
+    pub names: NameSet,
 }
 
 /// A response not yet ACKed or NACKed.
@@ -54,7 +55,7 @@ pub struct Subscription {
 struct Outstanding {
     version: String,
     /// Name → version of each resource in it.
-    resources: BTreeMap<String, String>,
+    resources: NameMap<String>,
 }
 
 /// Per-type protocol state of one stream.
@@ -69,13 +70,13 @@ pub struct TypeState {
     /// still the last sent of its resource.
     pub nack: Option<Nack>,
     /// Name → the last version sent (ACKed or not). Never sent again as is.
-    pub sent: BTreeMap<String, String>,
+    pub sent: NameMap<String>,
     /// Name → the last version the client ACKed.
-    pub acked: BTreeMap<String, String>,
+    pub acked: NameMap<String>,
     /// Name → the last version the client rejected, and why.
-    pub rejected: BTreeMap<String, Nack>,
-    /// Nonce → responses sent and not yet answered, oldest first.
-    outstanding: BTreeMap<u64, Outstanding>,
+    pub rejected: NameMap<Nack>,
+    /// Responses sent and not yet answered, by nonce, oldest first.
+    outstanding: Vec<(u64, Outstanding)>,
     /// The nonce of the newest answered response.
     resolved: Option<u64>,
     /// The client asked for something it has not been answered for yet
@@ -87,30 +88,34 @@ pub struct TypeState {
 impl TypeState {
     /// Apply the answer to outstanding responses up to `nonce`.
     fn resolve(&mut self, nonce: u64, request: &DiscoveryRequest) -> Outcome {
-        let later = self.outstanding.split_off(&nonce.saturating_add(1));
-        let answered = std::mem::replace(&mut self.outstanding, later);
+        let split = self.outstanding.partition_point(|(n, _)| *n <= nonce);
+        let later = self.outstanding.split_off(split);
+        let answered = std::mem::replace(&mut self.outstanding, if later.is_empty() { Vec::new() } else { later });
         self.resolved = Some(nonce);
         let mut outcome = Outcome::Ack;
         for (n, response) in answered {
             match &request.error_detail {
                 Some(error) if n == nonce => {
                     let nack = Nack { version: response.version.clone(), message: error.message.clone() };
-                    for (name, version) in response.resources {
-                        if self.sent.contains_key(&name) {
-                            self.rejected.insert(name, Nack { version, message: error.message.clone() });
+                    for (name, version) in response.resources.iter() {
+                        if self.sent.contains_key(name) {
+                            self.rejected.insert(
+                                name.clone(),
+                                Nack { version: version.clone(), message: error.message.clone() },
+                            );
                         }
                     }
                     self.nack = Some(nack);
                     outcome = Outcome::Nack(error.message.clone());
                 }
                 _ => {
-                    for (name, version) in response.resources {
-                        if self.sent.contains_key(&name) {
+                    for (name, version) in response.resources.iter() {
+                        if self.sent.contains_key(name) {
                             // Accepted at this version: an earlier rejection no longer stands.
-                            if self.rejected.get(&name).is_some_and(|n| n.version == version) {
-                                self.rejected.remove(&name);
+                            if self.rejected.get(name).is_some_and(|n| &n.version == version) {
+                                self.rejected.remove(name);
                             }
-                            self.acked.insert(name, version);
+                            self.acked.insert(name.clone(), version.clone());
                         }
                     }
                 }
@@ -141,7 +146,7 @@ impl TypeState {
     }
 
     /// Record a response about to be sent with `nonce`.
-    fn record(&mut self, nonce: u64, version: String, resources: BTreeMap<String, String>, whole_set: bool) {
+    fn record(&mut self, nonce: u64, version: String, resources: NameMap<String>, whole_set: bool) {
         if whole_set {
             self.sent = resources.clone();
             let sent = &self.sent;
@@ -150,7 +155,7 @@ impl TypeState {
             self.sent.extend(resources.iter().map(|(n, v)| (n.clone(), v.clone())));
         }
         self.version = Some(version.clone());
-        self.outstanding.insert(nonce, Outstanding { version, resources });
+        self.outstanding.push((nonce, Outstanding { version, resources }));
         self.forget_superseded_nack();
     }
 }
@@ -161,7 +166,7 @@ impl TypeState {
 #[derive(Debug, Default)]
 pub struct SotwState {
     pub client: Option<ClientInfo>,
-    pub types: BTreeMap<ResourceType, TypeState>,
+    pub types: PerType<TypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
     changed: bool,
@@ -191,7 +196,7 @@ impl Protocol for SotwState {
         self.types
             .iter()
             .map(|(ty, state)| {
-                let mut subscribed: Vec<String> = state.subscription.names.iter().cloned().collect();
+                let mut subscribed: Vec<String> = state.subscription.names.keys().cloned().collect();
                 if state.subscription.wildcard {
                     subscribed.insert(0, "*".to_string());
                 }
@@ -201,7 +206,7 @@ impl Protocol for SotwState {
                     sent: state.version.clone(),
                     acked: state.acked_version.clone(),
                     nack: state.nack.clone(),
-                    resources: state.sent.clone(),
+                    resources: state.sent.to_btree(),
                     states: state.sent.iter().map(|(name, v)| (name.clone(), state.state_of(name, v))).collect(),
                 }
             })
@@ -220,7 +225,7 @@ impl Protocol for SotwState {
             return Ok((ResourceType::Listener, Outcome::UnknownType));
         };
         let first = !self.types.contains_key(&ty);
-        let state = self.types.entry(ty).or_default();
+        let state = self.types.entry(ty);
         let outcome = if request.response_nonce.is_empty() {
             // No response of the type seen: the start of the stream, or the
             // client started the type over. In the latter case it holds
@@ -235,7 +240,7 @@ impl Protocol for SotwState {
             Outcome::Subscribe
         } else {
             match request.response_nonce.parse::<u64>() {
-                Ok(nonce) if state.outstanding.contains_key(&nonce) => state.resolve(nonce, request),
+                Ok(nonce) if state.outstanding.iter().any(|(n, _)| *n == nonce) => state.resolve(nonce, request),
                 // Repeating the last answered nonce: a subscription change.
                 Ok(nonce) if state.resolved == Some(nonce) => match &request.error_detail {
                     Some(error) => Outcome::Nack(error.message.clone()),
@@ -245,7 +250,7 @@ impl Protocol for SotwState {
             }
         };
 
-        let names: BTreeSet<String> = request.resource_names.iter().filter(|n| *n != "*").cloned().collect();
+        let names: NameSet = request.resource_names.iter().filter(|n| *n != "*").cloned().collect();
         let explicit_wildcard = request.resource_names.iter().any(|n| n == "*");
         // Legacy wildcard: an empty first LDS/CDS request, which stays wildcard
         // while the client keeps sending empty lists.
@@ -296,13 +301,13 @@ impl Protocol for SotwState {
             if ty.is_full_set() {
                 // A wildcard set may gain or lose a member with any change.
                 let stale =
-                    state.must_respond || (sub.wildcard && !changed.is_empty()) || sub.names.iter().any(touched);
+                    state.must_respond || (sub.wildcard && !changed.is_empty()) || sub.names.keys().any(touched);
                 if !stale {
                     continue;
                 }
-                let mut names: Vec<&String> = sub.names.iter().collect();
+                let mut names: Vec<&String> = sub.names.keys().collect();
                 let wildcard_names = if sub.wildcard { snapshot.wildcard_names(ty, &client) } else { Vec::new() };
-                names.extend(wildcard_names.iter().filter(|n| !sub.names.contains(*n)));
+                names.extend(wildcard_names.iter().filter(|n| !sub.names.contains(n)));
                 names.sort();
                 let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(ty, n, &client)).collect();
                 let version = format!(
@@ -323,7 +328,7 @@ impl Protocol for SotwState {
             } else {
                 let due: Vec<_> = sub
                     .names
-                    .iter()
+                    .keys()
                     .filter(|n| touched(n))
                     .filter_map(|n| snapshot.resolve(ty, n, &client))
                     .filter(|r| state.sent.get(&r.name) != Some(&r.version))
@@ -331,7 +336,7 @@ impl Protocol for SotwState {
                 for r in due {
                     self.nonce += 1;
                     let version = r.version.clone();
-                    let held = BTreeMap::from([(r.name.clone(), r.version.clone())]);
+                    let held = NameMap::from_iter([(r.name.clone(), r.version.clone())]);
                     out.push(Reply {
                         ty,
                         version: version.clone(),
@@ -356,19 +361,23 @@ impl Protocol for SotwState {
     fn watch(&self) -> Watch {
         let mut watch = Watch::default();
         for state in self.types.values() {
-            watch_names(&mut watch, state.subscription.wildcard, &state.subscription.names);
+            watch_names(&mut watch, state.subscription.wildcard, state.subscription.names.keys());
         }
         watch
     }
 
     fn eds_names(&self) -> BTreeSet<String> {
-        self.types.get(&ResourceType::ClusterLoadAssignment).map(|s| s.subscription.names.clone()).unwrap_or_default()
+        self.types
+            .get(&ResourceType::ClusterLoadAssignment)
+            .map(|s| s.subscription.names.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
     use prost::Message;
