@@ -228,13 +228,33 @@ impl Default for Limits {
     }
 }
 
+/// Per-type counters, looked up once: a push or an ACK does not hash labels.
+struct TypeCounters {
+    acks: [metrics::Counter; 4],
+    nacks: [metrics::Counter; 4],
+    pushes: [metrics::Counter; 4],
+}
+
+/// The counters, registered with the recorder installed when first asked
+/// (`main` asks through [`register_metrics`] right after installing it).
+fn counters() -> &'static TypeCounters {
+    static COUNTERS: std::sync::OnceLock<TypeCounters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        let of = |name: &'static str| ResourceType::ALL.map(|ty| metrics::counter!(name, "type_url" => ty.type_url()));
+        TypeCounters {
+            acks: of("cloudmap_xds_acks_total"),
+            nacks: of("cloudmap_xds_nacks_total"),
+            pushes: of("cloudmap_xds_pushes_total"),
+        }
+    })
+}
+
 /// Create the counters at 0 so the first ACK, NACK or refusal is visible to
 /// `increase()` in Prometheus.
 pub fn register_metrics() {
-    for ty in ResourceType::ALL {
-        for name in ["cloudmap_xds_acks_total", "cloudmap_xds_nacks_total", "cloudmap_xds_pushes_total"] {
-            metrics::counter!(name, "type_url" => ty.type_url()).increment(0);
-        }
+    let counters = counters();
+    for counter in counters.acks.iter().chain(&counters.nacks).chain(&counters.pushes) {
+        counter.increment(0);
     }
     metrics::counter!("cloudmap_xds_streams_refused_total").increment(0);
     metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(0);
@@ -550,7 +570,7 @@ async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::R
         for reply in replies {
             let frame = P::encode(&reply);
             tracing::debug!(stream = id, ty = reply.ty.short(), bytes = frame.len(), "push");
-            metrics::counter!("cloudmap_xds_pushes_total", "type_url" => reply.ty.type_url()).increment(1);
+            counters().pushes[reply.ty as usize].increment(1);
             // Waits while the client is not reading; the channel holds one frame.
             match tokio::time::timeout(limits.send_timeout, tx.send(Ok(frame))).await {
                 Ok(Ok(())) => {}
@@ -581,11 +601,10 @@ fn checked<P: Protocol>(limits: &Limits, request: &P::Request) -> Result<(), Sta
 }
 
 fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
-    let label = type_url.to_string();
     match outcome {
-        Outcome::Ack => metrics::counter!("cloudmap_xds_acks_total", "type_url" => label).increment(1),
+        Outcome::Ack => counters().acks[ty as usize].increment(1),
         Outcome::Nack(message) => {
-            metrics::counter!("cloudmap_xds_nacks_total", "type_url" => label).increment(1);
+            counters().nacks[ty as usize].increment(1);
             tracing::warn!(stream = id, %type_url, %message, "client rejected (NACK)");
         }
         Outcome::UnknownType => {
@@ -593,5 +612,22 @@ fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
         }
         Outcome::Stale => tracing::debug!(stream = id, ty = ty.short(), "stale nonce ignored"),
         Outcome::Subscribe => tracing::debug!(stream = id, ty = ty.short(), "subscribe"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_type_slots_follow_the_type_order() {
+        // PerType and the counters index by `ty as usize`.
+        for (i, ty) in ResourceType::ALL.into_iter().enumerate() {
+            assert_eq!(ty as usize, i);
+        }
+        let mut per = PerType::<u8>::default();
+        *per.entry(ResourceType::Cluster) = 7;
+        assert_eq!(per.iter().collect::<Vec<_>>(), vec![(ResourceType::Cluster, &7)]);
+        assert!(!per.contains_key(&ResourceType::Listener));
     }
 }
