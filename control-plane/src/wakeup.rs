@@ -36,12 +36,31 @@ impl Changed {
     }
 }
 
-/// The keys one stream watches.
+/// The keys one stream watches (sorted, without repeats: compact, as a
+/// stream holds one or a few).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Watch {
     /// Every key (a wildcard subscription).
     pub all: bool,
-    pub keys: BTreeSet<String>,
+    keys: Vec<String>,
+}
+
+impl Watch {
+    pub fn new(all: bool, keys: impl IntoIterator<Item = String>) -> Watch {
+        let mut keys: Vec<String> = keys.into_iter().collect();
+        keys.sort();
+        keys.dedup();
+        keys.shrink_to_fit();
+        Watch { all, keys }
+    }
+
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,7 +86,7 @@ impl Wakeups {
     pub fn watch(&self, id: u64, notify: &Arc<Notify>, watch: Watch) {
         let mut inner = self.lock();
         let old = inner.streams.remove(&id).map(|(_, w)| w).unwrap_or_default();
-        for key in old.keys.difference(&watch.keys) {
+        for key in old.keys.iter().filter(|k| !watch.has(k)) {
             if let Some(ids) = inner.by_key.get_mut(key) {
                 ids.remove(&id);
                 if ids.is_empty() {
@@ -75,7 +94,7 @@ impl Wakeups {
                 }
             }
         }
-        for key in watch.keys.difference(&old.keys) {
+        for key in watch.keys.iter().filter(|k| !old.has(k)) {
             inner.by_key.entry(key.clone()).or_default().insert(id);
         }
         if watch.all {
@@ -159,14 +178,14 @@ mod tests {
     fn a_change_wakes_only_the_streams_that_watch_it() {
         let w = Wakeups::default();
         let (a, b, envoy) = (Arc::new(Notify::new()), Arc::new(Notify::new()), Arc::new(Notify::new()));
-        w.watch(1, &a, Watch { all: false, keys: keys(&["echo.demo"]) });
-        w.watch(2, &b, Watch { all: false, keys: keys(&["other.demo"]) });
-        w.watch(3, &envoy, Watch { all: true, keys: BTreeSet::new() });
+        w.watch(1, &a, Watch::new(false, keys(&["echo.demo"])));
+        w.watch(2, &b, Watch::new(false, keys(&["other.demo"])));
+        w.watch(3, &envoy, Watch::new(true, Vec::new()));
         assert_eq!(w.wake(&Changed::Keys(keys(&["echo.demo"]))), 2);
         assert!(woken(&a) && woken(&envoy));
         assert!(!woken(&b), "a stream of another service sleeps");
         // A new watch replaces the old one.
-        w.watch(1, &a, Watch { all: false, keys: keys(&["other.demo"]) });
+        w.watch(1, &a, Watch::new(false, keys(&["other.demo"])));
         w.wake(&Changed::Keys(keys(&["echo.demo"])));
         assert!(!woken(&a));
         assert!(woken(&envoy));
@@ -183,7 +202,7 @@ mod tests {
     fn a_busy_stream_keeps_its_wake_up() {
         let w = Wakeups::default();
         let n = Arc::new(Notify::new());
-        w.watch(1, &n, Watch { all: false, keys: keys(&["echo.demo"]) });
+        w.watch(1, &n, Watch::new(false, keys(&["echo.demo"])));
         // Two changes while the stream is not waiting: one permit, not lost.
         w.wake(&Changed::Keys(keys(&["echo.demo"])));
         w.wake(&Changed::Keys(keys(&["echo.demo"])));

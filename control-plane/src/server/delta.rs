@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use super::names::{NameMap, NameSet};
 use super::registry::TypeStatus;
 use super::wire::{self, Frame, Reply};
-use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_names};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_of};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
 use crate::wakeup::{Changed, Watch};
@@ -241,11 +241,7 @@ impl Protocol for DeltaState {
     }
 
     fn watch(&self) -> Watch {
-        let mut watch = Watch::default();
-        for state in self.types.values() {
-            watch_names(&mut watch, state.wildcard, state.names.keys());
-        }
-        watch
+        watch_of(self.types.values().map(|s| (s.wildcard, s.names.keys())))
     }
 
     fn eds_names(&self) -> BTreeSet<String> {

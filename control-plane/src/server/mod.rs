@@ -34,7 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use tokio::sync::{Notify, mpsc};
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::Notify;
 use tonic::codec::{BufferSettings, Streaming};
 use tonic::codegen::http;
 use tonic::{Request, Status};
@@ -200,10 +202,19 @@ pub trait Protocol: Default + Send + 'static {
     fn status(&self) -> Vec<registry::TypeStatus>;
 }
 
-/// The change keys of `names` of one type, into `watch` (a wildcard watches all).
-pub(crate) fn watch_names<'a>(watch: &mut Watch, wildcard: bool, names: impl IntoIterator<Item = &'a String>) {
-    watch.all |= wildcard;
-    watch.keys.extend(names.into_iter().map(|n| Snapshot::key_of(n).to_string()));
+/// The watch of a stream's subscriptions: per type, whether it is a
+/// wildcard, and the names (mapped to their change keys).
+pub(crate) fn watch_of<'a, I>(types: impl IntoIterator<Item = (bool, I)>) -> Watch
+where
+    I: IntoIterator<Item = &'a String>,
+{
+    let mut all = false;
+    let mut keys = Vec::new();
+    for (wildcard, names) in types {
+        all |= wildcard;
+        keys.extend(names.into_iter().map(|n| Snapshot::key_of(n).to_string()));
+    }
+    Watch::new(all, keys)
 }
 
 /// Limits against broken or hostile clients.
@@ -331,7 +342,9 @@ impl AdsServer {
         // Small on purpose: a client that stops reading blocks only its own
         // task, and when it reads again it gets the latest versions, not a
         // backlog (responses are computed from the newest snapshot when sent).
-        let (tx, rx) = mpsc::channel(1);
+        // futures' channel, not tokio's: it allocates per message, not a
+        // 32-slot block per stream.
+        let (tx, rx) = mpsc::channel(0);
         let stream = StreamTask {
             cache: self.cache.clone(),
             id,
@@ -400,7 +413,7 @@ impl http_body::Body for PushBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            match std::task::ready!(this.rx.poll_recv(cx)) {
+            match std::task::ready!(this.rx.poll_next_unpin(cx)) {
                 Some(Ok(frame)) => this.chunks = frame.chunks.into_iter(),
                 Some(Err(status)) => {
                     this.done = true;
@@ -481,7 +494,7 @@ impl Drop for StreamGuard {
     }
 }
 
-async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, tx: mpsc::Sender<Push>) {
+async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, mut tx: mpsc::Sender<Push>) {
     let StreamTask { cache, id, peer, limits, admission, mut shutdown } = stream;
     let wake = Arc::new(Notify::new());
     let mut guard = StreamGuard { cache: cache.clone(), id, zone: None, services: BTreeSet::new(), watch: None };
