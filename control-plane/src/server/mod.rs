@@ -461,7 +461,8 @@ struct StreamGuard {
     id: u64,
     /// Set once the client is known: its zone, for the census.
     zone: Option<Option<Zone>>,
-    services: BTreeSet<String>,
+    /// The services whose endpoints it watches, sorted.
+    services: Vec<String>,
     watch: Option<Watch>,
 }
 
@@ -470,13 +471,14 @@ impl StreamGuard {
         let Some(zone) = &self.zone else { return };
         // A client without a zone still counts as a subscriber (it is in no zone's census).
         let zone = zone.clone().unwrap_or_default();
-        for gone in self.services.difference(&services) {
+        for gone in self.services.iter().filter(|s| !services.contains(*s)) {
             self.cache.census().leave(gone, &zone);
         }
-        for new in services.difference(&self.services) {
+        for new in services.iter().filter(|s| self.services.binary_search(s).is_err()) {
             self.cache.census().join(new, &zone);
         }
-        self.services = services;
+        self.services = services.into_iter().collect();
+        self.services.shrink_to_fit();
     }
 
     fn watch(&mut self, notify: &Arc<Notify>, watch: Watch) {
@@ -494,92 +496,120 @@ impl Drop for StreamGuard {
     }
 }
 
+/// One stream's bookkeeping around its protocol state: who the client is,
+/// its census entries and watch, and whether a request needs an answer.
+/// Requests are handled here synchronously, so nothing of a request is held
+/// in the stream task's future across an await.
+struct Session<P: Protocol> {
+    id: u64,
+    peer: Option<std::net::SocketAddr>,
+    limits: Limits,
+    admission: registry::Admission,
+    guard: StreamGuard,
+    wake: Arc<Notify>,
+    /// Shared with the registry, which locks it briefly when someone asks for status.
+    state: Arc<std::sync::Mutex<P>>,
+    /// The stream gauge's labels, once the client is known.
+    labels: Option<(String, String)>,
+    /// A request since the responses were last computed may need an answer.
+    dirty: bool,
+}
+
+impl<P: Protocol> Session<P> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, P> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn on_message(&mut self, request: &P::Request) -> Result<(), Status> {
+        checked::<P>(&self.limits, request)?;
+        let (ty, outcome, news, client) = {
+            let mut state = self.lock();
+            let (ty, outcome) = state.on_request(request)?;
+            let changed = state.take_changed();
+            let news = changed.then(|| (state.eds_names(), state.watch()));
+            let client = if self.guard.zone.is_none() { state.client().cloned() } else { None };
+            (ty, outcome, news, client)
+        };
+        self.dirty |= news.is_some();
+        record(self.id, ty, P::request_type_url(request), &outcome);
+        if let Some(c) = client {
+            self.admission.identify(P::request_node(request), Some(&c));
+            tracing::info!(
+                stream = self.id, peer = ?self.peer, protocol = P::NAME, node = %c.node_id,
+                zone = ?c.zone.as_ref().map(Zone::as_str), agent = %c.user_agent, kind = ?c.kind, "client connected"
+            );
+            let zone = c.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
+            let kind = format!("{:?}", c.kind).to_ascii_lowercase();
+            metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
+            self.labels = Some((zone, kind));
+            self.guard.zone = Some(c.zone);
+        }
+        if let Some((eds_names, watch)) = news {
+            self.guard.census(eds_names);
+            // Before the snapshot is read: a change published after this wakes the stream again.
+            self.guard.watch(&self.wake, watch);
+        }
+        Ok(())
+    }
+}
+
+impl<P: Protocol> Drop for Session<P> {
+    fn drop(&mut self) {
+        if let Some((zone, kind)) = self.labels.take() {
+            metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
+        }
+        tracing::info!(stream = self.id, "stream ended");
+    }
+}
+
 async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, mut tx: mpsc::Sender<Push>) {
     let StreamTask { cache, id, peer, limits, admission, mut shutdown } = stream;
     let wake = Arc::new(Notify::new());
-    let mut guard = StreamGuard { cache: cache.clone(), id, zone: None, services: BTreeSet::new(), watch: None };
+    let mut guard = StreamGuard { cache: cache.clone(), id, zone: None, services: Vec::new(), watch: None };
     // Woken by readiness until the first request says what to watch.
     guard.watch(&wake, Watch::default());
-    // Shared with the registry, which locks it briefly when someone asks for status.
     let state = Arc::new(std::sync::Mutex::new(P::default()));
     let status_of = state.clone();
     admission.attach(Arc::new(move || status_of.lock().map(|s| s.status()).unwrap_or_default()));
-    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-    let mut labels: Option<(String, String)> = None;
-    // The snapshot generation the responses were last computed against, and
-    // whether a request since then may need an answer.
+    let mut session = Session { id, peer, limits, admission, guard, wake, state, labels: None, dirty: true };
+    // The snapshot generation the responses were last computed against.
     let mut answered: Option<u64> = None;
-    let mut dirty = true;
     'stream: loop {
-        tokio::select! {
+        let end: Option<Box<Status>> = tokio::select! {
             message = inbound.message() => match message {
-                Ok(Some(request)) => {
-                    let handled = checked::<P>(&limits, &request).and_then(|()| {
-                        let mut state = lock();
-                        let result = state.on_request(&request);
-                        let changed = state.take_changed();
-                        dirty |= changed;
-                        let news = changed.then(|| (state.eds_names(), state.watch()));
-                        let client = if guard.zone.is_none() { state.client().cloned() } else { None };
-                        result.map(|(ty, outcome)| (ty, outcome, news, client))
-                    });
-                    match handled {
-                        Ok((ty, outcome, news, client)) => {
-                            record(id, ty, P::request_type_url(&request), &outcome);
-                            if let Some(c) = client {
-                                admission.identify(P::request_node(&request), Some(&c));
-                                tracing::info!(
-                                    stream = id, ?peer, protocol = P::NAME, node = %c.node_id, zone = ?c.zone.as_ref().map(Zone::as_str),
-                                    agent = %c.user_agent, kind = ?c.kind, "client connected"
-                                );
-                                let zone = c.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
-                                let kind = format!("{:?}", c.kind).to_ascii_lowercase();
-                                metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
-                                labels = Some((zone, kind));
-                                guard.zone = Some(c.zone.clone());
-                            }
-                            if let Some((eds_names, watch)) = news {
-                                guard.census(eds_names);
-                                // Before the snapshot is read below: a change published
-                                // after this wakes the stream again.
-                                guard.watch(&wake, watch);
-                            }
-                        }
-                        Err(status) => {
-                            tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
-                            let _ = tx.send(Err(Box::new(status))).await;
-                            break 'stream;
-                        }
-                    }
-                }
+                Ok(Some(request)) => session.on_message(&request).err().map(|status| {
+                    tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
+                    Box::new(status)
+                }),
                 Ok(None) => break 'stream,
                 Err(status) => {
                     tracing::debug!(stream = id, error = %status, "stream closed by transport error");
                     break 'stream;
                 }
             },
-            () = wake.notified() => {}
-            () = shutting_down(&mut shutdown) => {
-                let _ = tx.send(Err(Box::new(Status::unavailable("control plane shutting down; reconnect")))).await;
-                break 'stream;
-            }
+            () = session.wake.notified() => None,
+            () = shutting_down(&mut shutdown) => Some(Box::new(Status::unavailable("control plane shutting down; reconnect"))),
+        };
+        if let Some(status) = end {
+            let _ = tx.send(Err(status)).await;
+            break 'stream;
         }
         if !cache.is_ready() {
             continue;
         }
         let snapshot = cache.snapshot();
-        if !dirty && answered == Some(snapshot.generation) {
+        if !session.dirty && answered == Some(snapshot.generation) {
             continue;
         }
         // Only what moved since the snapshot last answered, when that was the previous one.
         let all = Changed::All;
         let changed = match answered {
-            Some(g) if !dirty && g + 1 == snapshot.generation => &snapshot.changed,
+            Some(g) if !session.dirty && g + 1 == snapshot.generation => &snapshot.changed,
             _ => &all,
         };
-        let replies = lock().responses(&snapshot, changed);
+        let replies = session.lock().responses(&snapshot, changed);
         answered = Some(snapshot.generation);
-        dirty = false;
+        session.dirty = false;
         for reply in replies {
             let frame = P::encode(&reply);
             tracing::debug!(stream = id, ty = reply.ty.short(), bytes = frame.len(), "push");
@@ -596,10 +626,6 @@ async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::R
             }
         }
     }
-    if let Some((zone, kind)) = labels {
-        metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
-    }
-    tracing::info!(stream = id, "stream ended");
 }
 
 fn checked<P: Protocol>(limits: &Limits, request: &P::Request) -> Result<(), Status> {

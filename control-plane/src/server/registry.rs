@@ -63,7 +63,8 @@ struct Entry {
 }
 
 pub struct Registry {
-    streams: DashMap<u64, Entry>,
+    /// Boxed: the table then grows by a pointer per slot, not a whole entry.
+    streams: DashMap<u64, Box<Entry>>,
     max_streams: usize,
 }
 
@@ -104,7 +105,7 @@ impl Registry {
             client: None,
             types: Vec::new(),
         };
-        self.streams.insert(id, Entry { summary, status: None });
+        self.streams.insert(id, Box::new(Entry { summary, status: None }));
         Ok(Admission { registry: self.clone(), id })
     }
 
