@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, circuit_breakers, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, RoutingPriority,
     SocketAddress, address, config_source, socket_address,
@@ -17,17 +19,22 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, retry_policy, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value};
 use envoy_types::util::pack_any;
 
-use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, Zone};
+use crate::model::{
+    CallMatch, ClientKind, Endpoint, HeaderRule, Health, OutlierDetection, PathMatch, RetryOn, RetryRule, RouteRule,
+    Routing, ServiceEndpoints, Target, Zone,
+};
 use crate::policy::{self, Plan};
 
 /// The four resource types served over ADS.
@@ -162,12 +169,14 @@ pub fn egress_listener(address: std::net::SocketAddr) -> Listener {
 }
 
 /// The egress route configuration: one virtual host per service, named and
-/// matched by the service's dial name, routing to its cluster.
-pub fn egress_route_configuration<'a>(services: impl IntoIterator<Item = &'a str>) -> RouteConfiguration {
+/// matched by the service's dial name, with the service's routes (Envoy's shape).
+pub fn egress_route_configuration<'a>(
+    services: impl IntoIterator<Item = (&'a str, &'a Routing)>,
+) -> RouteConfiguration {
     let virtual_hosts = services
         .into_iter()
-        .map(|service| {
-            let mut host = route_configuration(service, service).virtual_hosts.remove(0);
+        .map(|(service, routing)| {
+            let mut host = service_routes(service, service, routing, ClientKind::Envoy).virtual_hosts.remove(0);
             host.domains = vec![service.to_string()];
             host
         })
@@ -178,33 +187,153 @@ pub fn egress_route_configuration<'a>(services: impl IntoIterator<Item = &'a str
 /// One virtual host matching any authority (the listener already chose the
 /// service), routing everything to `cluster`.
 pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
+    let route = grpc_route(&RouteRule::default(), &[(cluster.to_string(), 1)], ClientKind::Grpc);
+    virtual_host_config(name, vec![route])
+}
+
+fn virtual_host_config(name: &str, routes: Vec<Route>) -> RouteConfiguration {
     RouteConfiguration {
         name: name.to_string(),
         virtual_hosts: vec![VirtualHost {
             name: name.to_string(),
             domains: vec!["*".to_string()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
-                    // The caller's deadline rules. Envoy: no 15 s route timeout, and the
-                    // `grpc-timeout` header bounds the stream without a cap. gRPC ignores
-                    // `timeout` and reads `grpc_timeout_header_max` 0 as "the application's
-                    // deadline, unmodified" (gRFC A31).
-                    timeout: Some(Duration { seconds: 0, nanos: 0 }),
-                    max_stream_duration: Some(route_action::MaxStreamDuration {
-                        grpc_timeout_header_max: Some(Duration { seconds: 0, nanos: 0 }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes,
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// The cluster (CDS and EDS name) a route target of service `dial` names:
+/// `dial` itself, `dial/SUBSET`, or another service's dial name.
+pub fn cluster_name(dial: &str, target: &Target) -> String {
+    match target {
+        Target::Service => dial.to_string(),
+        Target::Subset(subset) => format!("{dial}/{subset}"),
+        Target::Other(other) => other.clone(),
+    }
+}
+
+/// The route configuration `name` of service `dial` as a client of `kind`
+/// gets it: the service's routes in order (one catch-all to the whole
+/// service when it has none), each with its match, split, timeout and retries.
+pub fn service_routes(name: &str, dial: &str, routing: &Routing, kind: ClientKind) -> RouteConfiguration {
+    let default = [RouteRule::default()];
+    let rules = if routing.routes.is_empty() { &default[..] } else { &routing.routes[..] };
+    let routes = rules
+        .iter()
+        .map(|rule| {
+            let targets: Vec<(String, u32)> = rule.targets().iter().map(|(t, w)| (cluster_name(dial, t), *w)).collect();
+            grpc_route(rule, &targets, kind)
+        })
+        .collect();
+    virtual_host_config(name, routes)
+}
+
+fn duration(d: std::time::Duration) -> Duration {
+    Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn route_match(matcher: &CallMatch) -> RouteMatch {
+    let path = match &matcher.path {
+        PathMatch::Any => route_match::PathSpecifier::Prefix(String::new()),
+        PathMatch::Service(service) => route_match::PathSpecifier::Prefix(format!("/{service}/")),
+        PathMatch::Method(method) => route_match::PathSpecifier::Path(format!("/{method}")),
+    };
+    let headers = matcher
+        .headers
+        .iter()
+        .map(|h| {
+            // `string_match`, not the deprecated exact/prefix/safe_regex fields: gRPC
+            // (grpc-go, C-core, Java, Node) and Envoy read it.
+            let string = |pattern| {
+                header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                    match_pattern: Some(pattern),
+                    ..Default::default()
+                })
+            };
+            let (specifier, invert) = match &h.rule {
+                HeaderRule::Exact(v) => (string(string_matcher::MatchPattern::Exact(v.clone())), false),
+                HeaderRule::Prefix(v) => (string(string_matcher::MatchPattern::Prefix(v.clone())), false),
+                HeaderRule::Present(present) => (header_matcher::HeaderMatchSpecifier::PresentMatch(true), !present),
+                HeaderRule::Regex(r) => (
+                    string(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        regex: r.clone(),
+                        ..Default::default()
+                    })),
+                    false,
+                ),
+            };
+            HeaderMatcher {
+                name: h.name.clone(),
+                header_match_specifier: Some(specifier),
+                invert_match: invert,
+                ..Default::default()
+            }
+        })
+        .collect();
+    RouteMatch { path_specifier: Some(path), headers, ..Default::default() }
+}
+
+/// gRFC A44's `retry_policy`; Envoy also gets `per_try_timeout` and, when
+/// UNAVAILABLE is retried, the transport failures a gRPC client reports as
+/// UNAVAILABLE (a reset or refused connection). `None` for one attempt.
+fn retry(rule: &RetryRule, kind: ClientKind) -> Option<RetryPolicy> {
+    if rule.max_attempts < 2 {
+        return None;
+    }
+    let mut on: Vec<&str> = rule.on.iter().map(|c| c.name()).collect();
+    if kind == ClientKind::Envoy && rule.on.contains(&RetryOn::Unavailable) {
+        on.extend(["connect-failure", "refused-stream", "reset"]);
+    }
+    Some(RetryPolicy {
+        retry_on: on.join(","),
+        num_retries: Some(UInt32Value { value: rule.max_attempts - 1 }),
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(duration(rule.backoff)),
+            max_interval: Some(duration(rule.max_backoff)),
+        }),
+        per_try_timeout: rule.per_try_timeout.filter(|_| kind == ClientKind::Envoy).map(duration),
+        ..Default::default()
+    })
+}
+
+fn grpc_route(rule: &RouteRule, targets: &[(String, u32)], kind: ClientKind) -> Route {
+    let zero = Some(Duration { seconds: 0, nanos: 0 });
+    let cluster_specifier = match targets {
+        [(only, _)] => route_action::ClusterSpecifier::Cluster(only.clone()),
+        _ => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: targets
+                .iter()
+                .map(|(name, weight)| weighted_cluster::ClusterWeight {
+                    name: name.clone(),
+                    weight: Some(UInt32Value { value: *weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let envoy = kind == ClientKind::Envoy;
+    Route {
+        r#match: Some(route_match(&rule.matcher)),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            // The caller's deadline rules unless the route sets a timeout. Envoy: `timeout`
+            // (0: no 15 s default), and the `grpc-timeout` header bounds the stream without a
+            // cap. gRPC ignores `timeout`, reads `max_stream_duration` as the route's timeout
+            // and `grpc_timeout_header_max` 0 as "the application's deadline, unmodified"
+            // (gRFC A31); the smaller of the two applies.
+            timeout: if envoy { rule.timeout.map(duration).or(zero) } else { zero },
+            max_stream_duration: Some(route_action::MaxStreamDuration {
+                max_stream_duration: rule.timeout.filter(|_| !envoy).map(duration),
+                grpc_timeout_header_max: zero,
+                ..Default::default()
+            }),
+            idle_timeout: rule.idle_timeout.filter(|_| envoy).map(duration),
+            retry_policy: rule.retry.as_ref().and_then(|r| retry(r, kind)),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -231,9 +360,10 @@ impl Default for ClusterLimits {
 /// The DEFAULT-priority circuit breaker. gRPC reads only `max_requests`.
 /// Envoy also gets `max_pending_requests` and `max_connections` at the same
 /// value (its defaults, 1024 each, would cap an application that its own
-/// concurrency already bounds); `max_retries` stays at Envoy's default (3
-/// concurrent retries) because no route here configures retries.
-fn breakers(limits: &ClusterLimits) -> CircuitBreakers {
+/// concurrency already bounds), and `max_retries` too when `retries` (its
+/// default, 3 concurrent retries per cluster, would refuse most retries of a
+/// busy client; gRPC bounds retries per call, not per cluster).
+fn breakers(limits: &ClusterLimits, retries: bool) -> CircuitBreakers {
     let value = Some(UInt32Value { value: limits.max_requests.max(1) });
     CircuitBreakers {
         thresholds: vec![circuit_breakers::Thresholds {
@@ -241,10 +371,57 @@ fn breakers(limits: &ClusterLimits) -> CircuitBreakers {
             max_requests: value,
             max_pending_requests: value,
             max_connections: value,
+            max_retries: value.filter(|_| retries),
             ..Default::default()
         }],
         ..Default::default()
     }
+}
+
+/// `outlier_detection` as gRPC (A50) reads it: success-rate and
+/// failure-percentage, each enforced only when configured (both default on or
+/// off otherwise, unlike what a reader expects). Envoy also gets
+/// consecutive-5xx, explicitly off when not configured (Envoy's default is 5).
+fn outlier_detection(od: &OutlierDetection, kind: ClientKind) -> EnvoyOutlierDetection {
+    let u = |value: u32| Some(UInt32Value { value });
+    let envoy = kind == ClientKind::Envoy;
+    let mut out = EnvoyOutlierDetection {
+        interval: Some(duration(od.interval)),
+        base_ejection_time: Some(duration(od.base_ejection_time)),
+        max_ejection_percent: u(od.max_ejection_percent),
+        enforcing_success_rate: u(if od.success_rate.is_some() { 100 } else { 0 }),
+        enforcing_failure_percentage: u(if od.failure_percentage.is_some() { 100 } else { 0 }),
+        ..Default::default()
+    };
+    if let Some(sr) = od.success_rate {
+        out.success_rate_stdev_factor = u(sr.stdev_factor);
+        out.success_rate_minimum_hosts = u(sr.minimum_hosts);
+        out.success_rate_request_volume = u(sr.request_volume);
+    }
+    if let Some(fp) = od.failure_percentage {
+        out.failure_percentage_threshold = u(fp.threshold);
+        out.failure_percentage_minimum_hosts = u(fp.minimum_hosts);
+        out.failure_percentage_request_volume = u(fp.request_volume);
+    }
+    if envoy {
+        out.enforcing_consecutive_5xx = u(if od.consecutive_5xx.is_some() { 100 } else { 0 });
+        out.consecutive_5xx = od.consecutive_5xx.and_then(u);
+        // Gateway failures are counted as 5xx already; keep their own ejection off.
+        out.enforcing_consecutive_gateway_failure = u(0);
+    }
+    out
+}
+
+/// A service's cluster (its own or a subset's, `name`): [`cluster`] with the
+/// service's outlier detection, and Envoy's retry breaker opened when a route retries.
+pub fn service_cluster(name: &str, kind: ClientKind, limits: &ClusterLimits, routing: &Routing) -> Cluster {
+    let mut c = cluster(name, kind, limits);
+    let retries = routing.routes.iter().any(|r| r.retry.as_ref().is_some_and(|r| r.max_attempts > 1));
+    if kind == ClientKind::Envoy && retries {
+        c.circuit_breakers = Some(breakers(limits, true));
+    }
+    c.outlier_detection = routing.outlier_detection.as_ref().map(|od| outlier_detection(od, kind));
+    c
 }
 
 /// An EDS cluster over ADS, round robin, with circuit breakers that do not
@@ -257,7 +434,7 @@ pub fn cluster(name: &str, kind: ClientKind, limits: &ClusterLimits) -> Cluster 
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
         connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
-        circuit_breakers: Some(breakers(limits)),
+        circuit_breakers: Some(breakers(limits, false)),
         ..Default::default()
     };
     if kind == ClientKind::Envoy {
@@ -844,7 +1021,8 @@ mod tests {
         let c = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits { max_requests: 100_000 });
         assert_eq!(c.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100_000));
         let zero = Some(Duration { seconds: 0, nanos: 0 });
-        let egress = egress_route_configuration(["echo.demo"]);
+        let routing = Routing::default();
+        let egress = egress_route_configuration([("echo.demo", &routing)]);
         for config in [route_configuration("echo.demo", "echo.demo"), egress] {
             let Some(route::Action::Route(action)) = config.virtual_hosts[0].routes[0].action.clone() else {
                 panic!("route action")
@@ -858,7 +1036,8 @@ mod tests {
 
     #[test]
     fn egress_routes_one_virtual_host_per_service() {
-        let r = egress_route_configuration(["echo.demo", "echo.grpc.demo"]);
+        let routing = Routing::default();
+        let r = egress_route_configuration([("echo.demo", &routing), ("echo.grpc.demo", &routing)]);
         assert_eq!(r.name, EGRESS);
         let domains: Vec<_> = r.virtual_hosts.iter().map(|v| v.domains.clone()).collect();
         assert_eq!(domains, vec![vec!["echo.demo".to_string()], vec!["echo.grpc.demo".to_string()]]);
