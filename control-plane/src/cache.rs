@@ -987,6 +987,126 @@ mod tests {
         }
     }
 
+    fn versioned(zones: &[(&str, &str)]) -> ServiceEndpoints {
+        let mut e = endpoints(&zones.iter().map(|(z, _)| *z).collect::<Vec<_>>());
+        for endpoint in &mut e.endpoints {
+            let i: usize = endpoint.instance_id.trim_start_matches("i-").parse().expect("test id");
+            endpoint.attributes.insert("version".into(), zones[i].1.to_string());
+        }
+        e
+    }
+
+    fn canary_routing() -> Arc<Routing> {
+        crate::config::FileConfig::parse(
+            r#"
+            [services."echo.demo".subsets]
+            stable = { version = "v1" }
+            canary = { version = "v2" }
+            [[services."echo.demo".routes]]
+            split = { stable = 90, canary = 10 }
+            "#,
+        )
+        .expect("parses")
+        .settings(&ServiceName::new("demo", "echo"))
+        .routing
+    }
+
+    #[test]
+    fn subsets_are_clusters_with_their_own_zone_aware_endpoints() {
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        let name = ServiceName::new("demo", "echo");
+        // v1 2/2/2, v2 1/1/1.
+        let service = versioned(&[
+            ("a", "v1"),
+            ("a", "v1"),
+            ("a", "v2"),
+            ("b", "v1"),
+            ("b", "v1"),
+            ("b", "v2"),
+            ("c", "v1"),
+            ("c", "v1"),
+            ("c", "v2"),
+        ]);
+        let options =
+            ServiceOptions { policy: Policy::ZoneAware, limits: Default::default(), routing: canary_routing() };
+        assert!(cache.update_service(&name, service.clone(), options.clone()));
+        assert!(!cache.update_service(&name, service.clone(), options.clone()), "same routing: no change");
+        for zone in ["a", "b", "c"] {
+            for eds in ["echo.demo/stable", "echo.demo/canary"] {
+                cache.census().join(eds, &Zone::new(zone));
+            }
+        }
+        assert!(cache.apply_census(), "the subsets' census moves their plans");
+        let snap = cache.snapshot();
+        let client = grpc("a");
+        let envoy = Client::new(None, ClientKind::Envoy, "envoy");
+        assert_eq!(
+            snap.wildcard_names(ResourceType::Cluster, &envoy),
+            vec!["echo.demo", "echo.demo/canary", "echo.demo/stable"]
+        );
+        for name in ["echo.demo/canary", "echo.demo/stable"] {
+            let c = snap.resolve(ResourceType::Cluster, name, &client).expect("subset cluster");
+            assert_eq!(c.name, name);
+            assert_eq!(Snapshot::key_of(name), "echo.demo");
+        }
+        assert!(snap.resolve(ResourceType::Cluster, "echo.demo/nope", &client).is_none());
+        assert!(snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/nope", &client).is_none());
+        // Same-zone preference inside each subset: all local, with the subset's members only.
+        let canary = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/canary", &client).expect("eds");
+        assert_eq!(eds_zones(&canary), vec![(0, "a".into(), 10_000), (1, "b".into(), 1), (1, "c".into(), 1)]);
+        let cla = ClusterLoadAssignment::decode(canary.resource.value.as_slice()).expect("decodes");
+        assert_eq!(cla.cluster_name, "echo.demo/canary");
+        assert_eq!(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 3);
+        let stable = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/stable", &client).expect("eds");
+        assert_eq!(
+            ClusterLoadAssignment::decode(stable.resource.value.as_slice()).expect("decodes").endpoints[0]
+                .lb_endpoints
+                .len(),
+            2
+        );
+        // The route names the subset clusters; a new split is a change (and of Envoy's egress routes).
+        let routes = snap.resolve(ResourceType::RouteConfiguration, "echo.demo", &client).expect("rds");
+        let egress = snap.resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("egress");
+        let mut fifty = (*canary_routing()).clone();
+        fifty.routes[0].split = vec![
+            (crate::model::Target::Subset("stable".into()), 50),
+            (crate::model::Target::Subset("canary".into()), 50),
+        ];
+        let options = ServiceOptions { routing: Arc::new(fifty), ..options };
+        assert!(cache.update_service(&name, service, options));
+        let snap = cache.snapshot();
+        assert_ne!(
+            snap.resolve(ResourceType::RouteConfiguration, "echo.demo", &client).expect("rds").version,
+            routes.version
+        );
+        assert_ne!(
+            snap.resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("rds").version,
+            egress.version
+        );
+        assert_eq!(snap.services["echo.demo"].subsets["canary"].census.get(&Zone::new("b")), Some(&1), "census kept");
+    }
+
+    #[test]
+    fn a_skewed_subset_census_spills_inside_the_subset() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        let service = versioned(&[("a", "v2"), ("b", "v2"), ("c", "v2"), ("a", "v1"), ("b", "v1"), ("c", "v1")]);
+        let options =
+            ServiceOptions { policy: Policy::ZoneAware, limits: Default::default(), routing: canary_routing() };
+        cache.update_service(&name, service, options);
+        for (zone, n) in [("a", 4), ("b", 1), ("c", 1)] {
+            for _ in 0..n {
+                cache.census().join("echo.demo/canary", &Zone::new(zone));
+            }
+        }
+        assert!(cache.apply_census());
+        let snap = cache.snapshot();
+        let a = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/canary", &grpc("a")).expect("eds");
+        assert_eq!(eds_zones(&a), vec![(0, "a".into(), 5_000), (0, "b".into(), 2_500), (0, "c".into(), 2_500)]);
+        // The whole service's plan has no census of its own: unaffected.
+        assert!(snap.services["echo.demo"].census.is_empty());
+    }
+
     #[test]
     fn a_revoked_claim_never_writes_again() {
         // The race of issue 11, step by step: a watcher is between its

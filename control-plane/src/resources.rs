@@ -1045,6 +1045,299 @@ mod tests {
         assert_eq!(l.filter_chains.len(), 1);
     }
 
+    /// The checks gRPC clients apply to a RouteConfiguration (gRFC A28, A31, A44):
+    /// a path specifier on every match, a cluster or non-empty weighted clusters
+    /// with positive weights summing within u32, only supported header matchers,
+    /// retry codes gRPC knows, at most 5 attempts, a positive backoff, no per-try timeout.
+    fn assert_grpc_routes_valid(rc: &RouteConfiguration, kind: ClientKind) {
+        use prost::Message;
+        let decoded = RouteConfiguration::decode(pack_any(rc.clone()).value.as_slice()).expect("round trips");
+        assert_eq!(&decoded, rc);
+        assert!(!rc.virtual_hosts.is_empty());
+        for host in &rc.virtual_hosts {
+            assert!(!host.domains.is_empty(), "domains");
+            assert!(!host.routes.is_empty(), "routes");
+            for r in &host.routes {
+                let m = r.r#match.as_ref().expect("match");
+                match m.path_specifier.as_ref().expect("path specifier") {
+                    route_match::PathSpecifier::Prefix(p) => {
+                        assert!(p.is_empty() || (p.starts_with('/') && p.ends_with('/')))
+                    }
+                    route_match::PathSpecifier::Path(p) => assert_eq!(p.matches('/').count(), 2, "{p}"),
+                    other => panic!("unexpected path specifier {other:?}"),
+                }
+                for h in &m.headers {
+                    assert!(
+                        !h.name.ends_with("-bin") && !h.name.starts_with("grpc-") && h.name == h.name.to_lowercase()
+                    );
+                    match h.header_match_specifier.as_ref().expect("specifier") {
+                        header_matcher::HeaderMatchSpecifier::PresentMatch(true) => {}
+                        header_matcher::HeaderMatchSpecifier::StringMatch(sm) => {
+                            assert!(!sm.ignore_case);
+                            match sm.match_pattern.as_ref().expect("pattern") {
+                                string_matcher::MatchPattern::Exact(_) => {}
+                                string_matcher::MatchPattern::Prefix(p) => assert!(!p.is_empty()),
+                                string_matcher::MatchPattern::SafeRegex(re) => {
+                                    assert!(regex::Regex::new(&re.regex).is_ok())
+                                }
+                                other => panic!("unexpected pattern {other:?}"),
+                            }
+                        }
+                        other => panic!("unexpected header matcher {other:?}"),
+                    }
+                }
+                let Some(route::Action::Route(action)) = &r.action else { panic!("route action") };
+                match action.cluster_specifier.as_ref().expect("cluster specifier") {
+                    route_action::ClusterSpecifier::Cluster(c) => assert!(!c.is_empty()),
+                    route_action::ClusterSpecifier::WeightedClusters(w) => {
+                        assert!(w.clusters.len() >= 2);
+                        assert!(w.total_weight.is_none(), "deprecated; gRPC sums the weights");
+                        let sum: u64 =
+                            w.clusters.iter().map(|c| u64::from(c.weight.map(|w| w.value).unwrap_or(0))).sum();
+                        assert!(sum > 0 && sum <= u64::from(u32::MAX));
+                        for c in &w.clusters {
+                            assert!(!c.name.is_empty() && c.weight.is_some_and(|w| w.value > 0));
+                        }
+                    }
+                    other => panic!("unexpected cluster specifier {other:?}"),
+                }
+                let msd = action.max_stream_duration.as_ref().expect("max_stream_duration");
+                assert_eq!(msd.grpc_timeout_header_max, Some(Duration { seconds: 0, nanos: 0 }));
+                if let Some(d) = &msd.max_stream_duration {
+                    assert!(d.seconds > 0 || d.nanos > 0);
+                }
+                if let Some(retry) = &action.retry_policy {
+                    let known = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
+                    let codes: Vec<&str> = retry.retry_on.split(',').collect();
+                    assert!(codes.iter().any(|c| known.contains(c)), "{codes:?}");
+                    if kind != ClientKind::Envoy {
+                        assert!(codes.iter().all(|c| known.contains(c)), "{codes:?}");
+                        assert!(retry.per_try_timeout.is_none(), "gRPC has no per-try timeout");
+                    }
+                    let n = retry.num_retries.map(|n| n.value).unwrap_or(1);
+                    assert!((1..=4).contains(&n), "num_retries {n}");
+                    let backoff = retry.retry_back_off.as_ref().expect("backoff");
+                    let base = backoff.base_interval.as_ref().expect("base");
+                    let max = backoff.max_interval.as_ref().expect("max");
+                    assert!(base.seconds > 0 || base.nanos > 0);
+                    assert!((max.seconds, max.nanos) >= (base.seconds, base.nanos));
+                }
+                if kind != ClientKind::Envoy {
+                    assert!(action.idle_timeout.is_none(), "gRPC has no idle timeout");
+                }
+            }
+        }
+    }
+
+    /// The checks gRPC clients apply to a Cluster (xds-rules.md, gRFC A32, A50).
+    fn assert_grpc_cluster_valid(c: &Cluster, kind: ClientKind) {
+        use prost::Message;
+        assert_eq!(&Cluster::decode(pack_any(c.clone()).value.as_slice()).expect("round trips"), c);
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32))
+        );
+        let eds = c.eds_cluster_config.as_ref().expect("eds config");
+        assert!(matches!(
+            eds.eds_config.as_ref().and_then(|s| s.config_source_specifier.as_ref()),
+            Some(config_source::ConfigSourceSpecifier::Ads(_))
+        ));
+        assert_eq!(eds.service_name, c.name);
+        assert_eq!(c.lb_policy, cluster::LbPolicy::RoundRobin as i32);
+        let thresholds = &c.circuit_breakers.as_ref().expect("breakers").thresholds;
+        assert!(thresholds.iter().all(|t| t.priority == RoutingPriority::Default as i32));
+        if let Some(od) = &c.outlier_detection {
+            for pct in [
+                &od.max_ejection_percent,
+                &od.failure_percentage_threshold,
+                &od.enforcing_failure_percentage,
+                &od.enforcing_success_rate,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(pct.value <= 100);
+            }
+            assert!(od.interval.as_ref().is_some_and(|d| d.seconds > 0 || d.nanos > 0));
+            assert!(od.base_ejection_time.as_ref().is_some_and(|d| d.seconds > 0 || d.nanos > 0));
+            // Both gRPC algorithms must be explicitly on or off (their defaults differ: success rate on).
+            assert!(od.enforcing_success_rate.is_some() && od.enforcing_failure_percentage.is_some());
+            if kind != ClientKind::Envoy {
+                assert!(
+                    od.consecutive_5xx.is_none() && od.enforcing_consecutive_5xx.is_none(),
+                    "gRPC: no consecutive 5xx"
+                );
+            } else {
+                assert!(od.enforcing_consecutive_5xx.is_some(), "Envoy's default is on at 5");
+            }
+        }
+    }
+
+    fn issue_routing() -> Routing {
+        crate::config::FileConfig::parse(
+            r#"
+            [services."echo.demo".subsets]
+            stable = { version = "v1" }
+            canary = { version = "v2" }
+
+            [[services."echo.demo".routes]]
+            match = { method = "demo.v1.Describer/Describe", headers = { "x-canary" = "always" } }
+            split = { canary = 100 }
+
+            [[services."echo.demo".routes]]
+            match = { service = "demo.v1.Other", headers = { "a" = { prefix = "p" }, "b" = { present = false }, "c" = { regex = "^v[0-9]$" } } }
+            idle_timeout = "5m"
+            retry = { on = ["unavailable", "internal"], max_attempts = 5, backoff = "10ms", per_try_timeout = "1s" }
+
+            [[services."echo.demo".routes]]
+            split = { stable = 90, canary = 10, "other.demo" = 0 }
+            timeout = "1500ms"
+            retry = { on = ["unavailable"], max_attempts = 3, backoff = "25ms" }
+
+            [services."echo.demo".outlier_detection]
+            failure_percentage = { threshold = 50, minimum_hosts = 2, request_volume = 20 }
+            success_rate = {}
+            consecutive_5xx = 7
+            interval = "2s"
+            max_ejection_percent = 50
+            "#,
+        )
+        .expect("parses")
+        .settings(&crate::model::ServiceName::new("demo", "echo"))
+        .routing
+        .as_ref()
+        .clone()
+    }
+
+    #[test]
+    fn every_route_shape_passes_the_grpc_checks() {
+        let routing = issue_routing();
+        let mut one_attempt = routing.clone();
+        if let Some(r) = one_attempt.routes[2].retry.as_mut() {
+            r.max_attempts = 1;
+        }
+        let mut cross = Routing::default();
+        cross.routes.push(RouteRule {
+            split: vec![(Target::Other("other.demo".into()), 3), (Target::Service, 1)],
+            ..Default::default()
+        });
+        for (label, routing) in [
+            ("default", Routing::default()),
+            ("issue", routing.clone()),
+            ("one attempt", one_attempt),
+            ("cross", cross),
+        ] {
+            for kind in [ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat] {
+                let rc = service_routes("echo.demo:50051", "echo.demo", &routing, kind);
+                assert_grpc_routes_valid(&rc, kind);
+                assert_eq!(rc.name, "echo.demo:50051", "{label}");
+                let egress = egress_route_configuration([("echo.demo", &routing)]);
+                assert_grpc_routes_valid(&egress, ClientKind::Envoy);
+            }
+        }
+    }
+
+    fn action(rc: &RouteConfiguration, i: usize) -> RouteAction {
+        match rc.virtual_hosts[0].routes[i].action.clone() {
+            Some(route::Action::Route(a)) => a,
+            other => panic!("route action {other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_carry_matches_splits_timeouts_and_retries() {
+        let routing = issue_routing();
+        let grpc = service_routes("echo.demo", "echo.demo", &routing, ClientKind::Grpc);
+        let routes = &grpc.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 3);
+        let m = routes[0].r#match.clone().expect("match");
+        assert_eq!(m.path_specifier, Some(route_match::PathSpecifier::Path("/demo.v1.Describer/Describe".into())));
+        assert_eq!(m.headers[0].name, "x-canary");
+        assert_eq!(
+            action(&grpc, 0).cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster("echo.demo/canary".into()))
+        );
+        let m = routes[1].r#match.clone().expect("match");
+        assert_eq!(m.path_specifier, Some(route_match::PathSpecifier::Prefix("/demo.v1.Other/".into())));
+        assert!(m.headers[1].invert_match, "present = false inverts a presence match");
+        assert_eq!(
+            action(&grpc, 1).cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster("echo.demo".into()))
+        );
+        let main = action(&grpc, 2);
+        let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &main.cluster_specifier else {
+            panic!("split")
+        };
+        let split: Vec<(String, u32)> =
+            w.clusters.iter().map(|c| (c.name.clone(), c.weight.map(|w| w.value).unwrap_or(0))).collect();
+        assert_eq!(
+            split,
+            vec![("echo.demo/canary".into(), 10), ("echo.demo/stable".into(), 90)],
+            "zero weights left out"
+        );
+        assert_eq!(
+            main.max_stream_duration.and_then(|m| m.max_stream_duration),
+            Some(Duration { seconds: 1, nanos: 500_000_000 })
+        );
+        let retry = main.retry_policy.expect("retry");
+        assert_eq!((retry.retry_on.as_str(), retry.num_retries.map(|n| n.value)), ("unavailable", Some(2)));
+        // gRPC: no per-try or idle timeout; Envoy: both, its route timeout, and the transport failures.
+        let r1 = action(&grpc, 1);
+        assert!(r1.idle_timeout.is_none() && r1.retry_policy.expect("retry").per_try_timeout.is_none());
+        let envoy = service_routes("echo.demo", "echo.demo", &routing, ClientKind::Envoy);
+        let e1 = action(&envoy, 1);
+        assert_eq!(e1.idle_timeout, Some(Duration { seconds: 300, nanos: 0 }));
+        let e1_retry = e1.retry_policy.expect("retry");
+        assert_eq!(e1_retry.per_try_timeout, Some(Duration { seconds: 1, nanos: 0 }));
+        assert_eq!(e1_retry.retry_on, "internal,unavailable,connect-failure,refused-stream,reset");
+        let e2 = action(&envoy, 2);
+        assert_eq!(e2.timeout, Some(Duration { seconds: 1, nanos: 500_000_000 }));
+        assert_eq!(e2.max_stream_duration.and_then(|m| m.max_stream_duration), None);
+    }
+
+    #[test]
+    fn clusters_carry_outlier_detection_per_kind() {
+        let routing = issue_routing();
+        for kind in [ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat] {
+            for name in ["echo.demo", "echo.demo/canary"] {
+                let c = service_cluster(name, kind, &ClusterLimits::default(), &routing);
+                assert_grpc_cluster_valid(&c, kind);
+                let od = c.outlier_detection.clone().expect("outlier detection");
+                assert_eq!(od.failure_percentage_threshold.map(|v| v.value), Some(50));
+                assert_eq!(od.enforcing_failure_percentage.map(|v| v.value), Some(100));
+                assert_eq!(od.success_rate_stdev_factor.map(|v| v.value), Some(1900));
+                assert_eq!(od.interval, Some(Duration { seconds: 2, nanos: 0 }));
+                let retries = c.circuit_breakers.and_then(|b| b.thresholds[0].max_retries).map(|v| v.value);
+                if kind == ClientKind::Envoy {
+                    assert_eq!(od.consecutive_5xx.map(|v| v.value), Some(7));
+                    assert_eq!(
+                        retries,
+                        Some(ClusterLimits::DEFAULT_MAX_REQUESTS),
+                        "routes retry: Envoy's retry breaker open"
+                    );
+                } else {
+                    assert_eq!(retries, None);
+                }
+            }
+            let plain = service_cluster("echo.demo", kind, &ClusterLimits::default(), &Routing::default());
+            assert_grpc_cluster_valid(&plain, kind);
+            assert!(plain.outlier_detection.is_none());
+            // Without consecutive_5xx and success_rate, Envoy and gRPC have both turned off explicitly.
+            let mut only_fp = routing.clone();
+            if let Some(od) = only_fp.outlier_detection.as_mut() {
+                od.consecutive_5xx = None;
+                od.success_rate = None;
+            }
+            let c = service_cluster("echo.demo", kind, &ClusterLimits::default(), &only_fp);
+            assert_grpc_cluster_valid(&c, kind);
+            let od = c.outlier_detection.expect("outlier detection");
+            assert_eq!(od.enforcing_success_rate.map(|v| v.value), Some(0));
+            if kind == ClientKind::Envoy {
+                assert_eq!(od.enforcing_consecutive_5xx.map(|v| v.value), Some(0));
+            }
+        }
+    }
+
     #[test]
     fn type_urls_round_trip() {
         for t in ResourceType::ALL {
