@@ -151,7 +151,8 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 .map(|(name, subset)| {
                     let census: serde_json::Map<_, _> =
                         subset.census.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
-                    let members: Vec<&str> = subset.endpoints.endpoints.iter().map(|e| e.instance_id.as_str()).collect();
+                    let members: Vec<&str> =
+                        subset.endpoints.endpoints.iter().map(|e| e.instance_id.as_str()).collect();
                     (name.clone(), json!({ "census": census, "instances": members }))
                 })
                 .collect();

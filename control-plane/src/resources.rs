@@ -320,14 +320,15 @@ fn grpc_route(rule: &RouteRule, targets: &[(String, u32)], kind: ClientKind) -> 
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(cluster_specifier),
             // The caller's deadline rules unless the route sets a timeout. Envoy: `timeout`
-            // (0: no 15 s default), and the `grpc-timeout` header bounds the stream without a
-            // cap. gRPC ignores `timeout`, reads `max_stream_duration` as the route's timeout
-            // and `grpc_timeout_header_max` 0 as "the application's deadline, unmodified"
-            // (gRFC A31); the smaller of the two applies.
+            // (0: no 15 s default), and `grpc_timeout_header_max` 0 lets the `grpc-timeout`
+            // header bound the stream without a cap. gRPC ignores `timeout`; it takes
+            // `grpc_timeout_header_max` when set, else `max_stream_duration`, as the route's
+            // limit (0: none) and applies the smaller of it and the call's deadline (gRFC A31),
+            // so a route timeout goes into both.
             timeout: if envoy { rule.timeout.map(duration).or(zero) } else { zero },
             max_stream_duration: Some(route_action::MaxStreamDuration {
                 max_stream_duration: rule.timeout.filter(|_| !envoy).map(duration),
-                grpc_timeout_header_max: zero,
+                grpc_timeout_header_max: rule.timeout.filter(|_| !envoy).map(duration).or(zero),
                 ..Default::default()
             }),
             idle_timeout: rule.idle_timeout.filter(|_| envoy).map(duration),
@@ -1101,10 +1102,16 @@ mod tests {
                     }
                     other => panic!("unexpected cluster specifier {other:?}"),
                 }
+                // gRPC (A31) takes grpc_timeout_header_max before max_stream_duration: a route
+                // timeout must be in the first, or 0 there ("no limit") hides it.
                 let msd = action.max_stream_duration.as_ref().expect("max_stream_duration");
-                assert_eq!(msd.grpc_timeout_header_max, Some(Duration { seconds: 0, nanos: 0 }));
-                if let Some(d) = &msd.max_stream_duration {
-                    assert!(d.seconds > 0 || d.nanos > 0);
+                match (&msd.max_stream_duration, kind) {
+                    (Some(d), ClientKind::Grpc | ClientKind::Flat) => {
+                        assert!(d.seconds > 0 || d.nanos > 0);
+                        assert_eq!(msd.grpc_timeout_header_max.as_ref(), Some(d), "A31 precedence");
+                    }
+                    (Some(_), ClientKind::Envoy) => panic!("Envoy gets the route timeout in `timeout`"),
+                    (None, _) => assert_eq!(msd.grpc_timeout_header_max, Some(Duration { seconds: 0, nanos: 0 })),
                 }
                 if let Some(retry) = &action.retry_policy {
                     let known = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
