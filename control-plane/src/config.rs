@@ -843,7 +843,7 @@ mod tests {
         let svc = "[services.\"echo.demo\"]\n";
         for (text, needles) in [
             (
-                format!("[[services.\"echo.demo\".routes]]\nsplit = {{ canary = 1 }}"),
+                String::from("[[services.\"echo.demo\".routes]]\nsplit = { canary = 1 }"),
                 vec!["[services.\"echo.demo\"] routes[0]", "split", "\"canary\" is no subset"],
             ),
             (
@@ -853,37 +853,40 @@ mod tests {
                 vec!["routes[0]", "sum to 0"],
             ),
             (
-                format!(
-                    "[[services.\"echo.demo\".routes]]\n[[services.\"echo.demo\".routes]]\nretry = {{ on = [\"unavailable\"], max_attempts = 6 }}"
+                String::from(
+                    "[[services.\"echo.demo\".routes]]\n[[services.\"echo.demo\".routes]]\nretry = { on = [\"unavailable\"], max_attempts = 6 }",
                 ),
                 vec!["routes[1]", "retry", "max_attempts = 6"],
             ),
             (
-                format!("[[services.\"echo.demo\".routes]]\nretry = {{ on = [\"5xx\"], max_attempts = 2 }}"),
+                String::from("[[services.\"echo.demo\".routes]]\nretry = { on = [\"5xx\"], max_attempts = 2 }"),
                 vec!["retry", "on: \"5xx\""],
             ),
             (
-                format!("[[services.\"echo.demo\".routes]]\nmatch = {{ method = \"Describe\" }}"),
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { method = \"Describe\" }"),
                 vec!["routes[0]", "match", "method = \"Describe\""],
             ),
             (
-                format!("[[services.\"echo.demo\".routes]]\nmatch = {{ headers = {{ \"x-id-bin\" = \"1\" }} }}"),
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x-id-bin\" = \"1\" } }"),
                 vec!["match", "headers", "-bin"],
             ),
             (
-                format!("[[services.\"echo.demo\".routes]]\nmatch = {{ headers = {{ \"x\" = {{ regex = \"(\" }} }} }}"),
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x\" = { regex = \"(\" } } }"),
                 vec!["headers", "regex"],
             ),
-            (format!("[[services.\"echo.demo\".routes]]\ntimeout = \"1h\""), vec!["routes[0]", "timeout"]),
-            (format!("[[services.\"echo.demo\".routes]]\nmatch = {{ path = \"/x\" }}"), vec!["unknown field `path`"]),
+            (String::from("[[services.\"echo.demo\".routes]]\ntimeout = \"1h\""), vec!["routes[0]", "timeout"]),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { path = \"/x\" }"),
+                vec!["unknown field `path`"],
+            ),
             (format!("{svc}subsets = {{ \"a/b\" = {{ v = \"1\" }} }}"), vec!["subsets", "\"a/b\""]),
             (format!("{svc}subsets = {{ \"a.b\" = {{ v = \"1\" }} }}"), vec!["subsets", "\"a.b\""]),
             (
-                format!("[services.\"echo.demo\".outlier_detection]\ninterval = \"1s\""),
+                String::from("[services.\"echo.demo\".outlier_detection]\ninterval = \"1s\""),
                 vec!["outlier_detection", "nothing would eject"],
             ),
             (
-                format!("[services.\"echo.demo\".outlier_detection]\nfailure_percentage = {{ threshold = 150 }}"),
+                String::from("[services.\"echo.demo\".outlier_detection]\nfailure_percentage = { threshold = 150 }"),
                 vec!["outlier_detection", "threshold = 150"],
             ),
             ("[default]\nsubsets = { a = { v = \"1\" } }".to_string(), vec!["[default]", "per service"]),

@@ -1092,7 +1092,9 @@ mod tests {
                     route_action::ClusterSpecifier::Cluster(c) => assert!(!c.is_empty()),
                     route_action::ClusterSpecifier::WeightedClusters(w) => {
                         assert!(w.clusters.len() >= 2);
-                        assert!(w.total_weight.is_none(), "deprecated; gRPC sums the weights");
+                        #[allow(deprecated)]
+                        let total = w.total_weight;
+                        assert!(total.is_none(), "deprecated; gRPC sums the weights");
                         let sum: u64 =
                             w.clusters.iter().map(|c| u64::from(c.weight.map(|w| w.value).unwrap_or(0))).sum();
                         assert!(sum > 0 && sum <= u64::from(u32::MAX));
