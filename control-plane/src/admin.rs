@@ -159,6 +159,8 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
             json!({
                 "subsets": subsets,
                 "routes": entry.routing.routes.len(),
+                // Set while the service's Cloud Map routing attributes are refused (the last good routing is served).
+                "routing_error": state.cache.routing_error(&entry.name.dial_name()),
                 "name": entry.name.dial_name(),
                 "namespace": entry.name.namespace,
                 "service": entry.name.service,

@@ -524,6 +524,8 @@ pub struct Cache {
     /// Who is connected to which service, written by the streams.
     census: Census,
     synced: DashMap<String, std::time::Instant>,
+    /// Why a service's routing from its Cloud Map attributes was refused (last good kept).
+    routing_errors: DashMap<String, String>,
 }
 
 impl Default for Cache {
@@ -545,6 +547,7 @@ impl Cache {
             namespaces: Mutex::new(BTreeMap::new()),
             census: Census::default(),
             synced: DashMap::new(),
+            routing_errors: DashMap::new(),
         }
     }
 
@@ -696,6 +699,19 @@ impl Cache {
     /// Time since each service's last successful Cloud Map call.
     pub fn sync_ages(&self) -> BTreeMap<String, std::time::Duration> {
         self.synced.iter().map(|e| (e.key().clone(), e.value().elapsed())).collect()
+    }
+
+    /// Record (or clear) why service `dial`'s routing attributes were refused.
+    pub fn set_routing_error(&self, dial: &str, error: Option<String>) {
+        match error {
+            Some(error) => self.routing_errors.insert(dial.to_string(), error),
+            None => self.routing_errors.remove(dial).map(|(_, e)| e),
+        };
+    }
+
+    /// Why service `dial`'s routing attributes were refused, while they are.
+    pub fn routing_error(&self, dial: &str) -> Option<String> {
+        self.routing_errors.get(dial).map(|e| e.clone())
     }
 
     /// The live census (the plans may use an older one, see [`Cache::apply_census`]).

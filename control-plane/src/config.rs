@@ -434,6 +434,52 @@ pub fn routing_of(table: &ServiceTable, label: &str) -> anyhow::Result<Routing> 
     Ok(Routing { subsets, routes, outlier_detection })
 }
 
+/// The service attribute whose JSON value (an array, the schema of `[[services."…".routes]]`)
+/// replaces the file's routes of that service.
+pub const ROUTES_ATTRIBUTE: &str = "cloudmap-xds.routes";
+/// The service attribute whose JSON value (an object, the schema of `[services."…".subsets]`)
+/// replaces the file's subsets of that service.
+pub const SUBSETS_ATTRIBUTE: &str = "cloudmap-xds.subsets";
+
+/// `file` with the Cloud Map service attributes `cloudmap-xds.subsets` and
+/// `cloudmap-xds.routes` applied over it; the error says which attribute is
+/// wrong and why (the caller keeps the last good routing). Outlier detection
+/// stays the file's.
+pub fn routing_with_attributes(file: &Routing, attributes: &BTreeMap<String, String>) -> anyhow::Result<Routing> {
+    let subsets = match attributes.get(SUBSETS_ATTRIBUTE) {
+        Some(json) => {
+            let subsets: BTreeMap<String, BTreeMap<String, String>> =
+                serde_json::from_str(json).with_context(|| format!("service attribute {SUBSETS_ATTRIBUTE}"))?;
+            check_subsets(&subsets).with_context(|| format!("service attribute {SUBSETS_ATTRIBUTE}"))?;
+            subsets
+        }
+        None => file.subsets.clone(),
+    };
+    let routes = match attributes.get(ROUTES_ATTRIBUTE) {
+        Some(json) => {
+            let tables: Vec<RouteTable> =
+                serde_json::from_str(json).with_context(|| format!("service attribute {ROUTES_ATTRIBUTE}"))?;
+            routes_of(&tables, &subsets, &format!("service attribute {ROUTES_ATTRIBUTE}"))?
+        }
+        None => {
+            // The file's routes, checked again: the attribute may have renamed their subsets.
+            for (i, route) in file.routes.iter().enumerate() {
+                for (target, _) in &route.split {
+                    if let Target::Subset(name) = target
+                        && !subsets.contains_key(name)
+                    {
+                        bail!(
+                            "service attribute {SUBSETS_ATTRIBUTE}: the file's routes[{i}] splits to {name:?}, which it no longer defines"
+                        );
+                    }
+                }
+            }
+            file.routes.clone()
+        }
+    };
+    Ok(Routing { subsets, routes, outlier_detection: file.outlier_detection.clone() })
+}
+
 /// Subset names become cluster names (`SERVICE.NAMESPACE/SUBSET`) and split
 /// keys, where a dot means another service: letters, digits, `-` and `_` only.
 pub fn check_subsets(subsets: &BTreeMap<String, BTreeMap<String, String>>) -> anyhow::Result<()> {
@@ -905,6 +951,64 @@ mod tests {
         std::fs::write(&path, "[[services.\"echo.demo\".routes]]\nsplit = { nope = 1 }\n").expect("write");
         let error = format!("{:#}", FileConfig::load(&path).expect_err("refused"));
         assert!(error.contains("routing.toml") && error.contains("routes[0]") && error.contains("split"), "{error}");
+    }
+
+    #[test]
+    fn service_attributes_override_routes_and_subsets() {
+        let file =
+            FileConfig::parse(ISSUE_EXAMPLE).expect("parses").settings(&ServiceName::new("demo", "echo")).routing;
+        let attrs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        // None set: the file's routing.
+        assert_eq!(routing_with_attributes(&file, &BTreeMap::new()).expect("ok"), *file);
+        // A 50/50 split replaces the file's routes; subsets and outlier detection stay.
+        let fifty = routing_with_attributes(
+            &file,
+            &attrs(&[(
+                ROUTES_ATTRIBUTE,
+                r#"[{"split": {"stable": 50, "canary": 50}, "retry": {"on": ["unavailable"], "max_attempts": 2}}]"#,
+            )]),
+        )
+        .expect("ok");
+        assert_eq!(fifty.routes.len(), 1);
+        assert_eq!(
+            fifty.routes[0].split,
+            vec![(Target::Subset("canary".into()), 50), (Target::Subset("stable".into()), 50)]
+        );
+        assert_eq!(
+            (fifty.subsets.clone(), fifty.outlier_detection.clone()),
+            (file.subsets.clone(), file.outlier_detection.clone())
+        );
+        // New subsets with routes that use them.
+        let both = routing_with_attributes(
+            &file,
+            &attrs(&[
+                (SUBSETS_ATTRIBUTE, r#"{"blue": {"color": "blue"}, "green": {"color": "green"}}"#),
+                (ROUTES_ATTRIBUTE, r#"[{"match": {"headers": {"x-green": {"present": true}}}, "split": {"green": 1}}, {"split": {"blue": 1}}]"#),
+            ]),
+        )
+        .expect("ok");
+        assert_eq!(both.subsets.keys().collect::<Vec<_>>(), ["blue", "green"]);
+        assert_eq!(both.routes[0].matcher.headers[0].rule, HeaderRule::Present(true));
+        for (pairs, needles) in [
+            (vec![(ROUTES_ATTRIBUTE, "not json")], vec![ROUTES_ATTRIBUTE]),
+            (
+                vec![(ROUTES_ATTRIBUTE, r#"[{"split": {"nope": 1}}]"#)],
+                vec![ROUTES_ATTRIBUTE, "routes", "[0]", "\"nope\""],
+            ),
+            (vec![(ROUTES_ATTRIBUTE, r#"[{"spilt": {"stable": 1}}]"#)], vec![ROUTES_ATTRIBUTE, "unknown field"]),
+            (
+                vec![(SUBSETS_ATTRIBUTE, r#"{"blue": {"color": "blue"}}"#)],
+                vec![SUBSETS_ATTRIBUTE, "routes[0]", "\"canary\""],
+            ),
+            (vec![(SUBSETS_ATTRIBUTE, r#"{"a.b": {"v": "1"}}"#)], vec![SUBSETS_ATTRIBUTE, "\"a.b\""]),
+        ] {
+            let error = format!("{:#}", routing_with_attributes(&file, &attrs(&pairs)).expect_err("refused"));
+            for needle in needles {
+                assert!(error.contains(needle), "{pairs:?} → {error} (missing {needle:?})");
+            }
+        }
     }
 
     #[test]
