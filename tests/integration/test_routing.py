@@ -154,6 +154,55 @@ def test_grpc_split_90_10_stays_in_zone_and_header_route_goes_to_canary(deploy):
     cp.assert_acked_no_nacks()
 
 
+def test_grpc_split_changed_live_by_service_attribute(deploy):
+    """`aws servicediscovery update-service-attributes --service-id … --attributes
+    'cloudmap-xds.routes=[{"split":{"stable":50,"canary":50}}]'` moves the split within
+    --refresh-interval (2 s here) + 2 s; a value that names an unknown subset changes nothing."""
+    import json
+
+    versioned_servers(deploy)
+    cp = deploy.control_plane(extra_args=config_args(deploy.tmp, SPLIT_TOML))
+    clients = deploy.clients_in_zones()
+    applied = wait_subsets_balanced(cp)
+    for c in clients.values():
+        c.wait_settled({c.zone}, streak=20, since=applied, timeout=15)
+    sd, service_id = deploy.cloudmap.sd, deploy.cloudmap.service_id
+    t0 = time.time()
+    sd.update_service_attributes(
+        ServiceId=service_id, Attributes={"cloudmap-xds.routes": json.dumps([{"split": {"stable": 50, "canary": 50}}])}
+    )
+    time.sleep(2.0 + 2.0)  # the refresh interval + 2 s
+    t1 = time.time()
+    time.sleep(4)
+    share, ok = canary_share([c.summary(c.calls(since=t1)) for c in clients.values()])
+    print(f"50/50 from the service attribute, from {t1 - t0:.1f}s after the update: {share:.3f} of {ok} calls on v2")
+    assert ok >= 450 and abs(share - 0.5) <= 0.07, f"50/50: {share:.1%} of {ok} calls on v2"
+
+    # An invalid value (an unknown subset): nothing changes, one warning, /config_dump and a metric say why.
+    sd.update_service_attributes(
+        ServiceId=service_id, Attributes={"cloudmap-xds.routes": json.dumps([{"split": {"blue": 100}}])}
+    )
+
+    def refused():
+        svc = next(s for s in cp.config_dump()["services"] if s["name"] == ECHO)
+        return svc.get("routing_error")
+
+    error = wait_until(refused, 6, "routing_error in /config_dump")
+    assert "cloudmap-xds.routes" in error and '"blue"' in error, error
+    invalid = cp.metric_values("cloudmap_xds_service_attributes_invalid")
+    assert list(invalid.values()) == [1.0], invalid
+    t2 = time.time()
+    time.sleep(5)  # two more refreshes of the same bad value
+    share, ok = canary_share([c.summary(c.calls(since=t2)) for c in clients.values()])
+    print(f"after the invalid value: {share:.3f} of {ok} calls on v2")
+    assert ok >= 450 and abs(share - 0.5) <= 0.07, f"the invalid value changed the split: {share:.1%}"
+    warnings = cp.grep("invalid routing in Cloud Map service attributes").splitlines()
+    assert len(warnings) == 1, f"one warning per change, got {len(warnings)}:\n" + "\n".join(warnings)
+    for c in clients.values():
+        assert c.summary(c.calls(since=t0)).failed == 0, c.summary(c.calls(since=t0))
+    cp.assert_acked_no_nacks()
+
+
 def test_grpc_route_timeout_ends_a_slow_call_by_1s(deploy):
     """grpcio 1.85 applies a service-config (here: xDS route) timeout early on this machine: a
     method-config timeout of 1 s ends calls after 0-0.2 s, 3 s after ~1.5 s, 10 s on time — also
