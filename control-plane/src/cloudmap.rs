@@ -752,8 +752,10 @@ impl<C: CloudMap> Watcher<C> {
         // The routing in force: the file's, with the last good service attributes over it.
         let mut live = LiveRouting::new(settings.routing.clone());
         loop {
-            let priority =
-                if self.cache.census().has_subscribers(&dial) { Priority::Subscribed } else { Priority::Background };
+            // Clients of a service with subsets may subscribe only to its subset clusters.
+            let subscribed = self.cache.census().has_subscribers(&dial)
+                || live.routing.subsets.keys().any(|s| self.cache.census().has_subscribers(&format!("{dial}/{s}")));
+            let priority = if subscribed { Priority::Subscribed } else { Priority::Background };
             let revision_interval = self.budget.stretch(self.timing.revision_interval);
             let refresh_interval =
                 stretched_refresh(self.timing.refresh_interval, self.timing.revision_interval, revision_interval);
