@@ -238,11 +238,31 @@ pub struct MatchTable {
     pub headers: Option<BTreeMap<String, HeaderValue>>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HeaderValue {
     Exact(String),
     Rule(HeaderTable),
+}
+
+/// A string or a table; by hand rather than `untagged`, so a mistake inside the
+/// table is reported as itself ("unknown field `prefx`") instead of "no variant matched".
+impl<'de> Deserialize<'de> for HeaderValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = HeaderValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a value (exact match) or { exact | prefix | regex = \"…\" } or { present = true|false }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HeaderValue, E> {
+                Ok(HeaderValue::Exact(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<HeaderValue, A::Error> {
+                HeaderTable::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(HeaderValue::Rule)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -924,6 +944,14 @@ mod tests {
             (
                 String::from("[[services.\"echo.demo\".routes]]\nmatch = { path = \"/x\" }"),
                 vec!["unknown field `path`"],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x\" = { prefx = \"a\" } } }"),
+                vec!["unknown field `prefx`", "line 2"],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x\" = 5 } }"),
+                vec!["exact match"],
             ),
             (format!("{svc}subsets = {{ \"a/b\" = {{ v = \"1\" }} }}"), vec!["subsets", "\"a/b\""]),
             (format!("{svc}subsets = {{ \"a.b\" = {{ v = \"1\" }} }}"), vec!["subsets", "\"a.b\""]),
