@@ -42,6 +42,22 @@ split = { stable = 90, canary = 10 }
 """
 
 
+# The split of SPLIT_TOML with every other setting on the catch-all route and the clusters: a route
+# timeout, retries with a per-try timeout, an idle timeout, outlier detection with consecutive-5xx.
+# grpcio gets what it honours and must ACK it; Envoy gets all of it and must accept it.
+FULL_TOML = SPLIT_TOML + """timeout = "10s"
+idle_timeout = "5m"
+retry = { on = ["unavailable", "internal"], max_attempts = 3, backoff = "25ms", per_try_timeout = "2s" }
+
+[services."echo.demo".outlier_detection]
+failure_percentage = { threshold = 50, minimum_hosts = 2, request_volume = 20 }
+consecutive_5xx = 5
+interval = "2s"
+base_ejection_time = "30s"
+max_ejection_percent = 50
+"""
+
+
 class PeerServer:
     """slow_peers.py serve (sleeps --delay, or answers --fail-code), registered in Cloud Map."""
 
@@ -123,7 +139,7 @@ def canary_share(summaries) -> tuple[float, int]:
 
 def test_grpc_split_90_10_stays_in_zone_and_header_route_goes_to_canary(deploy):
     versioned_servers(deploy)
-    cp = deploy.control_plane(extra_args=config_args(deploy.tmp, SPLIT_TOML))
+    cp = deploy.control_plane(extra_args=config_args(deploy.tmp, FULL_TOML))
     clients = deploy.clients_in_zones()
     # One x-canary client per zone too, so every zone keeps the same demand (each client
     # subscribes to both subsets: its route configuration names them both).
@@ -298,7 +314,7 @@ def test_envoy_split_and_header_route(deploy, api_type):
     envoy_binary()  # a missing Envoy fails here, before anything else starts
     versioned_servers(deploy)
     egress = free_port()
-    cp = deploy.control_plane(extra_args=["--envoy-egress-port", str(egress), *config_args(deploy.tmp, SPLIT_TOML)])
+    cp = deploy.control_plane(extra_args=["--envoy-egress-port", str(egress), *config_args(deploy.tmp, FULL_TOML)])
     envoy = Envoy(cp.xds_port, "us-east-1a", api_type, deploy.tmp, deploy.procs)
     try:
         envoy.wait_egress_listener(egress)
@@ -325,6 +341,15 @@ def test_envoy_split_and_header_route(deploy, api_type):
         assert h.ok >= 100 and h.failed == 0 and set(h.per_instance) <= CANARY, f"[{api_type}] header route: {h}"
         rejected = envoy.rejected()
         assert rejected and not {k: v for k, v in rejected.items() if v}, f"Envoy rejected updates: {rejected}"
+        # What Envoy holds: the catch-all route's retries and timeouts, the clusters' outlier detection.
+        dump = envoy.config_dump(include_eds=False)
+        routes = envoy.dynamic_routes(dump)["cloudmap-xds-egress"]["route_config"]["virtual_hosts"][0]["routes"]
+        action = routes[1]["route"]
+        assert action["timeout"] == "10s" and action["idle_timeout"] == "300s", action
+        assert action["retry_policy"]["per_try_timeout"] == "2s" and action["retry_policy"]["num_retries"] == 2, action
+        for name in (f"{ECHO}/stable", f"{ECHO}/canary"):
+            od = envoy.dynamic_clusters(dump)[name]["cluster"]["outlier_detection"]
+            assert od["consecutive_5xx"] == 5 and od["failure_percentage_threshold"] == 50, od
         assert sum(cp.metric_values("cloudmap_xds_nacks_total").values()) == 0
     finally:
         envoy.save_admin()
