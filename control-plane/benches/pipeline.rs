@@ -7,8 +7,12 @@
 //!   zone and client kind when endpoints change;
 //! - `encode/cla`: packing that CLA into an `Any` (done once per variant);
 //! - `push/per_client`: what each stream then does per push with the cached
-//!   resource — resolve it (a memo hit), clone its `Any` into a response and
-//!   encode the response, as tonic does.
+//!   resource — resolve it (a memo hit) and frame it with its own version and
+//!   nonce around the shared bytes (`server::wire`); `…/copied` is the
+//!   former path, copying the resource into a response and encoding it;
+//! - `index/1000x50`: the whole index of an estate of 1,000 services × 50
+//!   instances — every service written, and every resource resolved for gRPC
+//!   clients in three zones (all encodings done once).
 //!
 //! Run: `cargo bench -p cloudmap-xds --bench pipeline`.
 
@@ -19,6 +23,7 @@ use cloudmap_xds::cache::{Cache, Client};
 use cloudmap_xds::model::{ClientKind, ServiceName, Zone};
 use cloudmap_xds::policy::{self, PerZone, Policy};
 use cloudmap_xds::resources::{self, ResourceType};
+use cloudmap_xds::server::wire::{self, Reply};
 use cloudmap_xds::translate::{self, MetadataAttributes, RawInstance, TranslateOptions};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
@@ -95,15 +100,61 @@ fn stages(c: &mut Criterion) {
     c.bench_function("push/per_client/1000", |b| {
         b.iter(|| {
             let resource = snapshot.resolve(eds, black_box("echo.prod"), &client).expect("served");
+            let reply = Reply {
+                ty: eds,
+                version: resource.version.clone(),
+                nonce: 1,
+                resources: vec![resource],
+                removed: vec![],
+            };
+            wire::sotw(&reply)
+        })
+    });
+    // What a push cost before the shared-bytes path: copy the resource into a
+    // response and encode it (tonic's encoder copies it once more).
+    let any = snapshot.resolve(eds, "echo.prod", &client).expect("served").resource();
+    c.bench_function("push/per_client/1000/copied", |b| {
+        b.iter(|| {
             let response = DiscoveryResponse {
-                version_info: resource.version.clone(),
-                resources: vec![resource.resource.clone()],
+                version_info: "v".to_string(),
+                resources: vec![black_box(&any).clone()],
                 type_url: eds.type_url().to_string(),
                 nonce: "1".to_string(),
                 ..Default::default()
             };
             response.encode_to_vec()
         })
+    });
+
+    // The whole index of an estate: 1,000 services × 50 instances, each
+    // resolved as gRPC clients in three zones walk it (LDS, RDS, CDS, EDS).
+    let estate: Vec<(ServiceName, cloudmap_xds::model::ServiceEndpoints)> = (0..1_000)
+        .map(|i| {
+            (ServiceName::new("prod", format!("svc-{i:04}")), translate::translate(&instances(50), &options).endpoints)
+        })
+        .collect();
+    let clients: Vec<Client> =
+        ZONES.iter().map(|z| Client::new(Some(Zone::new(*z)), ClientKind::Grpc, "bench")).collect();
+    c.bench_function("index/1000x50", |b| {
+        b.iter_batched(
+            || estate.clone(),
+            |estate| {
+                let cache = Cache::default();
+                for (name, endpoints) in estate {
+                    cache.update_service(&name, endpoints, Policy::ZoneAware);
+                }
+                let snapshot = cache.snapshot();
+                for name in snapshot.services.keys() {
+                    for client in &clients {
+                        for ty in ResourceType::ALL {
+                            black_box(snapshot.resolve(ty, name, client));
+                        }
+                    }
+                }
+                cache
+            },
+            BatchSize::LargeInput,
+        )
     });
 }
 

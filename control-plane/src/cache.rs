@@ -9,6 +9,11 @@
 //!
 //! The plans of each service come from the census the entry was built with
 //! (`census` keeps the live one; [`Cache::apply_census`] moves entries to it).
+//!
+//! Each snapshot records which services (change keys, [`Snapshot::key_of`])
+//! it changed, and publishing wakes only the streams that watch them
+//! ([`crate::wakeup`]). Encoded resources are kept as the bytes a response
+//! splices in ([`Encoded`]), so a push shares them rather than copying.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -16,26 +21,36 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
-use tokio::sync::watch;
+use prost::Message;
 
 use crate::census::Census;
 use crate::model::{ClientKind, Routing, ServiceEndpoints, ServiceName, Zone};
 use crate::policy::{self, PerZone, Plan, Policy};
 use crate::resources::{self, ClusterLimits, ResourceType};
+use crate::wakeup::{Changed, Wakeups};
 
 /// Census changes that move no zone's share by this much or more are not pushed.
 pub const SHARE_THRESHOLD: f64 = 0.02;
 
-/// An encoded resource, shared by all streams that are sent it.
+/// An encoded resource, shared by all streams that are sent it. It is kept
+/// only as bytes ready to be spliced into a response: a push copies no
+/// resource, it takes another reference to these bytes (see `server::wire`).
 #[derive(Debug)]
 pub struct Encoded {
     pub name: String,
     /// Hash of the encoded bytes (type URL and value).
     pub version: String,
-    pub resource: Any,
+    /// The `google.protobuf.Any` as field 2 (`resources`) of a
+    /// `DiscoveryResponse`: key, length, then the Any message.
+    entry: Bytes,
+    /// Where the Any message starts in `entry`.
+    any_at: usize,
+    /// Where `Any.value` (the resource message itself) starts in `entry`.
+    value_at: usize,
 }
 
 impl Encoded {
@@ -44,7 +59,34 @@ impl Encoded {
         h.write(resource.type_url.as_bytes());
         h.write(&[0]);
         h.write(&resource.value);
-        Encoded { name, version: format!("{:016x}", h.finish()), resource }
+        let any_len = resource.encoded_len();
+        let mut entry = BytesMut::with_capacity(any_len + 11);
+        prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut entry);
+        prost::encoding::encode_varint(any_len as u64, &mut entry);
+        let any_at = entry.len();
+        resource.encode_raw(&mut entry);
+        let value_at = entry.len() - resource.value.len();
+        Encoded { name, version: format!("{:016x}", h.finish()), entry: entry.freeze(), any_at, value_at }
+    }
+
+    /// The resource as field 2 of a `DiscoveryResponse` (shared, not copied).
+    pub fn sotw_entry(&self) -> Bytes {
+        self.entry.clone()
+    }
+
+    /// The encoded `Any` message (shared, not copied).
+    pub fn any_bytes(&self) -> Bytes {
+        self.entry.slice(self.any_at..)
+    }
+
+    /// The encoded resource message (`Any.value`).
+    pub fn value(&self) -> &[u8] {
+        &self.entry[self.value_at..]
+    }
+
+    /// A decoded copy, for the admin endpoints and CSDS (off the push path).
+    pub fn resource(&self) -> Any {
+        Any::decode(&self.entry[self.any_at..]).unwrap_or_default()
     }
 }
 
@@ -227,6 +269,10 @@ impl ServiceEntry {
         }
     }
 
+    pub fn options(&self) -> ServiceOptions {
+        ServiceOptions { policy: self.policy, limits: self.limits }
+    }
+
     /// The same endpoints under another census: keeps the encoded memo.
     fn with_census(&self, census: PerZone, subset_census: &BTreeMap<String, PerZone>) -> Self {
         ServiceEntry {
@@ -359,10 +405,45 @@ fn shares_moved(policy: Policy, capacity: &PerZone, old: &PerZone, new: &PerZone
     })
 }
 
+/// The services whose entry differs between `old` and `new`, and the egress
+/// listener's key when the set of services or a service's options changed
+/// (the egress routes list every service).
+fn changed_keys(
+    old: &BTreeMap<String, Arc<ServiceEntry>>,
+    new: &BTreeMap<String, Arc<ServiceEntry>>,
+) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut egress = old.len() != new.len();
+    for (dial, entry) in new {
+        match old.get(dial) {
+            Some(before) if Arc::ptr_eq(before, entry) => {}
+            Some(before) => {
+                egress |= before.options() != entry.options();
+                keys.insert(dial.clone());
+            }
+            None => {
+                egress = true;
+                keys.insert(dial.clone());
+            }
+        }
+    }
+    for dial in old.keys().filter(|dial| !new.contains_key(*dial)) {
+        egress = true;
+        keys.insert(dial.clone());
+    }
+    if egress {
+        keys.insert(resources::EGRESS.to_string());
+    }
+    keys
+}
+
 /// Every service, as of one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub generation: u64,
+    /// What changed against generation − 1: a stream that answered that
+    /// generation re-resolves only these keys.
+    pub changed: Changed,
     pub services: BTreeMap<String, Arc<ServiceEntry>>,
     /// Where the Envoy egress listener binds, if enabled.
     pub egress: Option<SocketAddr>,
@@ -515,7 +596,8 @@ pub enum NamespaceState {
 pub struct Cache {
     egress: Option<SocketAddr>,
     snapshot: RwLock<Arc<Snapshot>>,
-    changes: watch::Sender<u64>,
+    /// Who to wake when a snapshot changes a service.
+    wakeups: Wakeups,
     ready: AtomicBool,
     /// The current claim per service dial name; writes under any other are refused.
     owners: Mutex<BTreeMap<String, u64>>,
@@ -540,7 +622,7 @@ impl Cache {
         Cache {
             egress,
             snapshot: RwLock::new(Arc::new(Snapshot { egress, ..Default::default() })),
-            changes: watch::channel(0).0,
+            wakeups: Wakeups::default(),
             ready: AtomicBool::new(false),
             owners: Mutex::new(BTreeMap::new()),
             next_owner: AtomicU64::new(1),
@@ -555,9 +637,9 @@ impl Cache {
         self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A receiver that wakes on every new snapshot generation.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// Who watches what; streams register here.
+    pub fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
     }
 
     pub fn is_ready(&self) -> bool {
@@ -567,7 +649,7 @@ impl Cache {
     /// First Cloud Map sync done: streams may now be answered.
     pub fn set_ready(&self) {
         if !self.ready.swap(true, Ordering::AcqRel) {
-            self.changes.send_modify(|g| *g += 1);
+            self.wakeups.wake(&Changed::All);
         }
     }
 
@@ -577,10 +659,18 @@ impl Cache {
         if !edit(&mut services) {
             return false;
         }
+        let changed = Changed::Keys(changed_keys(&guard.services, &services));
         let generation = guard.generation + 1;
-        *guard = Arc::new(Snapshot { generation, services, egress: self.egress, ..Default::default() });
+        *guard = Arc::new(Snapshot {
+            generation,
+            changed: changed.clone(),
+            services,
+            egress: self.egress,
+            ..Default::default()
+        });
         drop(guard);
-        self.changes.send_replace(generation);
+        let woken = self.wakeups.wake(&changed);
+        tracing::trace!(generation, ?changed, woken, "published");
         true
     }
 
@@ -784,7 +874,7 @@ mod tests {
     }
 
     fn eds_zones(e: &Encoded) -> Vec<(u32, String, u32)> {
-        let cla = ClusterLoadAssignment::decode(e.resource.value.as_slice()).expect("decodes");
+        let cla = ClusterLoadAssignment::decode(e.value()).expect("decodes");
         cla.endpoints
             .iter()
             .map(|l| {
@@ -825,6 +915,26 @@ mod tests {
         ] {
             assert_eq!(Snapshot::key_of(name), key, "{name}");
         }
+    }
+
+    #[test]
+    fn each_snapshot_says_which_services_changed() {
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        let keys = |names: &[&str]| Changed::Keys(names.iter().map(|s| s.to_string()).collect());
+        let (echo, other) = (ServiceName::new("demo", "echo"), ServiceName::new("demo", "other"));
+        cache.update_service(&echo, endpoints(&["a"]), Policy::ZoneAware);
+        assert_eq!(cache.snapshot().changed, keys(&["echo.demo", resources::EGRESS]), "a new service");
+        cache.update_service(&other, endpoints(&["a"]), Policy::ZoneAware);
+        cache.update_service(&echo, endpoints(&["a", "b"]), Policy::ZoneAware);
+        assert_eq!(cache.snapshot().changed, keys(&["echo.demo"]), "new endpoints touch one service");
+        cache.update_service(&echo, endpoints(&["a", "b"]), Policy::LocalFirst);
+        assert_eq!(cache.snapshot().changed, keys(&["echo.demo", resources::EGRESS]), "new options");
+        cache.update_service(&echo, endpoints(&["a", "b"]), Policy::ZoneAware);
+        cache.census().join("echo.demo", &Zone::new("a"));
+        assert!(cache.apply_census());
+        assert_eq!(cache.snapshot().changed, keys(&["echo.demo"]), "a census move");
+        cache.remove_service(&other);
+        assert_eq!(cache.snapshot().changed, keys(&["other.demo", resources::EGRESS]));
     }
 
     #[test]
@@ -983,8 +1093,7 @@ mod tests {
         assert!(!cache.update_service(&name, endpoints(&["a"]), options));
         let after = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
         assert_ne!(before.version, after.version);
-        let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(after.resource.value.as_slice())
-            .expect("decodes");
+        let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(after.value()).expect("decodes");
         assert_eq!(cluster.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100));
     }
 
@@ -995,9 +1104,9 @@ mod tests {
         let snap = cache.snapshot();
         for ty in ResourceType::ALL {
             let e = snap.resolve(ty, "echo.demo", &grpc("a")).expect("resolves");
-            assert_eq!(e.version, Encoded::new(e.name.clone(), e.resource.clone()).version, "{ty:?}");
+            assert_eq!(e.version, Encoded::new(e.name.clone(), e.resource()).version, "{ty:?}");
             // A release that changes a resource's shape from the same inputs changes its version.
-            let mut reshaped = e.resource.clone();
+            let mut reshaped = e.resource();
             reshaped.value.push(0);
             assert_ne!(e.version, Encoded::new(e.name.clone(), reshaped).version, "{ty:?}");
         }

@@ -3,8 +3,8 @@
 //!
 //! Data flows one way: [`cloudmap`] (AWS I/O) → [`translate`] → [`model`]
 //! (plain types) → [`policy`] (pure zone shares) → [`resources`] (pure xDS
-//! builders) → [`cache`] (encoded once, versioned) → [`server`] (the ADS
-//! protocol state machine). [`admin`] reads the cache; `main` only wires.
+//! builders) → [`cache`] (encoded once, versioned; [`wakeup`] says who to tell)
+//! → [`server`] (the ADS protocol state machine). [`admin`] reads the cache; `main` only wires.
 
 pub mod admin;
 pub mod aws_error;
@@ -20,3 +20,4 @@ pub mod resources;
 pub mod server;
 pub mod tls;
 pub mod translate;
+pub mod wakeup;

@@ -13,7 +13,6 @@ use cloudmap_xds::server::csds::CsdsServer;
 use cloudmap_xds::server::registry::Registry;
 use cloudmap_xds::server::{AdsServer, Limits};
 use cloudmap_xds::tls;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 use tokio::sync::watch;
 
@@ -121,11 +120,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stopped(),
     ));
 
-    let limits = Limits { max_resource_names: args.max_resource_names, send_timeout: args.stream_send_timeout };
-    let ads = AggregatedDiscoveryServiceServer::new(
-        AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop),
-    )
-    .max_decoding_message_size(args.max_message_size);
+    let limits = Limits {
+        max_resource_names: args.max_resource_names,
+        send_timeout: args.stream_send_timeout,
+        max_message_size: args.max_message_size,
+    };
+    let ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
     let csds = ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry: registry.clone() })
         .max_decoding_message_size(args.max_message_size);
     let router = tonic::transport::Server::builder()

@@ -15,6 +15,7 @@ use cloudmap_xds::server::Protocol;
 use cloudmap_xds::server::delta::DeltaState;
 use cloudmap_xds::server::sotw::SotwState;
 use cloudmap_xds::translate::{self, RawInstance, TranslateOptions};
+use cloudmap_xds::wakeup::Changed;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc;
@@ -141,10 +142,10 @@ fn sotw_requests_never_panic_and_nothing_is_resent_without_news() {
                     // A malformed request ends the stream with a status.
                     return Ok(());
                 }
-                state.responses(&cache.snapshot());
+                state.responses(&cache.snapshot(), &Changed::All);
                 // Asked again with nothing new (after an ACK, a NACK or garbage): nothing is
                 // sent, so a NACKed version is never re-sent in a loop.
-                prop_assert!(state.responses(&cache.snapshot()).is_empty());
+                prop_assert!(state.responses(&cache.snapshot(), &Changed::All).is_empty());
             }
             Ok(())
         })
@@ -161,8 +162,11 @@ fn delta_requests_never_panic_and_settle() {
                 if state.on_request(request).is_err() {
                     return Ok(());
                 }
-                state.responses(&cache.snapshot());
-                prop_assert!(state.responses(&cache.snapshot()).is_empty(), "responses settle without input");
+                state.responses(&cache.snapshot(), &Changed::All);
+                prop_assert!(
+                    state.responses(&cache.snapshot(), &Changed::All).is_empty(),
+                    "responses settle without input"
+                );
             }
             Ok(())
         })
@@ -177,13 +181,13 @@ fn raw_request_bytes_never_panic() {
             if let Ok(request) = DiscoveryRequest::decode(bytes.as_slice()) {
                 let mut state = SotwState::default();
                 if state.on_request(&request).is_ok() {
-                    state.responses(&cache.snapshot());
+                    state.responses(&cache.snapshot(), &Changed::All);
                 }
             }
             if let Ok(request) = DeltaDiscoveryRequest::decode(bytes.as_slice()) {
                 let mut state = DeltaState::default();
                 if state.on_request(&request).is_ok() {
-                    state.responses(&cache.snapshot());
+                    state.responses(&cache.snapshot(), &Changed::All);
                 }
             }
             Ok(())

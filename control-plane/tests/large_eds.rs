@@ -21,7 +21,6 @@ use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use prost::Message;
 
 const SERVICES: usize = 16;
@@ -90,7 +89,7 @@ async fn sixteen_big_services_reach_a_client_with_the_default_4_mib_limit() {
     let ads = AdsServer::new(cache.clone(), Arc::new(Registry::new(10)), Limits::default());
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .add_service(ads)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 

@@ -17,7 +17,6 @@ use cloudmap_xds::server::{AdsServer, Limits};
 use cloudmap_xds::tls::{self, ReloadingTls, TlsFiles};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::status::v3::ClientStatusRequest;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_client::ClientStatusDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
@@ -121,11 +120,7 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = tonic::transport::Server::builder()
-        .add_service(AggregatedDiscoveryServiceServer::new(AdsServer::new(
-            cache.clone(),
-            registry.clone(),
-            Limits::default(),
-        )))
+        .add_service(AdsServer::new(cache.clone(), registry.clone(), Limits::default()))
         .add_service(ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry }))
         .serve_with_incoming(tls::incoming(listener, reloading.clone()));
     let server = tokio::spawn(server);

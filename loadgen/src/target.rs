@@ -25,7 +25,6 @@ use cloudmap_xds::policy::Policy;
 use cloudmap_xds::server::registry::Registry;
 use cloudmap_xds::server::{AdsServer, Limits};
 use cloudmap_xds::translate::{self, MetadataAttributes, RawInstance, TranslateOptions};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::task::JoinHandle;
 
 use crate::client::MARKER_ATTRIBUTE;
@@ -118,7 +117,7 @@ impl InProcess {
         let ads = AdsServer::new(cache.clone(), Arc::new(Registry::new(usize::MAX)), Limits::default());
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .add_service(ads)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         let tasks = vec![
             tokio::spawn(async move {

@@ -8,27 +8,30 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
+use super::names::{NameMap, NameSet};
 use super::registry::TypeStatus;
-use super::{ADD_ORDER, ClientInfo, Nack, Outcome, Protocol, remove_rank};
+use super::wire::{self, Frame, Reply};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_of};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
+use crate::wakeup::{Changed, Watch};
 
 /// Per-type Delta state of one stream.
 #[derive(Debug, Clone, Default)]
 pub struct DeltaTypeState {
     pub wildcard: bool,
     /// Explicitly subscribed names.
-    pub names: BTreeSet<String>,
+    pub names: NameSet,
     /// What the client holds: name → version (from `initial_resource_versions`
     /// and from what was sent).
-    pub known: BTreeMap<String, String>,
+    pub known: NameMap<String>,
     /// Explicitly subscribed names already reported as not existing.
-    absent_reported: BTreeSet<String>,
+    absent_reported: NameSet,
     pub last_nonce: Option<String>,
     pub acked_nonce: Option<String>,
     pub nack: Option<Nack>,
@@ -38,7 +41,7 @@ pub struct DeltaTypeState {
 #[derive(Debug, Default)]
 pub struct DeltaState {
     pub client: Option<ClientInfo>,
-    pub types: BTreeMap<ResourceType, DeltaTypeState>,
+    pub types: PerType<DeltaTypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
     changed: bool,
@@ -46,7 +49,6 @@ pub struct DeltaState {
 
 impl Protocol for DeltaState {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
     const NAME: &'static str = "delta";
 
     fn client(&self) -> Option<&ClientInfo> {
@@ -55,10 +57,6 @@ impl Protocol for DeltaState {
 
     fn request_type_url(request: &DeltaDiscoveryRequest) -> &str {
         &request.type_url
-    }
-
-    fn response_type_url(response: &DeltaDiscoveryResponse) -> &str {
-        &response.type_url
     }
 
     fn request_names(request: &DeltaDiscoveryRequest) -> usize {
@@ -75,7 +73,7 @@ impl Protocol for DeltaState {
         self.types
             .iter()
             .map(|(ty, state)| {
-                let mut subscribed: Vec<String> = state.names.iter().cloned().collect();
+                let mut subscribed: Vec<String> = state.names.keys().cloned().collect();
                 if state.wildcard {
                     subscribed.insert(0, "*".to_string());
                 }
@@ -85,7 +83,7 @@ impl Protocol for DeltaState {
                     sent: state.last_nonce.clone(),
                     acked: state.acked_nonce.clone(),
                     nack: state.nack.clone(),
-                    resources: state.known.clone(),
+                    resources: state.known.to_btree(),
                     states: BTreeMap::new(),
                 }
             })
@@ -105,7 +103,7 @@ impl Protocol for DeltaState {
             return Ok((ResourceType::Listener, Outcome::UnknownType));
         };
         let first = !self.types.contains_key(&ty);
-        let state = self.types.entry(ty).or_default();
+        let state = self.types.entry(ty);
 
         let outcome = if request.response_nonce.is_empty() {
             Outcome::Subscribe
@@ -133,7 +131,7 @@ impl Protocol for DeltaState {
             if name == "*" {
                 state.must_respond |= !state.wildcard;
                 state.wildcard = true;
-            } else if state.names.insert(name.clone()) {
+            } else if state.names.add(name.clone()) {
                 state.absent_reported.remove(name);
                 state.must_respond = true;
             }
@@ -162,7 +160,7 @@ impl Protocol for DeltaState {
         std::mem::take(&mut self.changed)
     }
 
-    fn responses(&mut self, snapshot: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+    fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
         let Some(client) = self.client.as_ref().map(ClientInfo::client) else {
             return Vec::new();
         };
@@ -171,7 +169,14 @@ impl Protocol for DeltaState {
         let mut removals = Vec::new();
         for ty in ADD_ORDER {
             let Some(state) = self.types.get_mut(&ty) else { continue };
-            let mut wanted: BTreeSet<String> = state.names.clone();
+            let stale = state.must_respond
+                || (state.wildcard && !changed.is_empty())
+                || state.names.keys().any(|n| changed.touches(Snapshot::key_of(n)))
+                || state.known.keys().any(|n| changed.touches(Snapshot::key_of(n)));
+            if !stale {
+                continue;
+            }
+            let mut wanted: BTreeSet<String> = state.names.keys().cloned().collect();
             if state.wildcard {
                 wanted.extend(snapshot.wildcard_names(ty, &client));
             }
@@ -180,12 +185,12 @@ impl Protocol for DeltaState {
                 .filter_map(|name| snapshot.resolve(ty, name, &client).map(|r| (name.clone(), r)))
                 .collect();
             let updated: Vec<_> =
-                present.iter().filter(|(name, r)| state.known.get(*name) != Some(&r.version)).collect();
+                present.iter().filter(|(name, r)| state.known.get(name) != Some(&r.version)).collect();
             // Gone from the wildcard set, or no longer existing.
             let mut removed: Vec<String> =
                 state.known.keys().filter(|name| !present.contains_key(*name)).cloned().collect();
             // Named but never existed: say so once, so the client does not wait for it.
-            for name in &state.names {
+            for name in state.names.keys() {
                 if !present.contains_key(name)
                     && !state.known.contains_key(name)
                     && !state.absent_reported.contains(name)
@@ -200,64 +205,67 @@ impl Protocol for DeltaState {
                 format!("{:016x}", stable_hash(&present.iter().map(|(n, r)| (n, &r.version)).collect::<Vec<_>>()));
             if !updated.is_empty() || removed.is_empty() {
                 self.nonce += 1;
-                let nonce = self.nonce.to_string();
-                let resources: Vec<Resource> = updated
-                    .iter()
-                    .map(|(name, r)| Resource {
-                        name: (*name).clone(),
-                        version: r.version.clone(),
-                        resource: Some(r.resource.clone()),
-                        ..Default::default()
-                    })
-                    .collect();
+                let resources: Vec<_> = updated.iter().map(|(_, r)| (*r).clone()).collect();
                 for (name, r) in &updated {
                     state.known.insert((*name).clone(), r.version.clone());
                 }
-                out.push(DeltaDiscoveryResponse {
-                    system_version_info: system_version.clone(),
+                out.push(Reply {
+                    ty,
+                    version: system_version.clone(),
+                    nonce: self.nonce,
                     resources,
-                    type_url: ty.type_url().to_string(),
-                    nonce: nonce.clone(),
-                    ..Default::default()
+                    removed: Vec::new(),
                 });
-                state.last_nonce = Some(nonce);
+                state.last_nonce = Some(self.nonce.to_string());
             }
             if !removed.is_empty() {
                 self.nonce += 1;
-                let nonce = self.nonce.to_string();
                 for name in &removed {
                     state.known.remove(name);
                     if state.names.contains(name) {
-                        state.absent_reported.insert(name.clone());
+                        state.absent_reported.add(name.clone());
                     }
                 }
-                removals.push((
-                    ty,
-                    DeltaDiscoveryResponse {
-                        system_version_info: system_version,
-                        type_url: ty.type_url().to_string(),
-                        removed_resources: removed,
-                        nonce: nonce.clone(),
-                        ..Default::default()
-                    },
-                ));
-                state.last_nonce = Some(nonce);
+                removals.push(Reply { ty, version: system_version, nonce: self.nonce, resources: Vec::new(), removed });
+                state.last_nonce = Some(self.nonce.to_string());
             }
             state.must_respond = false;
         }
-        removals.sort_by_key(|(ty, _)| remove_rank(*ty));
-        out.extend(removals.into_iter().map(|(_, r)| r));
+        removals.sort_by_key(|r| remove_rank(r.ty));
+        out.extend(removals);
         out
     }
 
+    fn encode(reply: &Reply) -> Frame {
+        wire::delta(reply)
+    }
+
+    fn watch(&self) -> Watch {
+        watch_of(self.types.values().map(|s| (s.wildcard, s.names.keys())))
+    }
+
     fn eds_names(&self) -> BTreeSet<String> {
-        self.types.get(&ResourceType::ClusterLoadAssignment).map(|s| s.names.clone()).unwrap_or_default()
+        self.types
+            .get(&ResourceType::ClusterLoadAssignment)
+            .map(|s| s.names.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+    use prost::Message;
+
+    /// The responses due, as the client decodes them off the wire.
+    fn sent(s: &mut DeltaState, snapshot: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+        s.responses(snapshot, &Changed::All)
+            .iter()
+            .map(|r| DeltaDiscoveryResponse::decode(DeltaState::encode(r).message().as_slice()).expect("decodes"))
+            .collect()
+    }
     use crate::cache::Cache;
     use crate::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
@@ -323,20 +331,20 @@ mod tests {
     #[test]
     fn wildcard_cds_sends_changes_only() {
         let (cache, mut s) = setup();
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo", "other.demo"]);
         assert!(s.on_request(&request(CDS, &[], &[], &r[0].nonce)).is_ok());
-        assert!(s.responses(&cache.snapshot()).is_empty(), "ACK is not answered");
+        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "ACK is not answered");
         // A new service: only it is sent. Its endpoints change: CDS unchanged.
         service(&cache, "new", 3);
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["new.demo"]);
         assert!(r[0].removed_resources.is_empty());
         service(&cache, "new", 4);
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
         // A removed service goes in removed_resources.
         cache.remove_service(&ServiceName::new("demo", "other"));
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert!(r[0].resources.is_empty());
         assert_eq!(r[0].removed_resources, vec!["other.demo"]);
     }
@@ -344,29 +352,29 @@ mod tests {
     #[test]
     fn named_eds_subscribe_unsubscribe_and_absent_names() {
         let (cache, mut s) = setup();
-        s.responses(&cache.snapshot());
+        sent(&mut s, &cache.snapshot());
         s.on_request(&request(EDS, &["echo.demo", "ghost.demo"], &[], "")).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"]);
         assert!(r[0].removed_resources.is_empty(), "removals go in a later response");
         assert_eq!(r[1].removed_resources, vec!["ghost.demo"], "absent names are reported once");
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
         assert_eq!(s.eds_names(), BTreeSet::from(["echo.demo".to_string(), "ghost.demo".to_string()]));
         // Endpoint change: the one resource is re-sent with a new version.
         service(&cache, "echo", 9);
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"]);
         // Unsubscribe, then subscribe again: sent again.
         s.on_request(&request(EDS, &[], &["echo.demo"], "")).expect("ok");
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
         s.on_request(&request(EDS, &["echo.demo"], &[], "")).expect("ok");
-        assert_eq!(names(&s.responses(&cache.snapshot())[0]), vec!["echo.demo"]);
+        assert_eq!(names(&sent(&mut s, &cache.snapshot())[0]), vec!["echo.demo"]);
     }
 
     #[test]
     fn reconnect_with_initial_versions_sends_only_what_changed() {
         let (cache, mut s) = setup();
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         let versions: HashMap<String, String> =
             r[0].resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
         // While away: "other" is removed and "new" added.
@@ -377,7 +385,7 @@ mod tests {
         first.node = Some(envoy_node());
         first.initial_resource_versions = versions;
         again.on_request(&first).expect("ok");
-        let r = again.responses(&cache.snapshot());
+        let r = sent(&mut again, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["new.demo"], "echo.demo is unchanged and not re-sent");
         assert_eq!(r[1].removed_resources, vec!["other.demo"]);
     }
@@ -405,19 +413,19 @@ mod tests {
         s.on_request(&request(RDS, &[crate::resources::EGRESS], &[], "")).expect("rds");
         s.on_request(&request(CDS, &[], &[], "")).expect("cds");
         s.on_request(&request(EDS, &["echo.demo"], &[], "")).expect("eds");
-        let first = s.responses(&cache.snapshot());
+        let first = sent(&mut s, &cache.snapshot());
         let order: Vec<ResourceType> = walk(&first).into_iter().map(|(t, _, _)| t).collect();
         assert_eq!(order, vec![CDS, EDS, LDS, RDS], "clusters and endpoints before the routes naming them");
 
         // A new service: its cluster goes out before the route that names it.
         service(&cache, "new", 3);
         s.on_request(&request(EDS, &["new.demo"], &[], "")).expect("eds");
-        let order: Vec<ResourceType> = walk(&s.responses(&cache.snapshot())).into_iter().map(|(t, _, _)| t).collect();
+        let order: Vec<ResourceType> = walk(&sent(&mut s, &cache.snapshot())).into_iter().map(|(t, _, _)| t).collect();
         assert_eq!(order, vec![CDS, EDS, RDS]);
 
         // Removed: the route stops naming it before the cluster goes.
         cache.remove_service(&ServiceName::new("demo", "new"));
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         let w = walk(&r);
         let rds = w.iter().position(|(t, n, _)| *t == RDS && !n.is_empty()).expect("routes updated");
         let cds = w.iter().position(|(t, _, removed)| *t == CDS && removed == &vec!["new.demo"]).expect("cds removal");
@@ -433,7 +441,7 @@ mod tests {
         let (cache, _) = setup();
         let client = crate::cache::Client::new(Some(Zone::new("a")), crate::model::ClientKind::Envoy, "envoy-1");
         let now = cache.snapshot().resolve(CDS, "echo.demo", &client).expect("cds");
-        let mut old = Cluster::decode(now.resource.value.as_slice()).expect("decodes");
+        let mut old = Cluster::decode(now.value()).expect("decodes");
         old.circuit_breakers = None;
         let old = crate::cache::Encoded::new("echo.demo".into(), envoy_types::util::pack_any(old));
         assert_ne!(old.version, now.version, "a different shape is a different version");
@@ -447,7 +455,7 @@ mod tests {
             ("other.demo".to_string(), other.version.clone()),
         ]);
         s.on_request(&first).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"], "the reshaped cluster is sent, the unchanged one is not");
         assert_eq!(r[0].resources[0].version, now.version);
     }
@@ -455,12 +463,12 @@ mod tests {
     #[test]
     fn nack_does_not_cause_a_resend_loop() {
         let (cache, mut s) = setup();
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         let mut nack = request(CDS, &[], &[], &r[0].nonce);
         nack.error_detail = Some(rpc::Status { code: 3, message: "no".into(), ..Default::default() });
         assert_eq!(s.on_request(&nack).ok().map(|r| r.1), Some(Outcome::Nack("no".into())));
         for _ in 0..3 {
-            assert!(s.responses(&cache.snapshot()).is_empty());
+            assert!(sent(&mut s, &cache.snapshot()).is_empty());
         }
         assert!(s.types[&CDS].nack.is_some());
     }
@@ -468,9 +476,9 @@ mod tests {
     #[test]
     fn envoy_wildcard_lds_is_empty_without_egress_but_answered() {
         let (cache, mut s) = setup();
-        s.responses(&cache.snapshot());
+        sent(&mut s, &cache.snapshot());
         s.on_request(&request(LDS, &[], &[], "")).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.len(), 1, "the first request is answered so Envoy's init does not wait");
         assert!(r[0].resources.is_empty());
     }

@@ -1,8 +1,16 @@
 //! The ADS server: one task per stream running a protocol state machine —
 //! State-of-the-World ([`sotw::SotwState`]) or Delta ([`delta::DeltaState`])
 //! — against the shared [`Cache`]. The state machines are pure (requests in,
-//! responses out) and share the cache and the resource builders; only the
+//! [`Reply`]s out) and share the cache and the resource builders; only the
 //! bookkeeping of what the client has differs.
+//!
+//! The push path: a stream sleeps until a request arrives or the cache wakes
+//! it because a service it watches changed ([`crate::wakeup`]); it then
+//! looks again only at the resources of the services that changed, and a
+//! reply goes on the wire as a [`wire::Frame`] — the cache's encoded bytes
+//! shared, with this stream's version and nonce beside them. The service is
+//! written against HTTP ([`AdsServer`] implements the tower `Service` tonic
+//! mounts), so no per-stream encoder or encode buffer exists.
 //!
 //! Rules kept by both (see `shared/notes/xds-rules.md`): the Node is read
 //! from the first request and remembered; a NACK (a request with
@@ -14,27 +22,30 @@
 
 pub mod csds;
 pub mod delta;
+pub mod names;
 pub mod registry;
 pub mod sotw;
+pub mod wire;
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::Notify;
+use tonic::codec::{BufferSettings, Streaming};
+use tonic::codegen::http;
+use tonic::{Request, Status};
 
 use crate::cache::{Cache, Client, Snapshot};
 use crate::model::{ClientKind, Zone};
 use crate::resources::ResourceType;
+use crate::wakeup::{Changed, Watch};
+pub use wire::{Frame, Reply};
 
 /// Make before break: a client is sent what a resource refers to before the
 /// resource that refers to it — clusters, their endpoints, then listeners and
@@ -57,6 +68,61 @@ pub const REMOVE_ORDER: [ResourceType; 4] = [
 
 fn remove_rank(ty: ResourceType) -> usize {
     REMOVE_ORDER.iter().position(|t| *t == ty).unwrap_or(REMOVE_ORDER.len())
+}
+
+/// One value per resource type, inline: a stream's per-type state without a
+/// map's allocation (most streams use all four types, one name each).
+#[derive(Debug, Clone)]
+pub struct PerType<T>([Option<T>; 4]);
+
+impl<T> Default for PerType<T> {
+    fn default() -> Self {
+        PerType([None, None, None, None])
+    }
+}
+
+impl<T> PerType<T> {
+    fn slot(ty: ResourceType) -> usize {
+        ty as usize
+    }
+
+    pub fn contains_key(&self, ty: &ResourceType) -> bool {
+        self.0[Self::slot(*ty)].is_some()
+    }
+
+    pub fn get(&self, ty: &ResourceType) -> Option<&T> {
+        self.0[Self::slot(*ty)].as_ref()
+    }
+
+    pub fn get_mut(&mut self, ty: &ResourceType) -> Option<&mut T> {
+        self.0[Self::slot(*ty)].as_mut()
+    }
+
+    /// The value of `ty`, created empty if absent.
+    pub fn entry(&mut self, ty: ResourceType) -> &mut T
+    where
+        T: Default,
+    {
+        self.0[Self::slot(ty)].get_or_insert_with(T::default)
+    }
+
+    /// The types present, in [`ResourceType::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (ResourceType, &T)> {
+        ResourceType::ALL.into_iter().filter_map(|ty| self.get(&ty).map(|v| (ty, v)))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().flatten()
+    }
+}
+
+impl<T> std::ops::Index<&ResourceType> for PerType<T> {
+    type Output = T;
+
+    /// Panics when the type is absent (tests).
+    fn index(&self, ty: &ResourceType) -> &T {
+        self.0[Self::slot(*ty)].as_ref().expect("no state for this type")
+    }
 }
 
 /// Who a stream belongs to, from the Node of its first request.
@@ -108,16 +174,21 @@ pub struct Nack {
 
 /// A stream's protocol state machine: requests in, responses out, no I/O.
 pub trait Protocol: Default + Send + 'static {
-    type Request: prost::Message + Send + 'static;
-    type Response: Send + 'static;
+    type Request: prost::Message + Default + Send + 'static;
     const NAME: &'static str;
 
     fn on_request(&mut self, request: &Self::Request) -> Result<(ResourceType, Outcome), Status>;
-    /// The responses due now against `snapshot`.
-    fn responses(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
+    /// The responses due now against `snapshot`. `changed` says what moved
+    /// since the snapshot they were last computed against; resources of
+    /// other services are not looked at again.
+    fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply>;
+    /// The response on the wire.
+    fn encode(reply: &Reply) -> Frame;
     fn client(&self) -> Option<&ClientInfo>;
     /// Services whose endpoints this stream watches (for the census).
     fn eds_names(&self) -> BTreeSet<String>;
+    /// The change keys of everything subscribed (what should wake the stream).
+    fn watch(&self) -> Watch;
     fn request_type_url(request: &Self::Request) -> &str;
     /// How many resource names the request (un)subscribes, for the limit.
     fn request_names(request: &Self::Request) -> usize;
@@ -129,12 +200,23 @@ pub trait Protocol: Default + Send + 'static {
     fn take_changed(&mut self) -> bool;
     /// What the client holds, per type (for /config_dump and CSDS).
     fn status(&self) -> Vec<registry::TypeStatus>;
-    fn response_type_url(response: &Self::Response) -> &str;
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// The watch of a stream's subscriptions: per type, whether it is a
+/// wildcard, and the names (mapped to their change keys).
+pub(crate) fn watch_of<'a, I>(types: impl IntoIterator<Item = (bool, I)>) -> Watch
+where
+    I: IntoIterator<Item = &'a String>,
+{
+    let mut all = false;
+    let mut keys = Vec::new();
+    for (wildcard, names) in types {
+        all |= wildcard;
+        keys.extend(names.into_iter().map(|n| Snapshot::key_of(n).to_string()));
+    }
+    Watch::new(all, keys)
+}
 
-/// The tonic service. Cheap to clone; all state is in the cache and the streams.
 /// Limits against broken or hostile clients.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -143,26 +225,63 @@ pub struct Limits {
     /// How long a push may wait for a client that is not reading before the
     /// stream is closed.
     pub send_timeout: std::time::Duration,
+    /// Largest request message accepted (bytes).
+    pub max_message_size: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_resource_names: 10_000, send_timeout: std::time::Duration::from_secs(60) }
+        Limits {
+            max_resource_names: 10_000,
+            send_timeout: std::time::Duration::from_secs(60),
+            max_message_size: 4 * 1024 * 1024,
+        }
     }
+}
+
+/// Per-type counters, looked up once: a push or an ACK does not hash labels.
+struct TypeCounters {
+    acks: [metrics::Counter; 4],
+    nacks: [metrics::Counter; 4],
+    pushes: [metrics::Counter; 4],
+}
+
+/// The counters, registered with the recorder installed when first asked
+/// (`main` asks through [`register_metrics`] right after installing it).
+fn counters() -> &'static TypeCounters {
+    static COUNTERS: std::sync::OnceLock<TypeCounters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        let of = |name: &'static str| ResourceType::ALL.map(|ty| metrics::counter!(name, "type_url" => ty.type_url()));
+        TypeCounters {
+            acks: of("cloudmap_xds_acks_total"),
+            nacks: of("cloudmap_xds_nacks_total"),
+            pushes: of("cloudmap_xds_pushes_total"),
+        }
+    })
 }
 
 /// Create the counters at 0 so the first ACK, NACK or refusal is visible to
 /// `increase()` in Prometheus.
 pub fn register_metrics() {
-    for ty in ResourceType::ALL {
-        for name in ["cloudmap_xds_acks_total", "cloudmap_xds_nacks_total", "cloudmap_xds_pushes_total"] {
-            metrics::counter!(name, "type_url" => ty.type_url()).increment(0);
-        }
+    let counters = counters();
+    for counter in counters.acks.iter().chain(&counters.nacks).chain(&counters.pushes) {
+        counter.increment(0);
     }
     metrics::counter!("cloudmap_xds_streams_refused_total").increment(0);
     metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(0);
 }
 
+pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// Initial request decode buffer: ACKs are a few hundred bytes; a larger
+/// request (an Envoy's first, with its Node) grows it.
+const REQUEST_BUFFER: usize = 512;
+
+/// The ADS service, written against HTTP directly (not tonic's generated
+/// server) so that responses are [`wire`] frames of shared bytes with no
+/// per-stream encoder or encode buffer. Mount it with
+/// `tonic::transport::Server::add_service`. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AdsServer {
     cache: Arc<Cache>,
@@ -185,17 +304,47 @@ impl AdsServer {
         self
     }
 
+    fn handle(&self, request: http::Request<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+        let result = match request.uri().path() {
+            SOTW_PATH => self.open::<sotw::SotwState>(request),
+            DELTA_PATH => self.open::<delta::DeltaState>(request),
+            path => Err(Status::unimplemented(format!("{path} is not a method of {SERVICE_NAME}"))),
+        };
+        result.unwrap_or_else(Status::into_http)
+    }
+
+    fn open<P: Protocol>(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status> {
+        if let Some(encoding) = request.headers().get("grpc-encoding").filter(|e| *e != "identity") {
+            return Err(Status::unimplemented(format!(
+                "grpc-encoding {encoding:?} is not supported: send uncompressed requests"
+            )));
+        }
+        let request = Request::from_http(request);
+        let peer = request.remote_addr();
+        let decoder = tonic_prost::ProstDecoder::<P::Request>::new(BufferSettings::new(REQUEST_BUFFER, 32 * 1024));
+        let inbound = Streaming::new_request(decoder, request.into_inner(), None, Some(self.limits.max_message_size));
+        let body = self.start::<P>(peer, inbound)?;
+        let mut response = http::Response::new(tonic::body::Body::new(body));
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        Ok(response)
+    }
+
     fn start<P: Protocol>(
         &self,
         peer: Option<std::net::SocketAddr>,
         inbound: Streaming<P::Request>,
-    ) -> Result<BoxStream<P::Response>, Status> {
+    ) -> Result<PushBody, Status> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let admission = self.registry.admit(id, P::NAME, peer)?;
         // Small on purpose: a client that stops reading blocks only its own
         // task, and when it reads again it gets the latest versions, not a
         // backlog (responses are computed from the newest snapshot when sent).
-        let (tx, rx) = mpsc::channel(2);
+        // futures' channel, not tokio's: it allocates per message, not a
+        // 32-slot block per stream.
+        let (tx, rx) = mpsc::channel(0);
         let stream = StreamTask {
             cache: self.cache.clone(),
             id,
@@ -205,7 +354,81 @@ impl AdsServer {
             shutdown: self.shutdown.clone(),
         };
         tokio::spawn(run_stream::<P>(stream, inbound, tx));
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(PushBody { rx, chunks: Vec::new().into_iter(), done: false })
+    }
+}
+
+impl tonic::server::NamedService for AdsServer {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for AdsServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::ready(Ok(self.handle(request)))
+    }
+}
+
+/// What the stream task hands the response body: a frame to write, or the
+/// status that ends the stream (boxed: a `Status` is large, a frame is not).
+type Push = Result<Frame, Box<Status>>;
+
+/// The response body of one stream: each frame's chunks as DATA, then the
+/// gRPC status as trailers. It holds no buffer of its own.
+struct PushBody {
+    rx: mpsc::Receiver<Push>,
+    chunks: std::vec::IntoIter<Bytes>,
+    done: bool,
+}
+
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    if status.add_header(&mut trailers).is_err() {
+        trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+    }
+    trailers
+}
+
+impl http_body::Body for PushBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(chunk) = this.chunks.next() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(this.rx.poll_next_unpin(cx)) {
+                Some(Ok(frame)) => this.chunks = frame.chunks.into_iter(),
+                Some(Err(status)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(&status)))));
+                }
+                None => {
+                    this.done = true;
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(&Status::ok(""))))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.chunks.len() == 0
     }
 }
 
@@ -231,142 +454,168 @@ async fn shutting_down(shutdown: &mut Option<tokio::sync::watch::Receiver<bool>>
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
-        Ok(Response::new(self.start::<sotw::SotwState>(peer, request.into_inner())?))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
-        Ok(Response::new(self.start::<delta::DeltaState>(peer, request.into_inner())?))
-    }
-}
-
-/// Keeps a stream's census entries and removes them when the stream ends,
-/// however it ends.
-struct CensusGuard {
+/// Keeps a stream's census entries and its watch, and removes them when the
+/// stream ends, however it ends.
+struct StreamGuard {
     cache: Arc<Cache>,
-    zone: Option<Zone>,
-    services: BTreeSet<String>,
+    id: u64,
+    /// Set once the client is known: its zone, for the census.
+    zone: Option<Option<Zone>>,
+    /// The services whose endpoints it watches, sorted.
+    services: Vec<String>,
+    watch: Option<Watch>,
 }
 
-impl CensusGuard {
-    fn update(&mut self, services: BTreeSet<String>) {
+impl StreamGuard {
+    fn census(&mut self, services: BTreeSet<String>) {
+        let Some(zone) = &self.zone else { return };
         // A client without a zone still counts as a subscriber (it is in no zone's census).
-        let zone = self.zone.clone().unwrap_or_default();
-        for gone in self.services.difference(&services) {
+        let zone = zone.clone().unwrap_or_default();
+        for gone in self.services.iter().filter(|s| !services.contains(*s)) {
             self.cache.census().leave(gone, &zone);
         }
-        for new in services.difference(&self.services) {
+        for new in services.iter().filter(|s| self.services.binary_search(s).is_err()) {
             self.cache.census().join(new, &zone);
         }
-        self.services = services;
+        self.services = services.into_iter().collect();
+        self.services.shrink_to_fit();
+    }
+
+    fn watch(&mut self, notify: &Arc<Notify>, watch: Watch) {
+        if self.watch.as_ref() != Some(&watch) {
+            self.cache.wakeups().watch(self.id, notify, watch.clone());
+            self.watch = Some(watch);
+        }
     }
 }
 
-impl Drop for CensusGuard {
+impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.update(BTreeSet::new());
+        self.census(BTreeSet::new());
+        self.cache.wakeups().forget(self.id);
     }
 }
 
-async fn run_stream<P: Protocol>(
-    stream: StreamTask,
-    mut inbound: Streaming<P::Request>,
-    tx: mpsc::Sender<Result<P::Response, Status>>,
-) {
+/// One stream's bookkeeping around its protocol state: who the client is,
+/// its census entries and watch, and whether a request needs an answer.
+/// Requests are handled here synchronously, so nothing of a request is held
+/// in the stream task's future across an await.
+struct Session<P: Protocol> {
+    id: u64,
+    peer: Option<std::net::SocketAddr>,
+    limits: Limits,
+    admission: registry::Admission,
+    guard: StreamGuard,
+    wake: Arc<Notify>,
+    /// Shared with the registry, which locks it briefly when someone asks for status.
+    state: Arc<std::sync::Mutex<P>>,
+    /// The stream gauge's labels, once the client is known.
+    labels: Option<(String, String)>,
+    /// A request since the responses were last computed may need an answer.
+    dirty: bool,
+}
+
+impl<P: Protocol> Session<P> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, P> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn on_message(&mut self, request: &P::Request) -> Result<(), Status> {
+        checked::<P>(&self.limits, request)?;
+        let (ty, outcome, news, client) = {
+            let mut state = self.lock();
+            let (ty, outcome) = state.on_request(request)?;
+            let changed = state.take_changed();
+            let news = changed.then(|| (state.eds_names(), state.watch()));
+            let client = if self.guard.zone.is_none() { state.client().cloned() } else { None };
+            (ty, outcome, news, client)
+        };
+        self.dirty |= news.is_some();
+        record(self.id, ty, P::request_type_url(request), &outcome);
+        if let Some(c) = client {
+            self.admission.identify(P::request_node(request), Some(&c));
+            tracing::info!(
+                stream = self.id, peer = ?self.peer, protocol = P::NAME, node = %c.node_id,
+                zone = ?c.zone.as_ref().map(Zone::as_str), agent = %c.user_agent, kind = ?c.kind, "client connected"
+            );
+            let zone = c.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
+            let kind = format!("{:?}", c.kind).to_ascii_lowercase();
+            metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
+            self.labels = Some((zone, kind));
+            self.guard.zone = Some(c.zone);
+        }
+        if let Some((eds_names, watch)) = news {
+            self.guard.census(eds_names);
+            // Before the snapshot is read: a change published after this wakes the stream again.
+            self.guard.watch(&self.wake, watch);
+        }
+        Ok(())
+    }
+}
+
+impl<P: Protocol> Drop for Session<P> {
+    fn drop(&mut self) {
+        if let Some((zone, kind)) = self.labels.take() {
+            metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
+        }
+        tracing::info!(stream = self.id, "stream ended");
+    }
+}
+
+async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, mut tx: mpsc::Sender<Push>) {
     let StreamTask { cache, id, peer, limits, admission, mut shutdown } = stream;
-    let mut changes = cache.subscribe();
-    // Shared with the registry, which locks it briefly when someone asks for status.
+    let wake = Arc::new(Notify::new());
+    let mut guard = StreamGuard { cache: cache.clone(), id, zone: None, services: Vec::new(), watch: None };
+    // Woken by readiness until the first request says what to watch.
+    guard.watch(&wake, Watch::default());
     let state = Arc::new(std::sync::Mutex::new(P::default()));
     let status_of = state.clone();
     admission.attach(Arc::new(move || status_of.lock().map(|s| s.status()).unwrap_or_default()));
-    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-    let mut client: Option<ClientInfo> = None;
-    let mut census: Option<CensusGuard> = None;
-    let mut labels: Option<(String, String)> = None;
-    // The snapshot generation the responses were last computed against, and
-    // whether a request since then may need an answer.
+    let mut session = Session { id, peer, limits, admission, guard, wake, state, labels: None, dirty: true };
+    // The snapshot generation the responses were last computed against.
     let mut answered: Option<u64> = None;
-    let mut dirty = true;
     'stream: loop {
-        tokio::select! {
+        let end: Option<Box<Status>> = tokio::select! {
             message = inbound.message() => match message {
-                Ok(Some(request)) => {
-                    let handled = checked::<P>(&limits, &request).and_then(|()| {
-                        let mut state = lock();
-                        let result = state.on_request(&request);
-                        if client.is_none() {
-                            client = state.client().cloned();
-                        }
-                        dirty |= state.take_changed();
-                        result.map(|(ty, outcome)| (ty, outcome, state.eds_names()))
-                    });
-                    match handled {
-                        Ok((ty, outcome, eds_names)) => {
-                            record(id, ty, P::request_type_url(&request), &outcome);
-                            if let (None, Some(c)) = (&census, &client) {
-                                admission.identify(P::request_node(&request), Some(c));
-                                tracing::info!(
-                                    stream = id, ?peer, protocol = P::NAME, node = %c.node_id, zone = ?c.zone.as_ref().map(Zone::as_str),
-                                    agent = %c.user_agent, kind = ?c.kind, "client connected"
-                                );
-                                let zone = c.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
-                                let kind = format!("{:?}", c.kind).to_ascii_lowercase();
-                                metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
-                                labels = Some((zone, kind));
-                                census = Some(CensusGuard { cache: cache.clone(), zone: c.zone.clone(), services: BTreeSet::new() });
-                            }
-                            if let Some(guard) = census.as_mut() {
-                                guard.update(eds_names);
-                            }
-                        }
-                        Err(status) => {
-                            tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
-                            let _ = tx.send(Err(status)).await;
-                            break 'stream;
-                        }
-                    }
-                }
+                Ok(Some(request)) => session.on_message(&request).err().map(|status| {
+                    tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
+                    Box::new(status)
+                }),
                 Ok(None) => break 'stream,
                 Err(status) => {
                     tracing::debug!(stream = id, error = %status, "stream closed by transport error");
                     break 'stream;
                 }
             },
-            changed = changes.changed() => if changed.is_err() { break 'stream },
-            () = shutting_down(&mut shutdown) => {
-                let _ = tx.send(Err(Status::unavailable("control plane shutting down; reconnect"))).await;
-                break 'stream;
-            }
+            () = session.wake.notified() => None,
+            () = shutting_down(&mut shutdown) => Some(Box::new(Status::unavailable("control plane shutting down; reconnect"))),
+        };
+        if let Some(status) = end {
+            let _ = tx.send(Err(status)).await;
+            break 'stream;
         }
         if !cache.is_ready() {
             continue;
         }
         let snapshot = cache.snapshot();
-        if !dirty && answered == Some(snapshot.generation) {
+        if !session.dirty && answered == Some(snapshot.generation) {
             continue;
         }
-        let responses = lock().responses(&snapshot);
+        // Only what moved since the snapshot last answered, when that was the previous one.
+        let all = Changed::All;
+        let changed = match answered {
+            Some(g) if !session.dirty && g + 1 == snapshot.generation => &snapshot.changed,
+            _ => &all,
+        };
+        let replies = session.lock().responses(&snapshot, changed);
         answered = Some(snapshot.generation);
-        dirty = false;
-        for response in responses {
-            let type_url = P::response_type_url(&response).to_string();
-            tracing::debug!(stream = id, %type_url, "push");
-            metrics::counter!("cloudmap_xds_pushes_total", "type_url" => type_url).increment(1);
-            // Waits while the client is not reading; the channel holds at most two responses.
-            match tokio::time::timeout(limits.send_timeout, tx.send(Ok(response))).await {
+        session.dirty = false;
+        for reply in replies {
+            let frame = P::encode(&reply);
+            tracing::debug!(stream = id, ty = reply.ty.short(), bytes = frame.len(), "push");
+            counters().pushes[reply.ty as usize].increment(1);
+            // Waits while the client is not reading; the channel holds one frame.
+            match tokio::time::timeout(limits.send_timeout, tx.send(Ok(frame))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => break 'stream,
                 Err(_) => {
@@ -377,10 +626,6 @@ async fn run_stream<P: Protocol>(
             }
         }
     }
-    if let Some((zone, kind)) = labels {
-        metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
-    }
-    tracing::info!(stream = id, "stream ended");
 }
 
 fn checked<P: Protocol>(limits: &Limits, request: &P::Request) -> Result<(), Status> {
@@ -395,11 +640,10 @@ fn checked<P: Protocol>(limits: &Limits, request: &P::Request) -> Result<(), Sta
 }
 
 fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
-    let label = type_url.to_string();
     match outcome {
-        Outcome::Ack => metrics::counter!("cloudmap_xds_acks_total", "type_url" => label).increment(1),
+        Outcome::Ack => counters().acks[ty as usize].increment(1),
         Outcome::Nack(message) => {
-            metrics::counter!("cloudmap_xds_nacks_total", "type_url" => label).increment(1);
+            counters().nacks[ty as usize].increment(1);
             tracing::warn!(stream = id, %type_url, %message, "client rejected (NACK)");
         }
         Outcome::UnknownType => {
@@ -407,5 +651,22 @@ fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
         }
         Outcome::Stale => tracing::debug!(stream = id, ty = ty.short(), "stale nonce ignored"),
         Outcome::Subscribe => tracing::debug!(stream = id, ty = ty.short(), "subscribe"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_type_slots_follow_the_type_order() {
+        // PerType and the counters index by `ty as usize`.
+        for (i, ty) in ResourceType::ALL.into_iter().enumerate() {
+            assert_eq!(ty as usize, i);
+        }
+        let mut per = PerType::<u8>::default();
+        *per.entry(ResourceType::Cluster) = 7;
+        assert_eq!(per.iter().collect::<Vec<_>>(), vec![(ResourceType::Cluster, &7)]);
+        assert!(!per.contains_key(&ResourceType::Listener));
     }
 }

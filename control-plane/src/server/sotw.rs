@@ -27,24 +27,27 @@
 //! between responses) updates the subscription. Any other nonce is stale and
 //! ignored, subscription included. A plain ACK sends nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 
+use super::names::{NameMap, NameSet};
 use super::registry::{ResourceState, TypeStatus};
-use super::{ADD_ORDER, ClientInfo, Nack, Outcome, Protocol, remove_rank};
+use super::wire::{self, Frame, Reply};
+use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_of};
 use crate::cache::{Snapshot, stable_hash};
 use crate::resources::ResourceType;
+use crate::wakeup::{Changed, Watch};
 
 /// What a stream subscribed to for one type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subscription {
     /// Every resource of the type (LDS/CDS only).
     pub wildcard: bool,
-    pub names: BTreeSet<String>,
+    pub names: NameSet,
 }
 
 /// A response not yet ACKed or NACKed.
@@ -52,7 +55,7 @@ pub struct Subscription {
 struct Outstanding {
     version: String,
     /// Name → version of each resource in it.
-    resources: BTreeMap<String, String>,
+    resources: NameMap<String>,
 }
 
 /// Per-type protocol state of one stream.
@@ -67,13 +70,13 @@ pub struct TypeState {
     /// still the last sent of its resource.
     pub nack: Option<Nack>,
     /// Name → the last version sent (ACKed or not). Never sent again as is.
-    pub sent: BTreeMap<String, String>,
+    pub sent: NameMap<String>,
     /// Name → the last version the client ACKed.
-    pub acked: BTreeMap<String, String>,
+    pub acked: NameMap<String>,
     /// Name → the last version the client rejected, and why.
-    pub rejected: BTreeMap<String, Nack>,
-    /// Nonce → responses sent and not yet answered, oldest first.
-    outstanding: BTreeMap<u64, Outstanding>,
+    pub rejected: NameMap<Nack>,
+    /// Responses sent and not yet answered, by nonce, oldest first.
+    outstanding: Vec<(u64, Outstanding)>,
     /// The nonce of the newest answered response.
     resolved: Option<u64>,
     /// The client asked for something it has not been answered for yet
@@ -85,30 +88,34 @@ pub struct TypeState {
 impl TypeState {
     /// Apply the answer to outstanding responses up to `nonce`.
     fn resolve(&mut self, nonce: u64, request: &DiscoveryRequest) -> Outcome {
-        let later = self.outstanding.split_off(&nonce.saturating_add(1));
-        let answered = std::mem::replace(&mut self.outstanding, later);
+        let split = self.outstanding.partition_point(|(n, _)| *n <= nonce);
+        let later = self.outstanding.split_off(split);
+        let answered = std::mem::replace(&mut self.outstanding, if later.is_empty() { Vec::new() } else { later });
         self.resolved = Some(nonce);
         let mut outcome = Outcome::Ack;
         for (n, response) in answered {
             match &request.error_detail {
                 Some(error) if n == nonce => {
                     let nack = Nack { version: response.version.clone(), message: error.message.clone() };
-                    for (name, version) in response.resources {
-                        if self.sent.contains_key(&name) {
-                            self.rejected.insert(name, Nack { version, message: error.message.clone() });
+                    for (name, version) in response.resources.iter() {
+                        if self.sent.contains_key(name) {
+                            self.rejected.insert(
+                                name.clone(),
+                                Nack { version: version.clone(), message: error.message.clone() },
+                            );
                         }
                     }
                     self.nack = Some(nack);
                     outcome = Outcome::Nack(error.message.clone());
                 }
                 _ => {
-                    for (name, version) in response.resources {
-                        if self.sent.contains_key(&name) {
+                    for (name, version) in response.resources.iter() {
+                        if self.sent.contains_key(name) {
                             // Accepted at this version: an earlier rejection no longer stands.
-                            if self.rejected.get(&name).is_some_and(|n| n.version == version) {
-                                self.rejected.remove(&name);
+                            if self.rejected.get(name).is_some_and(|n| &n.version == version) {
+                                self.rejected.remove(name);
                             }
-                            self.acked.insert(name, version);
+                            self.acked.insert(name.clone(), version.clone());
                         }
                     }
                 }
@@ -139,7 +146,7 @@ impl TypeState {
     }
 
     /// Record a response about to be sent with `nonce`.
-    fn record(&mut self, nonce: u64, version: String, resources: BTreeMap<String, String>, whole_set: bool) {
+    fn record(&mut self, nonce: u64, version: String, resources: NameMap<String>, whole_set: bool) {
         if whole_set {
             self.sent = resources.clone();
             let sent = &self.sent;
@@ -148,7 +155,7 @@ impl TypeState {
             self.sent.extend(resources.iter().map(|(n, v)| (n.clone(), v.clone())));
         }
         self.version = Some(version.clone());
-        self.outstanding.insert(nonce, Outstanding { version, resources });
+        self.outstanding.push((nonce, Outstanding { version, resources }));
         self.forget_superseded_nack();
     }
 }
@@ -159,7 +166,7 @@ impl TypeState {
 #[derive(Debug, Default)]
 pub struct SotwState {
     pub client: Option<ClientInfo>,
-    pub types: BTreeMap<ResourceType, TypeState>,
+    pub types: PerType<TypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
     changed: bool,
@@ -167,7 +174,6 @@ pub struct SotwState {
 
 impl Protocol for SotwState {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
     const NAME: &'static str = "sotw";
 
     fn client(&self) -> Option<&ClientInfo> {
@@ -176,10 +182,6 @@ impl Protocol for SotwState {
 
     fn request_type_url(request: &DiscoveryRequest) -> &str {
         &request.type_url
-    }
-
-    fn response_type_url(response: &DiscoveryResponse) -> &str {
-        &response.type_url
     }
 
     fn request_names(request: &DiscoveryRequest) -> usize {
@@ -194,7 +196,7 @@ impl Protocol for SotwState {
         self.types
             .iter()
             .map(|(ty, state)| {
-                let mut subscribed: Vec<String> = state.subscription.names.iter().cloned().collect();
+                let mut subscribed: Vec<String> = state.subscription.names.keys().cloned().collect();
                 if state.subscription.wildcard {
                     subscribed.insert(0, "*".to_string());
                 }
@@ -204,7 +206,7 @@ impl Protocol for SotwState {
                     sent: state.version.clone(),
                     acked: state.acked_version.clone(),
                     nack: state.nack.clone(),
-                    resources: state.sent.clone(),
+                    resources: state.sent.to_btree(),
                     states: state.sent.iter().map(|(name, v)| (name.clone(), state.state_of(name, v))).collect(),
                 }
             })
@@ -223,7 +225,7 @@ impl Protocol for SotwState {
             return Ok((ResourceType::Listener, Outcome::UnknownType));
         };
         let first = !self.types.contains_key(&ty);
-        let state = self.types.entry(ty).or_default();
+        let state = self.types.entry(ty);
         let outcome = if request.response_nonce.is_empty() {
             // No response of the type seen: the start of the stream, or the
             // client started the type over. In the latter case it holds
@@ -238,7 +240,7 @@ impl Protocol for SotwState {
             Outcome::Subscribe
         } else {
             match request.response_nonce.parse::<u64>() {
-                Ok(nonce) if state.outstanding.contains_key(&nonce) => state.resolve(nonce, request),
+                Ok(nonce) if state.outstanding.iter().any(|(n, _)| *n == nonce) => state.resolve(nonce, request),
                 // Repeating the last answered nonce: a subscription change.
                 Ok(nonce) if state.resolved == Some(nonce) => match &request.error_detail {
                     Some(error) => Outcome::Nack(error.message.clone()),
@@ -248,7 +250,7 @@ impl Protocol for SotwState {
             }
         };
 
-        let names: BTreeSet<String> = request.resource_names.iter().filter(|n| *n != "*").cloned().collect();
+        let names: NameSet = request.resource_names.iter().filter(|n| *n != "*").cloned().collect();
         let explicit_wildcard = request.resource_names.iter().any(|n| n == "*");
         // Legacy wildcard: an empty first LDS/CDS request, which stays wildcard
         // while the client keeps sending empty lists.
@@ -281,7 +283,7 @@ impl Protocol for SotwState {
     }
 
     /// Empty until the first request has told us who the client is.
-    fn responses(&mut self, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
+    fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
         let Some(client) = self.client.as_ref().map(ClientInfo::client) else {
             return Vec::new();
         };
@@ -290,18 +292,24 @@ impl Protocol for SotwState {
         let mut removals = Vec::new();
         for ty in ADD_ORDER {
             let Some(state) = self.types.get_mut(&ty) else { continue };
-            let ty = &ty;
             let sub = &state.subscription;
             if !sub.wildcard && sub.names.is_empty() {
                 state.must_respond = false;
                 continue;
             }
-            let mut names: BTreeSet<String> = sub.names.clone();
-            if sub.wildcard {
-                names.extend(snapshot.wildcard_names(*ty, &client));
-            }
-            let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(*ty, n, &client)).collect();
+            let touched = |name: &String| changed.touches(Snapshot::key_of(name));
             if ty.is_full_set() {
+                // A wildcard set may gain or lose a member with any change.
+                let stale =
+                    state.must_respond || (sub.wildcard && !changed.is_empty()) || sub.names.keys().any(touched);
+                if !stale {
+                    continue;
+                }
+                let mut names: Vec<&String> = sub.names.keys().collect();
+                let wildcard_names = if sub.wildcard { snapshot.wildcard_names(ty, &client) } else { Vec::new() };
+                names.extend(wildcard_names.iter().filter(|n| !sub.names.contains(n)));
+                names.sort();
+                let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(ty, n, &client)).collect();
                 let version = format!(
                     "{:016x}",
                     stable_hash(&resources.iter().map(|r| (&r.name, &r.version)).collect::<Vec<_>>())
@@ -315,51 +323,68 @@ impl Protocol for SotwState {
                 self.nonce += 1;
                 let held = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
                 state.record(self.nonce, version.clone(), held, true);
-                let response = DiscoveryResponse {
-                    version_info: version,
-                    resources: resources.iter().map(|r| r.resource.clone()).collect(),
-                    type_url: ty.type_url().to_string(),
-                    nonce: self.nonce.to_string(),
-                    ..Default::default()
-                };
-                if shrinks_only { removals.push((*ty, response)) } else { out.push(response) }
+                let reply = Reply { ty, version, nonce: self.nonce, resources, removed: Vec::new() };
+                if shrinks_only { removals.push(reply) } else { out.push(reply) }
             } else {
-                for r in &resources {
-                    if state.sent.get(&r.name) == Some(&r.version) {
-                        continue;
-                    }
+                let due: Vec<_> = sub
+                    .names
+                    .keys()
+                    .filter(|n| touched(n))
+                    .filter_map(|n| snapshot.resolve(ty, n, &client))
+                    .filter(|r| state.sent.get(&r.name) != Some(&r.version))
+                    .collect();
+                for r in due {
                     self.nonce += 1;
                     let version = r.version.clone();
-                    state.record(
-                        self.nonce,
-                        version.clone(),
-                        BTreeMap::from([(r.name.clone(), r.version.clone())]),
-                        false,
-                    );
-                    out.push(DiscoveryResponse {
-                        version_info: version,
-                        resources: vec![r.resource.clone()],
-                        type_url: ty.type_url().to_string(),
-                        nonce: self.nonce.to_string(),
-                        ..Default::default()
+                    let held = NameMap::from_iter([(r.name.clone(), r.version.clone())]);
+                    out.push(Reply {
+                        ty,
+                        version: version.clone(),
+                        nonce: self.nonce,
+                        resources: vec![r],
+                        removed: Vec::new(),
                     });
+                    state.record(self.nonce, version, held, false);
                 }
             }
             state.must_respond = false;
         }
-        removals.sort_by_key(|(ty, _)| remove_rank(*ty));
-        out.extend(removals.into_iter().map(|(_, r)| r));
+        removals.sort_by_key(|r| remove_rank(r.ty));
+        out.extend(removals);
         out
     }
 
+    fn encode(reply: &Reply) -> Frame {
+        wire::sotw(reply)
+    }
+
+    fn watch(&self) -> Watch {
+        watch_of(self.types.values().map(|s| (s.subscription.wildcard, s.subscription.names.keys())))
+    }
+
     fn eds_names(&self) -> BTreeSet<String> {
-        self.types.get(&ResourceType::ClusterLoadAssignment).map(|s| s.subscription.names.clone()).unwrap_or_default()
+        self.types
+            .get(&ResourceType::ClusterLoadAssignment)
+            .map(|s| s.subscription.names.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use prost::Message;
+
+    /// The responses due, as the client decodes them off the wire.
+    fn sent(s: &mut SotwState, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
+        s.responses(snapshot, &Changed::All)
+            .iter()
+            .map(|r| DiscoveryResponse::decode(SotwState::encode(r).message().as_slice()).expect("decodes"))
+            .collect()
+    }
     use crate::cache::Cache;
     use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
@@ -462,14 +487,14 @@ mod tests {
         let types = |r: &[DiscoveryResponse]| -> Vec<ResourceType> {
             r.iter().map(|r| ResourceType::from_type_url(&r.type_url).expect("type")).collect()
         };
-        assert_eq!(types(&s.responses(&cache.snapshot())), vec![CDS, EDS, LDS, RDS]);
+        assert_eq!(types(&sent(&mut s, &cache.snapshot())), vec![CDS, EDS, LDS, RDS]);
 
         // A new service: the whole CDS set (with it) before the routes naming it.
         cache.update_service(&ServiceName::new("demo", "new"), one(2), Policy::ZoneAware);
-        assert_eq!(types(&s.responses(&cache.snapshot())), vec![CDS, RDS]);
+        assert_eq!(types(&sent(&mut s, &cache.snapshot())), vec![CDS, RDS]);
         // Removed: the routes lose it before the CDS set does.
         cache.remove_service(&ServiceName::new("demo", "new"));
-        assert_eq!(types(&s.responses(&cache.snapshot())), vec![RDS, CDS]);
+        assert_eq!(types(&sent(&mut s, &cache.snapshot())), vec![RDS, CDS]);
     }
 
     #[test]
@@ -479,7 +504,7 @@ mod tests {
         let mut first = request(LDS, &["echo.grpc.demo:50051"], "", "");
         first.node = Some(node("a", "gRPC C-core"));
         assert_eq!(s.on_request(&first).ok().map(|r| r.1), Some(Outcome::Subscribe));
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.len(), 1);
         assert_eq!(names(&r[0]), vec!["echo.grpc.demo:50051"]);
         let lds = r[0].clone();
@@ -489,14 +514,14 @@ mod tests {
             s.on_request(&request(LDS, &["echo.grpc.demo:50051"], &lds.version_info, &lds.nonce)).ok().map(|r| r.1),
             Some(Outcome::Ack)
         );
-        assert!(s.responses(&cache.snapshot()).is_empty(), "an ACK is not answered");
+        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "an ACK is not answered");
         for (ty, name) in [(RDS, "echo.grpc.demo:50051"), (CDS, "echo.grpc.demo"), (EDS, "echo.grpc.demo")] {
             s.on_request(&request(ty, &[name], "", "")).expect("ok");
-            let r = s.responses(&cache.snapshot());
+            let r = sent(&mut s, &cache.snapshot());
             assert_eq!(r.len(), 1, "{ty:?}");
             assert_eq!(names(&r[0]), vec![name]);
             s.on_request(&request(ty, &[name], &r[0].version_info, &r[0].nonce)).expect("ack");
-            assert!(s.responses(&cache.snapshot()).is_empty());
+            assert!(sent(&mut s, &cache.snapshot()).is_empty());
         }
         assert_eq!(s.eds_names(), BTreeSet::from(["echo.grpc.demo".to_string()]));
         assert_eq!(s.client.as_ref().and_then(|c| c.zone.clone()), Some(Zone::new("a")));
@@ -507,18 +532,18 @@ mod tests {
         let cache = cache_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["echo.demo"], "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         assert_eq!(
             s.on_request(&nack(EDS, &["echo.demo"], "", &r.nonce)).ok().map(|r| r.1),
             Some(Outcome::Nack("bad".into()))
         );
         assert_eq!(s.types[&EDS].nack.as_ref().map(|n| n.version.clone()), Some(r.version_info.clone()));
         for _ in 0..3 {
-            assert!(s.responses(&cache.snapshot()).is_empty(), "no resend loop");
+            assert!(sent(&mut s, &cache.snapshot()).is_empty(), "no resend loop");
         }
         // A new version is sent.
         cache.update_service(&ServiceName::new("demo", "echo"), ServiceEndpoints::default(), Policy::LocalFirst);
-        let again = s.responses(&cache.snapshot());
+        let again = sent(&mut s, &cache.snapshot());
         assert_eq!(again.len(), 1);
         assert_ne!(again[0].version_info, r.version_info);
     }
@@ -528,7 +553,7 @@ mod tests {
         let cache = cache_with(&[("demo", "echo"), ("demo", "other")]);
         let mut s = SotwState::default();
         s.on_request(&request(CDS, &["echo.demo"], "", "")).expect("ok");
-        let first = s.responses(&cache.snapshot()).remove(0);
+        let first = sent(&mut s, &cache.snapshot()).remove(0);
         s.on_request(&request(CDS, &["echo.demo"], &first.version_info, &first.nonce)).expect("ack");
         cache.remove_service(&ServiceName::new("demo", "other"));
         // A NACK carrying an old nonce does not count as a NACK of the latest.
@@ -541,9 +566,9 @@ mod tests {
         let cache = cache_with(&[("demo", "echo"), ("demo", "other")]);
         let mut s = SotwState::default();
         s.on_request(&request(CDS, &["echo.demo"], "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         s.on_request(&request(CDS, &["echo.demo", "other.demo"], &r.version_info, &r.nonce)).expect("ack");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo", "other.demo"]);
     }
 
@@ -554,15 +579,15 @@ mod tests {
         let mut first = request(CDS, &[], "", "");
         first.node = Some(node("a", "envoy"));
         s.on_request(&first).expect("ok");
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         assert_eq!(names(&r), vec!["echo.demo"]);
         s.on_request(&request(CDS, &[], &r.version_info, &r.nonce)).expect("ack");
         assert!(s.types[&CDS].subscription.wildcard, "empty list keeps the wildcard");
         cache.update_service(&ServiceName::new("demo", "new"), ServiceEndpoints::default(), Policy::LocalFirst);
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         assert_eq!(names(&r), vec!["echo.demo", "new.demo"]);
         cache.remove_service(&ServiceName::new("demo", "echo"));
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         assert_eq!(names(&r), vec!["new.demo"], "removal = left out of the whole set");
     }
 
@@ -571,7 +596,7 @@ mod tests {
         let cache = cache_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(LDS, &["nope.demo"], "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.len(), 1);
         assert!(r[0].resources.is_empty(), "so the client learns it does not exist");
     }
@@ -581,7 +606,7 @@ mod tests {
         let cache = cache_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &[], "", "")).expect("ok");
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
         let mut unknown = request(EDS, &["x"], "", "");
         unknown.type_url = "type.googleapis.com/envoy.config.Nope".into();
         assert_eq!(s.on_request(&unknown).ok().map(|r| r.1), Some(Outcome::UnknownType));
@@ -594,11 +619,11 @@ mod tests {
         let cache = cache_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["echo.demo"], "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         // A new stream (reconnect): the client sends the version it has, no nonce.
         let mut s2 = SotwState::default();
         s2.on_request(&request(EDS, &["echo.demo"], &r.version_info, "")).expect("ok");
-        let r2 = s2.responses(&cache.snapshot());
+        let r2 = sent(&mut s2, &cache.snapshot());
         assert_eq!(r2.len(), 1, "the first request on a stream is always answered");
         assert_eq!(r2[0].version_info, r.version_info, "same content, same version after restart");
     }
@@ -616,19 +641,19 @@ mod tests {
         let cache = cache_with(&[("demo", "a"), ("demo", "b"), ("demo", "c")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["a.demo", "b.demo", "c.demo"], "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.iter().map(names).collect::<Vec<_>>(), vec![vec!["a.demo"], vec!["b.demo"], vec!["c.demo"]]);
         let last = r.last().expect("three");
         assert_eq!(
             outcome(&mut s, &request(EDS, &["a.demo", "b.demo", "c.demo"], &last.version_info, &last.nonce)),
             Outcome::Ack
         );
-        assert!(s.responses(&cache.snapshot()).is_empty(), "an ACK is not answered");
+        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "an ACK is not answered");
         // One service changes: only it is sent.
         cache.update_service(&ServiceName::new("demo", "b"), ServiceEndpoints::default(), Policy::LocalFirst);
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.iter().map(names).collect::<Vec<_>>(), vec![vec!["b.demo"]]);
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
     }
 
     #[test]
@@ -637,7 +662,7 @@ mod tests {
         let mut s = SotwState::default();
         let all = ["a.demo", "b.demo"];
         s.on_request(&request(EDS, &all, "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.len(), 2);
         // grpc-go answers each response in turn: the first ACK is not stale.
         assert_eq!(outcome(&mut s, &request(EDS, &all, &r[0].version_info, &r[0].nonce)), Outcome::Ack);
@@ -650,7 +675,7 @@ mod tests {
             st["b.demo"],
             ResourceState::Nacked(Nack { version: r[1].version_info.clone(), message: "bad".into() })
         );
-        assert!(s.responses(&cache.snapshot()).is_empty(), "a NACKed version is not re-sent");
+        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "a NACKed version is not re-sent");
         // An answer already given is stale; so is a nonce never sent.
         assert_eq!(outcome(&mut s, &request(EDS, &all, "", &r[0].nonce)), Outcome::Stale);
         assert_eq!(outcome(&mut s, &request(EDS, &all, "", "77")), Outcome::Stale);
@@ -659,12 +684,12 @@ mod tests {
         for svc in ["a", "b"] {
             cache.update_service(&ServiceName::new("demo", svc), ServiceEndpoints::default(), Policy::LocalFirst);
         }
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.len(), 2, "the new version of the rejected resource is sent");
         assert_eq!(outcome(&mut s, &request(EDS, &all, &r[1].version_info, &r[1].nonce)), Outcome::Ack);
         assert!(states(&s, EDS).values().all(|st| *st == ResourceState::Acked));
         assert!(s.types[&EDS].nack.is_none(), "no NACK in force any more");
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
     }
 
     #[test]
@@ -672,17 +697,17 @@ mod tests {
         let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["a.demo"], "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot()).remove(0);
+        let r = sent(&mut s, &cache.snapshot()).remove(0);
         s.on_request(&request(EDS, &["a.demo"], &r.version_info, &r.nonce)).expect("ack");
         // The client names b with the nonce it already ACKed.
         assert_eq!(outcome(&mut s, &request(EDS, &["a.demo", "b.demo"], &r.version_info, &r.nonce)), Outcome::Ack);
-        let r2 = s.responses(&cache.snapshot());
+        let r2 = sent(&mut s, &cache.snapshot());
         assert_eq!(r2.iter().map(names).collect::<Vec<_>>(), vec![vec!["b.demo"]]);
         // Dropping a and naming it again sends it again (the client forgot it).
         s.on_request(&request(EDS, &["b.demo"], &r2[0].version_info, &r2[0].nonce)).expect("ok");
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
         s.on_request(&request(EDS, &["a.demo", "b.demo"], &r2[0].version_info, &r2[0].nonce)).expect("ok");
-        let r3 = s.responses(&cache.snapshot());
+        let r3 = sent(&mut s, &cache.snapshot());
         assert_eq!(r3.iter().map(names).collect::<Vec<_>>(), vec![vec!["a.demo"]]);
         assert_eq!(r3[0].version_info, r.version_info, "same content, same version");
     }
@@ -693,15 +718,15 @@ mod tests {
         let mut s = SotwState::default();
         let all = ["a.demo", "b.demo", "c.demo"];
         s.on_request(&request(CDS, &all, "", "")).expect("ok");
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(r.len(), 1);
         assert_eq!(names(&r[0]), vec!["a.demo", "b.demo"], "CDS stays a whole set");
         s.on_request(&nack(CDS, &all, "", &r[0].nonce)).expect("nack");
-        assert!(s.responses(&cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &cache.snapshot()).is_empty());
         assert!(states(&s, CDS).values().all(|st| matches!(st, ResourceState::Nacked(_))));
         // c appears; the new set (a and b unchanged) is accepted: nothing stands NACKed.
         cache.update_service(&ServiceName::new("demo", "c"), ServiceEndpoints::default(), Policy::None);
-        let r = s.responses(&cache.snapshot());
+        let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["a.demo", "b.demo", "c.demo"]);
         s.on_request(&request(CDS, &all, &r[0].version_info, &r[0].nonce)).expect("ack");
         assert!(states(&s, CDS).values().all(|st| *st == ResourceState::Acked), "{:?}", states(&s, CDS));
@@ -720,5 +745,30 @@ mod tests {
         let client = s.client.clone().expect("client");
         assert_eq!(client.zone, Some(Zone::new("zone-1")));
         assert_eq!(client.kind, ClientKind::Grpc);
+    }
+
+    #[test]
+    fn a_change_to_another_service_is_not_looked_at() {
+        let cache = cache_with(&[("demo", "echo"), ("demo", "other")]);
+        let mut s = SotwState::default();
+        s.on_request(&DiscoveryRequest {
+            node: Some(node("a", "gRPC Python")),
+            ..request(EDS, &["echo.demo"], "", "")
+        })
+        .expect("ok");
+        let first = s.responses(&cache.snapshot(), &Changed::All);
+        assert_eq!(first.len(), 1);
+        s.on_request(&request(EDS, &["echo.demo"], &first[0].version, &first[0].nonce.to_string())).expect("ack");
+        cache.update_service(
+            &ServiceName::new("demo", "echo"),
+            ServiceEndpoints::new(vec![endpoint(9)], false),
+            Policy::LocalFirst,
+        );
+        let snapshot = cache.snapshot();
+        let other = Changed::Keys(BTreeSet::from(["other.demo".to_string()]));
+        assert!(s.responses(&snapshot, &other).is_empty(), "echo.demo is not re-resolved for other.demo");
+        let r = s.responses(&snapshot, &snapshot.changed);
+        assert_eq!(r.len(), 1, "the change of echo.demo is sent");
+        assert_eq!(r[0].resources[0].name, "echo.demo");
     }
 }

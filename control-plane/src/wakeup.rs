@@ -1,0 +1,212 @@
+//! Which streams watch which services, and waking exactly those when a new
+//! snapshot changes them. A stream registers the change keys of what it
+//! subscribed ([`crate::cache::Snapshot::key_of`]), or every key for a
+//! wildcard subscription; a change to one service then wakes only its
+//! watchers, not every stream of the control plane.
+//!
+//! A wake-up is a [`Notify`] permit: a stream that is busy when woken finds
+//! the permit on its next wait, so no change is missed, and several changes
+//! while it is busy cost one wake-up.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+/// What a snapshot changed against the one before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Changed {
+    /// Anything may have changed (readiness, the first snapshot).
+    #[default]
+    All,
+    /// Only the resources of these services (change keys).
+    Keys(BTreeSet<String>),
+}
+
+impl Changed {
+    pub fn touches(&self, key: &str) -> bool {
+        match self {
+            Changed::All => true,
+            Changed::Keys(keys) => keys.contains(key),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Changed::Keys(keys) if keys.is_empty())
+    }
+}
+
+/// The keys one stream watches (sorted, without repeats: compact, as a
+/// stream holds one or a few).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// Every key (a wildcard subscription).
+    pub all: bool,
+    keys: Vec<String>,
+}
+
+impl Watch {
+    pub fn new(all: bool, keys: impl IntoIterator<Item = String>) -> Watch {
+        let mut keys: Vec<String> = keys.into_iter().collect();
+        keys.sort();
+        keys.dedup();
+        keys.shrink_to_fit();
+        Watch { all, keys }
+    }
+
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    streams: HashMap<u64, (Arc<Notify>, Watch)>,
+    by_key: HashMap<String, HashSet<u64>>,
+    all: HashSet<u64>,
+}
+
+/// The registry of watches. Cheap to update: a stream changes its watch only
+/// when its subscriptions change.
+#[derive(Debug, Default)]
+pub struct Wakeups {
+    inner: Mutex<Inner>,
+}
+
+impl Wakeups {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register stream `id` (or replace its watch); `notify` is what wakes it.
+    pub fn watch(&self, id: u64, notify: &Arc<Notify>, watch: Watch) {
+        let mut inner = self.lock();
+        let old = inner.streams.remove(&id).map(|(_, w)| w).unwrap_or_default();
+        for key in old.keys.iter().filter(|k| !watch.has(k)) {
+            if let Some(ids) = inner.by_key.get_mut(key) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    inner.by_key.remove(key);
+                }
+            }
+        }
+        for key in watch.keys.iter().filter(|k| !old.has(k)) {
+            inner.by_key.entry(key.clone()).or_default().insert(id);
+        }
+        if watch.all {
+            inner.all.insert(id);
+        } else {
+            inner.all.remove(&id);
+        }
+        inner.streams.insert(id, (notify.clone(), watch));
+    }
+
+    /// Stream `id` ended.
+    pub fn forget(&self, id: u64) {
+        let mut inner = self.lock();
+        let Some((_, watch)) = inner.streams.remove(&id) else { return };
+        for key in &watch.keys {
+            if let Some(ids) = inner.by_key.get_mut(key) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    inner.by_key.remove(key);
+                }
+            }
+        }
+        inner.all.remove(&id);
+    }
+
+    /// Wake every stream that watches something in `changed`; returns how many.
+    pub fn wake(&self, changed: &Changed) -> usize {
+        let inner = self.lock();
+        match changed {
+            Changed::All => {
+                inner.streams.values().for_each(|(n, _)| n.notify_one());
+                inner.streams.len()
+            }
+            Changed::Keys(keys) => {
+                let mut woken: HashSet<u64> = inner.all.clone();
+                for key in keys {
+                    if let Some(ids) = inner.by_key.get(key) {
+                        woken.extend(ids);
+                    }
+                }
+                for id in &woken {
+                    if let Some((n, _)) = inner.streams.get(id) {
+                        n.notify_one();
+                    }
+                }
+                woken.len()
+            }
+        }
+    }
+
+    /// Streams registered.
+    pub fn len(&self) -> usize {
+        self.lock().streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Whether `n` holds a permit (a wake-up), consuming it.
+    fn woken(n: &Notify) -> bool {
+        let fut = n.notified();
+        let mut fut = std::pin::pin!(fut);
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        fut.as_mut().poll(&mut cx).is_ready()
+    }
+
+    use std::future::Future;
+
+    #[test]
+    fn a_change_wakes_only_the_streams_that_watch_it() {
+        let w = Wakeups::default();
+        let (a, b, envoy) = (Arc::new(Notify::new()), Arc::new(Notify::new()), Arc::new(Notify::new()));
+        w.watch(1, &a, Watch::new(false, keys(&["echo.demo"])));
+        w.watch(2, &b, Watch::new(false, keys(&["other.demo"])));
+        w.watch(3, &envoy, Watch::new(true, Vec::new()));
+        assert_eq!(w.wake(&Changed::Keys(keys(&["echo.demo"]))), 2);
+        assert!(woken(&a) && woken(&envoy));
+        assert!(!woken(&b), "a stream of another service sleeps");
+        // A new watch replaces the old one.
+        w.watch(1, &a, Watch::new(false, keys(&["other.demo"])));
+        w.wake(&Changed::Keys(keys(&["echo.demo"])));
+        assert!(!woken(&a));
+        assert!(woken(&envoy));
+        w.wake(&Changed::All);
+        assert!(woken(&a) && woken(&b) && woken(&envoy));
+        w.forget(1);
+        w.forget(3);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w.wake(&Changed::Keys(keys(&["other.demo"]))), 1);
+        assert!(!woken(&a) && woken(&b));
+    }
+
+    #[test]
+    fn a_busy_stream_keeps_its_wake_up() {
+        let w = Wakeups::default();
+        let n = Arc::new(Notify::new());
+        w.watch(1, &n, Watch::new(false, keys(&["echo.demo"])));
+        // Two changes while the stream is not waiting: one permit, not lost.
+        w.wake(&Changed::Keys(keys(&["echo.demo"])));
+        w.wake(&Changed::Keys(keys(&["echo.demo"])));
+        assert!(woken(&n));
+        assert!(!woken(&n));
+    }
+}
