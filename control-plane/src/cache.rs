@@ -270,7 +270,7 @@ impl ServiceEntry {
     }
 
     pub fn options(&self) -> ServiceOptions {
-        ServiceOptions { policy: self.policy, limits: self.limits }
+        ServiceOptions { policy: self.policy, limits: self.limits, routing: self.routing.clone() }
     }
 
     /// The same endpoints under another census: keeps the encoded memo.
@@ -1179,12 +1179,12 @@ mod tests {
         // Same-zone preference inside each subset: all local, with the subset's members only.
         let canary = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/canary", &client).expect("eds");
         assert_eq!(eds_zones(&canary), vec![(0, "a".into(), 10_000), (1, "b".into(), 1), (1, "c".into(), 1)]);
-        let cla = ClusterLoadAssignment::decode(canary.resource.value.as_slice()).expect("decodes");
+        let cla = ClusterLoadAssignment::decode(canary.resource().value.as_slice()).expect("decodes");
         assert_eq!(cla.cluster_name, "echo.demo/canary");
         assert_eq!(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 3);
         let stable = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/stable", &client).expect("eds");
         assert_eq!(
-            ClusterLoadAssignment::decode(stable.resource.value.as_slice()).expect("decodes").endpoints[0]
+            ClusterLoadAssignment::decode(stable.resource().value.as_slice()).expect("decodes").endpoints[0]
                 .lb_endpoints
                 .len(),
             2
@@ -1200,6 +1200,11 @@ mod tests {
         let options = ServiceOptions { routing: Arc::new(fifty), ..options };
         assert!(cache.update_service(&name, service, options));
         let snap = cache.snapshot();
+        // A routing change wakes the service's streams and Envoy's egress routes.
+        assert_eq!(
+            snap.changed,
+            Changed::Keys(["echo.demo".to_string(), resources::EGRESS.to_string()].into_iter().collect())
+        );
         assert_ne!(
             snap.resolve(ResourceType::RouteConfiguration, "echo.demo", &client).expect("rds").version,
             routes.version
