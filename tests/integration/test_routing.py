@@ -261,7 +261,8 @@ def test_grpc_retries_hide_an_instance_that_answers_unavailable(deploy):
     clients = deploy.clients_in_zones()
     applied = cp.wait_census({z: 1 for z in ZONES})
     a = clients["us-east-1a"]
-    since = max(applied, a.first_ok_t or 0)
+    # From when the client's zone-local plan arrived (before, some calls spill to other zones).
+    since = a.wait_settled({"us-east-1a"}, streak=20, since=applied, timeout=15)
     calls = a.wait_calls(400, since=since, timeout=30)
     s = a.summary(calls)
     print(f"zone-a client, 400 calls with retries, half of zone a failing: {s}")
