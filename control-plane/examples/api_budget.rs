@@ -114,6 +114,10 @@ impl CloudMap for Memory {
         self.call("ListInstances").await;
         Ok(Paged { items: Vec::new(), calls: 1 })
     }
+    async fn service_attributes(&self, _service_id: &str) -> Result<BTreeMap<String, String>, CloudMapError> {
+        self.call("GetServiceAttributes").await;
+        Ok(BTreeMap::new())
+    }
 }
 
 fn not_found(operation: &'static str) -> CloudMapError {

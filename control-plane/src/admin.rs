@@ -144,7 +144,23 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 .iter()
                 .map(|(z, c)| (z.as_str().to_string(), json!(c)))
                 .collect();
+            // Each subset: its members, and the census its plans use (clients of `SERVICE/SUBSET`).
+            let subsets: serde_json::Map<_, _> = entry
+                .subsets
+                .iter()
+                .map(|(name, subset)| {
+                    let census: serde_json::Map<_, _> =
+                        subset.census.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
+                    let members: Vec<&str> =
+                        subset.endpoints.endpoints.iter().map(|e| e.instance_id.as_str()).collect();
+                    (name.clone(), json!({ "census": census, "instances": members }))
+                })
+                .collect();
             json!({
+                "subsets": subsets,
+                "routes": entry.routing.routes.len(),
+                // Set while the service's Cloud Map routing attributes are refused (the last good routing is served).
+                "routing_error": state.cache.routing_error(&entry.name.dial_name()),
                 "name": entry.name.dial_name(),
                 "namespace": entry.name.namespace,
                 "service": entry.name.service,

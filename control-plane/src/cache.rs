@@ -28,7 +28,7 @@ use envoy_types::util::pack_any;
 use prost::Message;
 
 use crate::census::Census;
-use crate::model::{ClientKind, ServiceEndpoints, ServiceName, Zone};
+use crate::model::{ClientKind, Routing, ServiceEndpoints, ServiceName, Zone};
 use crate::policy::{self, PerZone, Plan, Policy};
 use crate::resources::{self, ClusterLimits, ResourceType};
 use crate::wakeup::{Changed, Wakeups};
@@ -112,12 +112,15 @@ impl Client {
     }
 }
 
-/// What a service's settings decide in the cache: the traffic policy and the
-/// cluster limits.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// What a service's settings decide in the cache: the traffic policy, the
+/// cluster limits and the routing (subsets, routes, outlier detection).
+/// Compared whole: any change is a change of the service (and of Envoy's
+/// egress routes).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServiceOptions {
     pub policy: Policy,
     pub limits: ClusterLimits,
+    pub routing: Arc<Routing>,
 }
 
 impl From<Policy> for ServiceOptions {
@@ -154,6 +157,59 @@ pub fn stable_hash(value: &impl Hash) -> u64 {
     h.finish()
 }
 
+/// One subset of a service (`[services."…".subsets]`): the endpoints its
+/// selector picks, with their own capacity, census and plans, so same-zone
+/// preference holds inside the subset (EDS `SERVICE.NAMESPACE/SUBSET`).
+#[derive(Debug)]
+pub struct SubsetEntry {
+    pub endpoints: Arc<ServiceEndpoints>,
+    /// The census of the subset's EDS name that its plans use.
+    pub census: PerZone,
+    pub capacity: PerZone,
+    endpoints_hash: u64,
+    plans: DashMap<Option<Zone>, Arc<Plan>>,
+}
+
+impl SubsetEntry {
+    fn new(endpoints: ServiceEndpoints, census: PerZone) -> Self {
+        SubsetEntry {
+            endpoints_hash: stable_hash(&endpoints),
+            capacity: endpoints.capacity(),
+            endpoints: Arc::new(endpoints),
+            census,
+            plans: DashMap::new(),
+        }
+    }
+
+    fn with_census(&self, census: PerZone) -> Self {
+        SubsetEntry {
+            endpoints: self.endpoints.clone(),
+            census,
+            capacity: self.capacity.clone(),
+            endpoints_hash: self.endpoints_hash,
+            plans: DashMap::new(),
+        }
+    }
+}
+
+/// The endpoints of `service` that `routing` selects into each of its subsets.
+fn subsets_of(
+    routing: &Routing,
+    service: &ServiceEndpoints,
+    census: &BTreeMap<String, PerZone>,
+) -> BTreeMap<String, SubsetEntry> {
+    routing
+        .subsets
+        .keys()
+        .map(|subset| {
+            let members =
+                service.endpoints.iter().filter(|e| routing.selects(subset, &e.attributes)).cloned().collect();
+            let census = census.get(subset).cloned().unwrap_or_default();
+            (subset.clone(), SubsetEntry::new(ServiceEndpoints::new(members, service.fail_open), census))
+        })
+        .collect()
+}
+
 /// One service as served: its endpoints, its policy, the census the plans
 /// were computed from, and the memo of encoded resources.
 #[derive(Debug)]
@@ -162,9 +218,12 @@ pub struct ServiceEntry {
     pub endpoints: Arc<ServiceEndpoints>,
     pub policy: Policy,
     pub limits: ClusterLimits,
+    pub routing: Arc<Routing>,
     /// The census the plans use (last applied, see [`Cache::apply_census`]).
     pub census: PerZone,
     pub capacity: PerZone,
+    /// By subset name.
+    pub subsets: BTreeMap<String, SubsetEntry>,
     endpoints_hash: u64,
     plans: DashMap<Option<Zone>, Arc<Plan>>,
     /// Shared with later entries of the same endpoints, so a census change
@@ -172,17 +231,38 @@ pub struct ServiceEntry {
     encoded: Arc<DashMap<u64, Arc<Encoded>>>,
 }
 
+/// The census a service's plans read: the whole service's, and each subset's
+/// (the streams join the EDS name `SERVICE.NAMESPACE/SUBSET`).
+///
+/// A subset's demand is the count of clients subscribed to it per zone, not
+/// weighed by the share of calls routes send there: zone-aware shares depend
+/// only on how demand divides between zones, and every client of a service
+/// has the same routes, so a per-client weight common to all of them cancels.
+fn census_of(census: &Census, dial: &str, routing: &Routing) -> (PerZone, BTreeMap<String, PerZone>) {
+    let subsets = routing.subsets.keys().map(|s| (s.clone(), census.live(&format!("{dial}/{s}")))).collect();
+    (census.live(dial), subsets)
+}
+
 impl ServiceEntry {
-    fn new(name: ServiceName, endpoints: Arc<ServiceEndpoints>, options: ServiceOptions, census: PerZone) -> Self {
+    fn new(
+        name: ServiceName,
+        endpoints: Arc<ServiceEndpoints>,
+        options: ServiceOptions,
+        census: PerZone,
+        subset_census: &BTreeMap<String, PerZone>,
+    ) -> Self {
         let endpoints_hash = stable_hash(&*endpoints);
         let capacity = endpoints.capacity();
+        let subsets = subsets_of(&options.routing, &endpoints, subset_census);
         ServiceEntry {
             name,
             endpoints,
             policy: options.policy,
             limits: options.limits,
+            routing: options.routing,
             census,
             capacity,
+            subsets,
             endpoints_hash,
             plans: DashMap::new(),
             encoded: Arc::new(DashMap::new()),
@@ -190,18 +270,24 @@ impl ServiceEntry {
     }
 
     pub fn options(&self) -> ServiceOptions {
-        ServiceOptions { policy: self.policy, limits: self.limits }
+        ServiceOptions { policy: self.policy, limits: self.limits, routing: self.routing.clone() }
     }
 
     /// The same endpoints under another census: keeps the encoded memo.
-    fn with_census(&self, census: PerZone) -> Self {
+    fn with_census(&self, census: PerZone, subset_census: &BTreeMap<String, PerZone>) -> Self {
         ServiceEntry {
             name: self.name.clone(),
             endpoints: self.endpoints.clone(),
             policy: self.policy,
             limits: self.limits,
+            routing: self.routing.clone(),
             census,
             capacity: self.capacity.clone(),
+            subsets: self
+                .subsets
+                .iter()
+                .map(|(s, e)| (s.clone(), e.with_census(subset_census.get(s).cloned().unwrap_or_default())))
+                .collect(),
             endpoints_hash: self.endpoints_hash,
             plans: DashMap::new(),
             encoded: self.encoded.clone(),
@@ -211,13 +297,13 @@ impl ServiceEntry {
     /// The plan for clients in `zone`. The census counts the asking zone at
     /// least once, so a client is planned for as one of the clients it joins.
     pub fn plan(&self, zone: Option<&Zone>) -> Arc<Plan> {
-        let key = zone.filter(|z| !z.is_unknown()).cloned();
-        if let Some(plan) = self.plans.get(&key) {
-            return plan.clone();
-        }
-        let plan = Arc::new(plan_for(self.policy, key.as_ref(), &self.capacity, &self.census));
-        self.plans.insert(key, plan.clone());
-        plan
+        cached_plan(&self.plans, self.policy, zone, &self.capacity, &self.census)
+    }
+
+    /// The plan for clients in `zone` inside `subset`.
+    pub fn subset_plan(&self, subset: &str, zone: Option<&Zone>) -> Option<Arc<Plan>> {
+        let s = self.subsets.get(subset)?;
+        Some(cached_plan(&s.plans, self.policy, zone, &s.capacity, &s.census))
     }
 
     fn memo(&self, key: u64, build: impl FnOnce() -> (String, Any)) -> Arc<Encoded> {
@@ -237,22 +323,55 @@ impl ServiceEntry {
 
     fn eds(&self, client: &Client) -> Arc<Encoded> {
         let plan = self.plan(client.zone.as_ref());
-        let name = self.name.dial_name();
+        self.eds_of(self.name.dial_name(), &self.endpoints, self.endpoints_hash, &plan, client)
+    }
+
+    /// The EDS of subset `subset` (named `SERVICE.NAMESPACE/SUBSET`), if the service has it.
+    fn subset_eds(&self, subset: &str, client: &Client) -> Option<Arc<Encoded>> {
+        let entry = self.subsets.get(subset)?;
+        let plan = self.subset_plan(subset, client.zone.as_ref())?;
+        let name = format!("{}/{subset}", self.name.dial_name());
+        Some(self.eds_of(name, &entry.endpoints, entry.endpoints_hash, &plan, client))
+    }
+
+    fn eds_of(
+        &self,
+        name: String,
+        endpoints: &ServiceEndpoints,
+        endpoints_hash: u64,
+        plan: &Plan,
+        client: &Client,
+    ) -> Arc<Encoded> {
         // Flat clients differ by subset; the others share one variant per plan.
         let subset = if client.kind == ClientKind::Flat { client.subset % resources::FLAT_SUBSETS } else { 0 };
-        let key = stable_hash(&(
-            ResourceType::ClusterLoadAssignment,
-            &name,
-            self.endpoints_hash,
-            &*plan,
-            client.kind,
-            subset,
-        ));
+        let key = stable_hash(&(ResourceType::ClusterLoadAssignment, &name, endpoints_hash, plan, client.kind, subset));
         self.memo(key, || {
-            let cla = resources::cluster_load_assignment(&name, &self.endpoints, &plan, client.kind, subset);
+            let cla = resources::cluster_load_assignment(&name, endpoints, plan, client.kind, subset);
             (name.clone(), pack_any(cla))
         })
     }
+
+    /// The names of the service's clusters: its own, then one per subset.
+    pub fn cluster_names(&self) -> impl Iterator<Item = String> + '_ {
+        let dial = self.name.dial_name();
+        std::iter::once(dial.clone()).chain(self.subsets.keys().map(move |s| format!("{dial}/{s}")))
+    }
+}
+
+fn cached_plan(
+    plans: &DashMap<Option<Zone>, Arc<Plan>>,
+    policy: Policy,
+    zone: Option<&Zone>,
+    capacity: &PerZone,
+    census: &PerZone,
+) -> Arc<Plan> {
+    let key = zone.filter(|z| !z.is_unknown()).cloned();
+    if let Some(plan) = plans.get(&key) {
+        return plan.clone();
+    }
+    let plan = Arc::new(plan_for(policy, key.as_ref(), capacity, census));
+    plans.insert(key, plan.clone());
+    plan
 }
 
 fn plan_for(policy: Policy, zone: Option<&Zone>, capacity: &PerZone, census: &PerZone) -> Plan {
@@ -371,8 +490,8 @@ impl Snapshot {
             ResourceType::RouteConfiguration => self
                 .egress_routes
                 .get_or_init(|| {
-                    let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
-                    encode(pack_any(resources::egress_route_configuration(names.iter().copied())))
+                    let services = self.services.iter().map(|(name, entry)| (name.as_str(), &*entry.routing));
+                    encode(pack_any(resources::egress_route_configuration(services)))
                 })
                 .clone(),
             _ => return None,
@@ -392,20 +511,35 @@ impl Snapshot {
             }
             ResourceType::RouteConfiguration => {
                 let entry = self.lookup(name)?;
-                let cluster = entry.name.dial_name();
-                let key = stable_hash(&(ty, name, &cluster));
-                Some(entry.memo(key, || (name.to_string(), pack_any(resources::route_configuration(name, &cluster)))))
+                let dial = entry.name.dial_name();
+                let key = stable_hash(&(ty, name, &dial, &*entry.routing, client.kind));
+                Some(entry.memo(key, || {
+                    (name.to_string(), pack_any(resources::service_routes(name, &dial, &entry.routing, client.kind)))
+                }))
             }
             ResourceType::Cluster => {
-                let entry = self.services.get(name)?;
-                let key = stable_hash(&(ty, name, client.kind, entry.limits));
-                Some(
-                    entry.memo(key, || {
-                        (name.to_string(), pack_any(resources::cluster(name, client.kind, &entry.limits)))
-                    }),
-                )
+                let (entry, _) = self.cluster_entry(name)?;
+                let key = stable_hash(&(ty, name, client.kind, entry.limits, &entry.routing.outlier_detection));
+                Some(entry.memo(key, || {
+                    let cluster = resources::service_cluster(name, client.kind, &entry.limits, &entry.routing);
+                    (name.to_string(), pack_any(cluster))
+                }))
             }
-            ResourceType::ClusterLoadAssignment => Some(self.services.get(name)?.eds(client)),
+            ResourceType::ClusterLoadAssignment => match self.cluster_entry(name)? {
+                (entry, None) => Some(entry.eds(client)),
+                (entry, Some(subset)) => entry.subset_eds(subset, client),
+            },
+        }
+    }
+
+    /// The service of a cluster or EDS name, and the subset it names (`SERVICE.NAMESPACE/SUBSET`).
+    fn cluster_entry<'a>(&self, name: &'a str) -> Option<(&Arc<ServiceEntry>, Option<&'a str>)> {
+        match name.split_once('/') {
+            None => Some((self.services.get(name)?, None)),
+            Some((dial, subset)) => {
+                let entry = self.services.get(dial)?;
+                entry.subsets.contains_key(subset).then_some((entry, Some(subset)))
+            }
         }
     }
 
@@ -417,7 +551,8 @@ impl Snapshot {
             ResourceType::Listener if client.kind == ClientKind::Envoy => {
                 self.egress.iter().map(|_| resources::EGRESS.to_string()).collect()
             }
-            ResourceType::Listener | ResourceType::Cluster => self.services.keys().cloned().collect(),
+            ResourceType::Listener => self.services.keys().cloned().collect(),
+            ResourceType::Cluster => self.services.values().flat_map(|e| e.cluster_names()).collect(),
             ResourceType::RouteConfiguration | ResourceType::ClusterLoadAssignment => Vec::new(),
         }
     }
@@ -471,6 +606,8 @@ pub struct Cache {
     /// Who is connected to which service, written by the streams.
     census: Census,
     synced: DashMap<String, std::time::Instant>,
+    /// Why a service's routing from its Cloud Map attributes was refused (last good kept).
+    routing_errors: DashMap<String, String>,
 }
 
 impl Default for Cache {
@@ -492,6 +629,7 @@ impl Cache {
             namespaces: Mutex::new(BTreeMap::new()),
             census: Census::default(),
             synced: DashMap::new(),
+            routing_errors: DashMap::new(),
         }
     }
 
@@ -583,7 +721,7 @@ impl Cache {
         options: ServiceOptions,
     ) -> Write {
         let dial = name.dial_name();
-        let census = self.census.live(&dial);
+        let (census, subset_census) = census_of(&self.census, &dial, &options.routing);
         let mut outcome = Write::Unchanged;
         // The claim is checked under the snapshot's write lock, which `remove` also holds:
         // a write and a removal cannot interleave.
@@ -596,10 +734,11 @@ impl Cache {
                 && *old.endpoints == endpoints
                 && old.policy == options.policy
                 && old.limits == options.limits
+                && old.routing == options.routing
             {
                 return false;
             }
-            let entry = ServiceEntry::new(name.clone(), Arc::new(endpoints), options, census);
+            let entry = ServiceEntry::new(name.clone(), Arc::new(endpoints), options, census, &subset_census);
             services.insert(dial.clone(), Arc::new(entry));
             outcome = Write::Changed;
             true
@@ -652,6 +791,19 @@ impl Cache {
         self.synced.iter().map(|e| (e.key().clone(), e.value().elapsed())).collect()
     }
 
+    /// Record (or clear) why service `dial`'s routing attributes were refused.
+    pub fn set_routing_error(&self, dial: &str, error: Option<String>) {
+        match error {
+            Some(error) => self.routing_errors.insert(dial.to_string(), error),
+            None => self.routing_errors.remove(dial).map(|(_, e)| e),
+        };
+    }
+
+    /// Why service `dial`'s routing attributes were refused, while they are.
+    pub fn routing_error(&self, dial: &str) -> Option<String> {
+        self.routing_errors.get(dial).map(|e| e.clone())
+    }
+
     /// The live census (the plans may use an older one, see [`Cache::apply_census`]).
     pub fn census(&self) -> &Census {
         &self.census
@@ -664,16 +816,24 @@ impl Cache {
         self.publish(|services| {
             let mut changed = false;
             for (dial, entry) in services.iter_mut() {
+                if entry.policy != Policy::ZoneAware {
+                    continue;
+                }
                 let new = live.get(dial).cloned().unwrap_or_default();
-                if new == entry.census {
+                let new_subsets: BTreeMap<String, PerZone> = entry
+                    .subsets
+                    .keys()
+                    .map(|s| (s.clone(), live.get(&format!("{dial}/{s}")).cloned().unwrap_or_default()))
+                    .collect();
+                let moved = (new != entry.census && shares_moved(entry.policy, &entry.capacity, &entry.census, &new))
+                    || entry.subsets.iter().any(|(s, subset)| {
+                        let new = &new_subsets[s];
+                        *new != subset.census && shares_moved(entry.policy, &subset.capacity, &subset.census, new)
+                    });
+                if !moved {
                     continue;
                 }
-                if entry.policy != Policy::ZoneAware
-                    || !shares_moved(entry.policy, &entry.capacity, &entry.census, &new)
-                {
-                    continue;
-                }
-                *entry = Arc::new(entry.with_census(new));
+                *entry = Arc::new(entry.with_census(new, &new_subsets));
                 changed = true;
             }
             changed
@@ -924,8 +1084,12 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a"]), Policy::ZoneAware);
         let before = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
-        let options = ServiceOptions { policy: Policy::ZoneAware, limits: ClusterLimits { max_requests: 100 } };
-        assert!(cache.update_service(&name, endpoints(&["a"]), options));
+        let options = ServiceOptions {
+            policy: Policy::ZoneAware,
+            limits: ClusterLimits { max_requests: 100 },
+            routing: Default::default(),
+        };
+        assert!(cache.update_service(&name, endpoints(&["a"]), options.clone()));
         assert!(!cache.update_service(&name, endpoints(&["a"]), options));
         let after = cache.snapshot().resolve(ResourceType::Cluster, "echo.demo", &grpc("a")).expect("cds");
         assert_ne!(before.version, after.version);
@@ -946,6 +1110,131 @@ mod tests {
             reshaped.value.push(0);
             assert_ne!(e.version, Encoded::new(e.name.clone(), reshaped).version, "{ty:?}");
         }
+    }
+
+    fn versioned(zones: &[(&str, &str)]) -> ServiceEndpoints {
+        let mut e = endpoints(&zones.iter().map(|(z, _)| *z).collect::<Vec<_>>());
+        for endpoint in &mut e.endpoints {
+            let i: usize = endpoint.instance_id.trim_start_matches("i-").parse().expect("test id");
+            endpoint.attributes.insert("version".into(), zones[i].1.to_string());
+        }
+        e
+    }
+
+    fn canary_routing() -> Arc<Routing> {
+        crate::config::FileConfig::parse(
+            r#"
+            [services."echo.demo".subsets]
+            stable = { version = "v1" }
+            canary = { version = "v2" }
+            [[services."echo.demo".routes]]
+            split = { stable = 90, canary = 10 }
+            "#,
+        )
+        .expect("parses")
+        .settings(&ServiceName::new("demo", "echo"))
+        .routing
+    }
+
+    #[test]
+    fn subsets_are_clusters_with_their_own_zone_aware_endpoints() {
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        let name = ServiceName::new("demo", "echo");
+        // v1 2/2/2, v2 1/1/1.
+        let service = versioned(&[
+            ("a", "v1"),
+            ("a", "v1"),
+            ("a", "v2"),
+            ("b", "v1"),
+            ("b", "v1"),
+            ("b", "v2"),
+            ("c", "v1"),
+            ("c", "v1"),
+            ("c", "v2"),
+        ]);
+        let options =
+            ServiceOptions { policy: Policy::ZoneAware, limits: Default::default(), routing: canary_routing() };
+        assert!(cache.update_service(&name, service.clone(), options.clone()));
+        assert!(!cache.update_service(&name, service.clone(), options.clone()), "same routing: no change");
+        for zone in ["a", "b", "c"] {
+            for eds in ["echo.demo/stable", "echo.demo/canary"] {
+                cache.census().join(eds, &Zone::new(zone));
+            }
+        }
+        assert!(cache.apply_census(), "the subsets' census moves their plans");
+        let snap = cache.snapshot();
+        let client = grpc("a");
+        let envoy = Client::new(None, ClientKind::Envoy, "envoy");
+        assert_eq!(
+            snap.wildcard_names(ResourceType::Cluster, &envoy),
+            vec!["echo.demo", "echo.demo/canary", "echo.demo/stable"]
+        );
+        for name in ["echo.demo/canary", "echo.demo/stable"] {
+            let c = snap.resolve(ResourceType::Cluster, name, &client).expect("subset cluster");
+            assert_eq!(c.name, name);
+            assert_eq!(Snapshot::key_of(name), "echo.demo");
+        }
+        assert!(snap.resolve(ResourceType::Cluster, "echo.demo/nope", &client).is_none());
+        assert!(snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/nope", &client).is_none());
+        // Same-zone preference inside each subset: all local, with the subset's members only.
+        let canary = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/canary", &client).expect("eds");
+        assert_eq!(eds_zones(&canary), vec![(0, "a".into(), 10_000), (1, "b".into(), 1), (1, "c".into(), 1)]);
+        let cla = ClusterLoadAssignment::decode(canary.resource().value.as_slice()).expect("decodes");
+        assert_eq!(cla.cluster_name, "echo.demo/canary");
+        assert_eq!(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 3);
+        let stable = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/stable", &client).expect("eds");
+        assert_eq!(
+            ClusterLoadAssignment::decode(stable.resource().value.as_slice()).expect("decodes").endpoints[0]
+                .lb_endpoints
+                .len(),
+            2
+        );
+        // The route names the subset clusters; a new split is a change (and of Envoy's egress routes).
+        let routes = snap.resolve(ResourceType::RouteConfiguration, "echo.demo", &client).expect("rds");
+        let egress = snap.resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("egress");
+        let mut fifty = (*canary_routing()).clone();
+        fifty.routes[0].split = vec![
+            (crate::model::Target::Subset("stable".into()), 50),
+            (crate::model::Target::Subset("canary".into()), 50),
+        ];
+        let options = ServiceOptions { routing: Arc::new(fifty), ..options };
+        assert!(cache.update_service(&name, service, options));
+        let snap = cache.snapshot();
+        // A routing change wakes the service's streams and Envoy's egress routes.
+        assert_eq!(
+            snap.changed,
+            Changed::Keys(["echo.demo".to_string(), resources::EGRESS.to_string()].into_iter().collect())
+        );
+        assert_ne!(
+            snap.resolve(ResourceType::RouteConfiguration, "echo.demo", &client).expect("rds").version,
+            routes.version
+        );
+        assert_ne!(
+            snap.resolve(ResourceType::RouteConfiguration, resources::EGRESS, &envoy).expect("rds").version,
+            egress.version
+        );
+        assert_eq!(snap.services["echo.demo"].subsets["canary"].census.get(&Zone::new("b")), Some(&1), "census kept");
+    }
+
+    #[test]
+    fn a_skewed_subset_census_spills_inside_the_subset() {
+        let cache = Cache::default();
+        let name = ServiceName::new("demo", "echo");
+        let service = versioned(&[("a", "v2"), ("b", "v2"), ("c", "v2"), ("a", "v1"), ("b", "v1"), ("c", "v1")]);
+        let options =
+            ServiceOptions { policy: Policy::ZoneAware, limits: Default::default(), routing: canary_routing() };
+        cache.update_service(&name, service, options);
+        for (zone, n) in [("a", 4), ("b", 1), ("c", 1)] {
+            for _ in 0..n {
+                cache.census().join("echo.demo/canary", &Zone::new(zone));
+            }
+        }
+        assert!(cache.apply_census());
+        let snap = cache.snapshot();
+        let a = snap.resolve(ResourceType::ClusterLoadAssignment, "echo.demo/canary", &grpc("a")).expect("eds");
+        assert_eq!(eds_zones(&a), vec![(0, "a".into(), 5_000), (0, "b".into(), 2_500), (0, "c".into(), 2_500)]);
+        // The whole service's plan has no census of its own: unaffected.
+        assert!(snap.services["echo.demo"].census.is_empty());
     }
 
     #[test]

@@ -36,9 +36,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::budget::{Budget, Priority, stretched_refresh};
-use crate::cache::{Cache, Claim, NamespaceState, Write};
-use crate::config::{FileConfig, HealthFilter, ServiceSettings};
-use crate::model::ServiceName;
+use crate::cache::{Cache, Claim, NamespaceState, ServiceOptions, Write};
+use crate::config::{
+    FileConfig, HealthFilter, ROUTES_ATTRIBUTE, SUBSETS_ATTRIBUTE, ServiceSettings, routing_with_attributes,
+};
+use crate::model::{Routing, ServiceName};
 use crate::translate::{self, RawInstance, Skipped, TranslateOptions};
 
 /// A Cloud Map error, as text fit for an operator's log.
@@ -121,6 +123,12 @@ pub trait CloudMap: Send + Sync + 'static {
         &self,
         service_id: &str,
     ) -> impl Future<Output = Result<Paged<Vec<RawInstance>>, CloudMapError>> + Send;
+    /// The service's own attributes (`GetServiceAttributes`), where
+    /// `cloudmap-xds.routes` and `cloudmap-xds.subsets` live.
+    fn service_attributes(
+        &self,
+        service_id: &str,
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, CloudMapError>> + Send;
 }
 
 /// Cloud Map through the AWS SDK.
@@ -373,6 +381,21 @@ impl CloudMap for AwsCloudMap {
                 })
                 .collect();
             Ok((instances, out.instances_revision()))
+        })
+        .await
+    }
+
+    async fn service_attributes(&self, service_id: &str) -> Result<BTreeMap<String, String>, CloudMapError> {
+        timed("GetServiceAttributes", async {
+            let out = self
+                .client
+                .get_service_attributes()
+                .service_id(service_id)
+                .send()
+                .await
+                .map_err(|e| error("GetServiceAttributes", e))?;
+            let attributes = out.service_attributes().and_then(|a| a.attributes()).cloned().unwrap_or_default();
+            Ok(attributes.into_iter().collect())
         })
         .await
     }
@@ -726,9 +749,13 @@ impl<C: CloudMap> Watcher<C> {
         let mut warned: HashSet<Skipped> = HashSet::new();
         let mut first_read = true;
         let mut large = false;
+        // The routing in force: the file's, with the last good service attributes over it.
+        let mut live = LiveRouting::new(settings.routing.clone());
         loop {
-            let priority =
-                if self.cache.census().has_subscribers(&dial) { Priority::Subscribed } else { Priority::Background };
+            // Clients of a service with subsets may subscribe only to its subset clusters.
+            let subscribed = self.cache.census().has_subscribers(&dial)
+                || live.routing.subsets.keys().any(|s| self.cache.census().has_subscribers(&format!("{dial}/{s}")));
+            let priority = if subscribed { Priority::Subscribed } else { Priority::Background };
             let revision_interval = self.budget.stretch(self.timing.revision_interval);
             let refresh_interval =
                 stretched_refresh(self.timing.refresh_interval, self.timing.revision_interval, revision_interval);
@@ -763,6 +790,15 @@ impl<C: CloudMap> Watcher<C> {
                     large = false;
                     tracing::info!(service = %name, instances = instances.len(), "service back within one DiscoverInstances page");
                 }
+                // The service attributes, on the refresh schedule (editing them moves no revision).
+                // A failed read keeps the last good routing and never holds up the endpoints.
+                if due {
+                    self.budget.acquire(priority).await;
+                    match self.api.service_attributes(&service.id).await {
+                        Ok(attributes) => live.apply(&name, &settings, &attributes, &self.cache),
+                        Err(e) => live.read_failed(&name, &e),
+                    }
+                }
                 let translation = translate::translate(&instances, &options);
                 for skipped in &translation.skipped {
                     if !warned.contains(skipped) {
@@ -777,7 +813,8 @@ impl<C: CloudMap> Watcher<C> {
                     tracing::warn!(service = %name, "no healthy instance: serving all instances (fail-open)");
                 }
                 let count = translation.endpoints.endpoints.len();
-                match self.cache.write(&claim, translation.endpoints, settings.options()) {
+                let service_options = ServiceOptions { routing: live.routing.clone(), ..settings.options() };
+                match self.cache.write(&claim, translation.endpoints, service_options) {
                     Write::Revoked => return Ok(Polled::Revoked),
                     Write::Unchanged => {}
                     Write::Changed => {
@@ -824,6 +861,63 @@ impl<C: CloudMap> Watcher<C> {
                 }
             };
             tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The routing a watcher serves: the file's, overridden by the service
+/// attributes `cloudmap-xds.routes` / `cloudmap-xds.subsets` while they are
+/// valid. A bad value keeps the last good routing (it never reaches a client),
+/// is warned about once per distinct value, counted in
+/// `cloudmap_xds_service_attributes_invalid` and shown in `/config_dump`.
+struct LiveRouting {
+    routing: Arc<Routing>,
+    /// The attribute values last seen, to warn once per change.
+    seen: Option<(Option<String>, Option<String>)>,
+    read_warned: bool,
+}
+
+impl LiveRouting {
+    fn new(file: Arc<Routing>) -> Self {
+        LiveRouting { routing: file, seen: None, read_warned: false }
+    }
+
+    fn apply(
+        &mut self,
+        name: &ServiceName,
+        settings: &ServiceSettings,
+        attributes: &BTreeMap<String, String>,
+        cache: &Cache,
+    ) {
+        self.read_warned = false;
+        let values = (attributes.get(ROUTES_ATTRIBUTE).cloned(), attributes.get(SUBSETS_ATTRIBUTE).cloned());
+        if self.seen.as_ref() == Some(&values) {
+            return;
+        }
+        self.seen = Some(values);
+        let dial = name.dial_name();
+        match routing_with_attributes(&settings.routing, attributes) {
+            Ok(routing) => {
+                if routing != *self.routing {
+                    tracing::info!(service = %name, routes = routing.routes.len(), subsets = routing.subsets.len(), "routing from service attributes applied");
+                }
+                self.routing = Arc::new(routing);
+                cache.set_routing_error(&dial, None);
+                metrics::gauge!("cloudmap_xds_service_attributes_invalid", "service" => dial).set(0.0);
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(service = %name, error = %error, "invalid routing in Cloud Map service attributes: keeping the last good routing");
+                cache.set_routing_error(&dial, Some(error));
+                metrics::gauge!("cloudmap_xds_service_attributes_invalid", "service" => dial).set(1.0);
+            }
+        }
+    }
+
+    fn read_failed(&mut self, name: &ServiceName, e: &CloudMapError) {
+        if !self.read_warned {
+            self.read_warned = true;
+            tracing::warn!(service = %name, error = %e, "GetServiceAttributes failed: keeping the last good routing (grant servicediscovery:GetServiceAttributes)");
         }
     }
 }
@@ -878,6 +972,8 @@ mod tests {
         not_found: bool,
         /// DiscoverInstances fails (throttled).
         failing: bool,
+        /// GetServiceAttributes.
+        attributes: BTreeMap<String, String>,
     }
 
     /// A Cloud Map test double for what moto cannot produce on demand: outages,
@@ -906,6 +1002,7 @@ mod tests {
                 exists: true,
                 not_found: false,
                 failing: false,
+                attributes: BTreeMap::new(),
             };
             self.namespaces.lock().expect("lock").entry(namespace.into()).or_default().insert(service.into(), s);
         }
@@ -987,6 +1084,16 @@ mod tests {
                 return Err(not_found("DiscoverInstancesRevision"));
             }
             Ok(Some(s.revision))
+        }
+        async fn service_attributes(&self, service_id: &str) -> Result<BTreeMap<String, String>, CloudMapError> {
+            self.count("GetServiceAttributes")?;
+            let namespaces = self.namespaces.lock().expect("lock");
+            let s = namespaces
+                .values()
+                .flat_map(|n| n.values())
+                .find(|s| s.id == service_id)
+                .ok_or_else(|| not_found("GetServiceAttributes"))?;
+            Ok(s.attributes.clone())
         }
         async fn list_instances(&self, service_id: &str) -> Result<Paged<Vec<RawInstance>>, CloudMapError> {
             self.count("ListInstances")?;
@@ -1084,6 +1191,42 @@ mod tests {
         assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
         let zone = &cache.snapshot().services["echo.demo"].endpoints.endpoints[0].zone;
         assert_eq!(zone, &Zone::new("us-east-1a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn service_attributes_set_the_routing_and_a_bad_value_keeps_the_last_good() {
+        let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
+        let routing = |cache: &Cache| cache.snapshot().services["echo.demo"].routing.clone();
+        let split = |cache: &Cache| routing(cache).routes.first().map(|r| r.split.clone());
+        fake.edit("demo", "echo", |s| {
+            s.attributes.insert(ROUTES_ATTRIBUTE.into(), r#"[{"split": {"other.demo": 1}}]"#.into());
+        });
+        let (cache, _task) = start(&fake, &["demo"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Read on start, before the first write.
+        assert_eq!(split(&cache), Some(vec![(crate::model::Target::Other("other.demo".into()), 1)]));
+
+        // A bad value: the last good routing stays, the error is recorded.
+        fake.edit("demo", "echo", |s| {
+            s.attributes.insert(ROUTES_ATTRIBUTE.into(), r#"[{"split": {"nope": 1}}]"#.into());
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(split(&cache), Some(vec![(crate::model::Target::Other("other.demo".into()), 1)]));
+        let error = cache.routing_error("echo.demo").expect("error recorded");
+        assert!(error.contains(ROUTES_ATTRIBUTE) && error.contains("nope"), "{error}");
+
+        // A good value again, within the refresh interval (1 s, jittered) and no revision change.
+        fake.edit("demo", "echo", |s| {
+            s.attributes.insert(ROUTES_ATTRIBUTE.into(), r#"[{"split": {"other.demo": 1, "third.demo": 1}}]"#.into());
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(split(&cache).map(|s| s.len()), Some(2));
+        assert_eq!(cache.routing_error("echo.demo"), None);
+
+        // Removed: back to the file's routing (none here).
+        fake.edit("demo", "echo", |s| s.attributes.clear());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(routing(&cache).routes.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

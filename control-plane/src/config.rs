@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,7 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::cache::ServiceOptions;
-use crate::model::{AgentRules, ClientKind, ServiceName};
+use crate::model::{
+    AgentRules, CallMatch, ClientKind, FailurePercentage, HeaderMatch, HeaderRule, OutlierDetection, PathMatch,
+    RetryOn, RetryRule, RouteRule, Routing, ServiceName, SuccessRate, Target,
+};
 use crate::policy::Policy;
 use crate::resources::ClusterLimits;
 use crate::translate::MetadataAttributes;
@@ -199,6 +203,114 @@ pub struct ServiceTable {
     pub metadata_attributes: Option<Vec<String>>,
     /// `[….limits]`: caps on each client's concurrency to the service's cluster.
     pub limits: Option<LimitsTable>,
+    /// `[services."…".subsets]`: subset name → instance attributes its members carry.
+    /// Per service only (subset names mean nothing in `[default]`).
+    pub subsets: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    /// `[[services."…".routes]]`: first match wins. Per service only.
+    pub routes: Option<Vec<RouteTable>>,
+    /// `[….outlier_detection]`: replaces the default table's whole.
+    pub outlier_detection: Option<OutlierTable>,
+}
+
+/// One `[[services."…".routes]]` entry; also the schema of each element of
+/// the `cloudmap-xds.routes` service attribute (JSON).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    #[serde(rename = "match")]
+    pub matcher: Option<MatchTable>,
+    /// Subset name or `SERVICE.NAMESPACE` → weight.
+    pub split: Option<BTreeMap<String, u32>>,
+    pub timeout: Option<String>,
+    /// Envoy only.
+    pub idle_timeout: Option<String>,
+    pub retry: Option<RetryTable>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MatchTable {
+    /// `pkg.Service/Method`.
+    pub method: Option<String>,
+    /// `pkg.Service`: all its methods.
+    pub service: Option<String>,
+    /// Header name → a value (exact) or `{ exact | prefix | regex = "…" }` / `{ present = bool }`.
+    pub headers: Option<BTreeMap<String, HeaderValue>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderValue {
+    Exact(String),
+    Rule(HeaderTable),
+}
+
+/// A string or a table; by hand rather than `untagged`, so a mistake inside the
+/// table is reported as itself ("unknown field `prefx`") instead of "no variant matched".
+impl<'de> Deserialize<'de> for HeaderValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = HeaderValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a value (exact match) or { exact | prefix | regex = \"…\" } or { present = true|false }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HeaderValue, E> {
+                Ok(HeaderValue::Exact(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<HeaderValue, A::Error> {
+                HeaderTable::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(HeaderValue::Rule)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderTable {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub present: Option<bool>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryTable {
+    pub on: Vec<String>,
+    pub max_attempts: u32,
+    pub backoff: Option<String>,
+    pub max_backoff: Option<String>,
+    /// Envoy only.
+    pub per_try_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierTable {
+    pub failure_percentage: Option<FailurePercentageTable>,
+    pub success_rate: Option<SuccessRateTable>,
+    /// Envoy only.
+    pub consecutive_5xx: Option<u32>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FailurePercentageTable {
+    pub threshold: Option<u32>,
+    pub minimum_hosts: Option<u32>,
+    pub request_volume: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SuccessRateTable {
+    pub stdev_factor: Option<u32>,
+    pub minimum_hosts: Option<u32>,
+    pub request_volume: Option<u32>,
 }
 
 /// `[default.limits]` / `[services."…".limits]`, merged field by field.
@@ -259,12 +371,15 @@ pub struct ServiceSettings {
     pub weight_attribute: Option<String>,
     pub metadata_attributes: MetadataAttributes,
     pub limits: ClusterLimits,
+    /// Subsets, routes and outlier detection from the file (the service
+    /// attributes may override subsets and routes, see `cloudmap`).
+    pub routing: Arc<Routing>,
 }
 
 impl ServiceSettings {
     /// What the cache needs of these settings.
     pub fn options(&self) -> ServiceOptions {
-        ServiceOptions { policy: self.policy, limits: self.limits }
+        ServiceOptions { policy: self.policy, limits: self.limits, routing: self.routing.clone() }
     }
 }
 
@@ -290,12 +405,24 @@ impl FileConfig {
         if merged.limits.and_then(|l| l.max_requests) == Some(0) {
             bail!("{label}: limits.max_requests = 0 would refuse every request (use at least 1)");
         }
+        if std::ptr::eq(table, &self.default) {
+            if self.default.subsets.is_some() || self.default.routes.is_some() {
+                bail!("{label}: subsets and routes are per service: move them to [services.\"SERVICE.NAMESPACE\"]");
+            }
+            if let Some(outlier) = &self.default.outlier_detection {
+                outlier_detection(outlier).with_context(|| format!("{label} outlier_detection"))?;
+            }
+            return Ok(());
+        }
+        routing_of(&merged, label)?;
         Ok(())
     }
 
     pub fn settings(&self, service: &ServiceName) -> ServiceSettings {
         let table = self.services.get(&service.dial_name()).cloned().unwrap_or_default();
         let merged = merge(&self.default, &table);
+        // Checked in `parse`; a parsed config always builds.
+        let routing = Arc::new(routing_of(&merged, "").unwrap_or_default());
         ServiceSettings {
             // Checked in `parse`; the fallback is unreachable for a parsed config.
             policy: policy_of(&merged).unwrap_or_default(),
@@ -310,8 +437,251 @@ impl FileConfig {
                     .unwrap_or(ClusterLimits::DEFAULT_MAX_REQUESTS)
                     .max(1),
             },
+            routing,
         }
     }
+}
+
+/// The routing of a merged service table; errors name `label`, the field and the entry.
+pub fn routing_of(table: &ServiceTable, label: &str) -> anyhow::Result<Routing> {
+    let subsets = table.subsets.clone().unwrap_or_default();
+    check_subsets(&subsets).with_context(|| format!("{label} subsets"))?;
+    let routes = routes_of(table.routes.as_deref().unwrap_or_default(), &subsets, &format!("{label} routes"))?;
+    let outlier_detection = match &table.outlier_detection {
+        Some(outlier) => Some(outlier_detection(outlier).with_context(|| format!("{label} outlier_detection"))?),
+        None => None,
+    };
+    Ok(Routing { subsets, routes, outlier_detection })
+}
+
+/// The service attribute whose JSON value (an array, the schema of `[[services."…".routes]]`)
+/// replaces the file's routes of that service.
+pub const ROUTES_ATTRIBUTE: &str = "cloudmap-xds.routes";
+/// The service attribute whose JSON value (an object, the schema of `[services."…".subsets]`)
+/// replaces the file's subsets of that service.
+pub const SUBSETS_ATTRIBUTE: &str = "cloudmap-xds.subsets";
+
+/// `file` with the Cloud Map service attributes `cloudmap-xds.subsets` and
+/// `cloudmap-xds.routes` applied over it; the error says which attribute is
+/// wrong and why (the caller keeps the last good routing). Outlier detection
+/// stays the file's.
+pub fn routing_with_attributes(file: &Routing, attributes: &BTreeMap<String, String>) -> anyhow::Result<Routing> {
+    let subsets = match attributes.get(SUBSETS_ATTRIBUTE) {
+        Some(json) => {
+            let subsets: BTreeMap<String, BTreeMap<String, String>> =
+                serde_json::from_str(json).with_context(|| format!("service attribute {SUBSETS_ATTRIBUTE}"))?;
+            check_subsets(&subsets).with_context(|| format!("service attribute {SUBSETS_ATTRIBUTE}"))?;
+            subsets
+        }
+        None => file.subsets.clone(),
+    };
+    let routes = match attributes.get(ROUTES_ATTRIBUTE) {
+        Some(json) => {
+            let tables: Vec<RouteTable> =
+                serde_json::from_str(json).with_context(|| format!("service attribute {ROUTES_ATTRIBUTE}"))?;
+            routes_of(&tables, &subsets, &format!("service attribute {ROUTES_ATTRIBUTE}"))?
+        }
+        None => {
+            // The file's routes, checked again: the attribute may have renamed their subsets.
+            for (i, route) in file.routes.iter().enumerate() {
+                for (target, _) in &route.split {
+                    if let Target::Subset(name) = target
+                        && !subsets.contains_key(name)
+                    {
+                        bail!(
+                            "service attribute {SUBSETS_ATTRIBUTE}: the file's routes[{i}] splits to {name:?}, which it no longer defines"
+                        );
+                    }
+                }
+            }
+            file.routes.clone()
+        }
+    };
+    Ok(Routing { subsets, routes, outlier_detection: file.outlier_detection.clone() })
+}
+
+/// Subset names become cluster names (`SERVICE.NAMESPACE/SUBSET`) and split
+/// keys, where a dot means another service: letters, digits, `-` and `_` only.
+pub fn check_subsets(subsets: &BTreeMap<String, BTreeMap<String, String>>) -> anyhow::Result<()> {
+    for (name, selector) in subsets {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bail!("subset name {name:?}: use letters, digits, '-' and '_' only");
+        }
+        if selector.is_empty() {
+            bail!("subset {name:?} selects by no attribute (it would be the whole service: route without split)");
+        }
+    }
+    Ok(())
+}
+
+/// Routes as the file or the `cloudmap-xds.routes` attribute spell them, checked against `subsets`.
+pub fn routes_of(
+    tables: &[RouteTable],
+    subsets: &BTreeMap<String, BTreeMap<String, String>>,
+    label: &str,
+) -> anyhow::Result<Vec<RouteRule>> {
+    tables
+        .iter()
+        .enumerate()
+        .map(|(i, table)| route_of(table, subsets).with_context(|| format!("{label}[{i}]")))
+        .collect()
+}
+
+fn duration_field(text: &Option<String>, field: &str) -> anyhow::Result<Option<Duration>> {
+    text.as_deref().map(|t| parse_duration(t).map_err(|e| anyhow::anyhow!("{field}: {e}"))).transpose()
+}
+
+fn route_of(table: &RouteTable, subsets: &BTreeMap<String, BTreeMap<String, String>>) -> anyhow::Result<RouteRule> {
+    let matcher = match &table.matcher {
+        Some(m) => call_match(m).context("match")?,
+        None => CallMatch::default(),
+    };
+    let mut split = Vec::new();
+    if let Some(weights) = &table.split {
+        for (target, weight) in weights {
+            let target = if target.contains('.') {
+                Target::Other(target.clone())
+            } else if subsets.contains_key(target) {
+                Target::Subset(target.clone())
+            } else {
+                bail!("split: {target:?} is no subset of this service (and not SERVICE.NAMESPACE)");
+            };
+            if *weight > 0 {
+                split.push((target, *weight));
+            }
+        }
+        let total: u64 = split.iter().map(|(_, w)| u64::from(*w)).sum();
+        if total == 0 {
+            bail!("split: the weights sum to 0 (omit split to send everything to the whole service)");
+        }
+        if total > u64::from(u32::MAX) {
+            bail!("split: the weights sum past {}", u32::MAX);
+        }
+    }
+    let retry = match &table.retry {
+        Some(r) => Some(retry_of(r).context("retry")?),
+        None => None,
+    };
+    Ok(RouteRule {
+        matcher,
+        split,
+        timeout: duration_field(&table.timeout, "timeout")?,
+        idle_timeout: duration_field(&table.idle_timeout, "idle_timeout")?,
+        retry,
+    })
+}
+
+fn call_match(table: &MatchTable) -> anyhow::Result<CallMatch> {
+    let grpc_name = |s: &str| !s.is_empty() && !s.contains(['/', ' ']);
+    let path = match (&table.method, &table.service) {
+        (Some(_), Some(_)) => bail!("method and service: give one (a method names its service)"),
+        (Some(method), None) => match method.split_once('/') {
+            Some((service, name)) if grpc_name(service) && grpc_name(name) => PathMatch::Method(method.clone()),
+            _ => bail!("method = {method:?}: write it as \"package.Service/Method\""),
+        },
+        (None, Some(service)) if grpc_name(service) => PathMatch::Service(service.clone()),
+        (None, Some(service)) => bail!("service = {service:?}: write it as \"package.Service\""),
+        (None, None) => PathMatch::Any,
+    };
+    let mut headers = Vec::new();
+    for (name, value) in table.headers.iter().flatten() {
+        // gRPC never matches `-bin` headers and does not show `grpc-` ones to routing;
+        // metadata names travel in lower case.
+        if name.is_empty() || name != &name.to_ascii_lowercase() {
+            bail!("headers: {name:?}: header names are lower case");
+        }
+        if name.ends_with("-bin") || name.starts_with("grpc-") || name.starts_with(':') {
+            bail!("headers: {name:?}: gRPC clients cannot match -bin, grpc- or pseudo-headers");
+        }
+        let rule = match value {
+            HeaderValue::Exact(v) => HeaderRule::Exact(v.clone()),
+            HeaderValue::Rule(t) => match (&t.exact, &t.prefix, t.present, &t.regex) {
+                (Some(v), None, None, None) => HeaderRule::Exact(v.clone()),
+                (None, Some(v), None, None) if !v.is_empty() => HeaderRule::Prefix(v.clone()),
+                (None, None, Some(p), None) => HeaderRule::Present(p),
+                (None, None, None, Some(r)) => {
+                    regex::Regex::new(r).map_err(|e| anyhow::anyhow!("headers: {name:?}: regex {r:?}: {e}"))?;
+                    HeaderRule::Regex(r.clone())
+                }
+                _ => bail!("headers: {name:?}: give exactly one of exact, prefix (non-empty), present or regex"),
+            },
+        };
+        headers.push(HeaderMatch { name: name.clone(), rule });
+    }
+    Ok(CallMatch { path, headers })
+}
+
+fn retry_of(table: &RetryTable) -> anyhow::Result<RetryRule> {
+    let mut on = Vec::new();
+    for name in &table.on {
+        let Some(code) = RetryOn::ALL.into_iter().find(|c| c.name() == name) else {
+            let known: Vec<&str> = RetryOn::ALL.iter().map(|c| c.name()).collect();
+            bail!("on: {name:?} is not one of {known:?} (what gRPC retries on)");
+        };
+        on.push(code);
+    }
+    on.sort();
+    on.dedup();
+    if on.is_empty() {
+        bail!("on: name at least one status code to retry on");
+    }
+    if !(1..=RetryRule::MAX_ATTEMPTS).contains(&table.max_attempts) {
+        bail!(
+            "max_attempts = {}: from 1 to {} (gRPC's cap, first attempt included)",
+            table.max_attempts,
+            RetryRule::MAX_ATTEMPTS
+        );
+    }
+    let backoff = duration_field(&table.backoff, "backoff")?.unwrap_or(RetryRule::DEFAULT_BACKOFF);
+    let max_backoff = duration_field(&table.max_backoff, "max_backoff")?.unwrap_or(backoff * 10);
+    if max_backoff < backoff {
+        bail!("max_backoff is shorter than backoff");
+    }
+    Ok(RetryRule {
+        on,
+        max_attempts: table.max_attempts,
+        backoff,
+        max_backoff,
+        per_try_timeout: duration_field(&table.per_try_timeout, "per_try_timeout")?,
+    })
+}
+
+fn outlier_detection(table: &OutlierTable) -> anyhow::Result<OutlierDetection> {
+    // Defaults are gRFC A50's (and Envoy's).
+    let failure_percentage = table.failure_percentage.map(|f| FailurePercentage {
+        threshold: f.threshold.unwrap_or(85),
+        minimum_hosts: f.minimum_hosts.unwrap_or(5),
+        request_volume: f.request_volume.unwrap_or(50),
+    });
+    if let Some(f) = failure_percentage
+        && f.threshold > 100
+    {
+        bail!("failure_percentage.threshold = {}: a percentage, 0 to 100", f.threshold);
+    }
+    let success_rate = table.success_rate.map(|s| SuccessRate {
+        stdev_factor: s.stdev_factor.unwrap_or(1900),
+        minimum_hosts: s.minimum_hosts.unwrap_or(5),
+        request_volume: s.request_volume.unwrap_or(100),
+    });
+    if failure_percentage.is_none() && success_rate.is_none() && table.consecutive_5xx.is_none() {
+        bail!("name failure_percentage, success_rate or consecutive_5xx (Envoy only): nothing would eject");
+    }
+    if table.consecutive_5xx == Some(0) {
+        bail!("consecutive_5xx = 0 would eject on every call (leave it out to disable)");
+    }
+    let max_ejection_percent = table.max_ejection_percent.unwrap_or(10);
+    if max_ejection_percent > 100 {
+        bail!("max_ejection_percent = {max_ejection_percent}: a percentage, 0 to 100");
+    }
+    Ok(OutlierDetection {
+        interval: duration_field(&table.interval, "interval")?.unwrap_or(Duration::from_secs(10)),
+        base_ejection_time: duration_field(&table.base_ejection_time, "base_ejection_time")?
+            .unwrap_or(Duration::from_secs(30)),
+        max_ejection_percent,
+        failure_percentage,
+        success_rate,
+        consecutive_5xx: table.consecutive_5xx,
+    })
 }
 
 fn merge(base: &ServiceTable, over: &ServiceTable) -> ServiceTable {
@@ -326,6 +696,9 @@ fn merge(base: &ServiceTable, over: &ServiceTable) -> ServiceTable {
             (Some(b), Some(o)) => Some(LimitsTable { max_requests: o.max_requests.or(b.max_requests) }),
             (b, o) => o.or(b),
         },
+        subsets: over.subsets.clone(),
+        routes: over.routes.clone(),
+        outlier_detection: over.outlier_detection.clone().or_else(|| base.outlier_detection.clone()),
     }
 }
 
@@ -435,7 +808,10 @@ mod tests {
         assert_eq!(config.settings(&ServiceName::new("demo", "echo")).limits.max_requests, 100_000);
         let other = config.settings(&ServiceName::new("demo", "other"));
         assert_eq!(other.limits.max_requests, 5000);
-        assert_eq!(other.options(), ServiceOptions { policy: Policy::LocalFirst, limits: other.limits });
+        assert_eq!(
+            other.options(),
+            ServiceOptions { policy: Policy::LocalFirst, limits: other.limits, routing: Default::default() }
+        );
         for (text, needle) in [
             ("[default.limits]\nmax_requests = 0", "max_requests = 0"),
             ("[default.limits]\nmax_requests = -1", "invalid value"),
@@ -443,6 +819,223 @@ mod tests {
         ] {
             let error = format!("{:#}", FileConfig::parse(text).expect_err(text));
             assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    const ISSUE_EXAMPLE: &str = r#"
+        [services."echo.demo".subsets]
+        stable = { version = "v1" }
+        canary = { version = "v2" }
+
+        [[services."echo.demo".routes]]
+        match = { method = "demo.v1.Describer/Describe", headers = { "x-canary" = "always" } }
+        split = { canary = 100 }
+
+        [[services."echo.demo".routes]]
+        split = { stable = 90, canary = 10 }
+        timeout = "10s"
+        retry = { on = ["unavailable"], max_attempts = 3, backoff = "25ms" }
+
+        [services."echo.demo".outlier_detection]
+        failure_percentage = { threshold = 50, minimum_hosts = 2, request_volume = 20 }
+        interval = "2s"
+        base_ejection_time = "30s"
+        max_ejection_percent = 50
+
+        [services."echo.demo".limits]
+        max_requests = 100000
+    "#;
+
+    #[test]
+    fn the_issue_example_parses_into_routing() {
+        let config = FileConfig::parse(ISSUE_EXAMPLE).expect("parses");
+        let routing = config.settings(&ServiceName::new("demo", "echo")).routing;
+        assert_eq!(routing.subsets["canary"], BTreeMap::from([("version".to_string(), "v2".to_string())]));
+        assert_eq!(routing.routes.len(), 2);
+        let header = &routing.routes[0];
+        assert_eq!(header.matcher.path, PathMatch::Method("demo.v1.Describer/Describe".into()));
+        assert_eq!(
+            header.matcher.headers,
+            vec![HeaderMatch { name: "x-canary".into(), rule: HeaderRule::Exact("always".into()) }]
+        );
+        assert_eq!(header.split, vec![(Target::Subset("canary".into()), 100)]);
+        let main = &routing.routes[1];
+        assert!(main.matcher.is_catch_all());
+        assert_eq!(main.split, vec![(Target::Subset("canary".into()), 10), (Target::Subset("stable".into()), 90)]);
+        assert_eq!(main.timeout, Some(Duration::from_secs(10)));
+        let retry = main.retry.as_ref().expect("retry");
+        assert_eq!((retry.on.clone(), retry.max_attempts), (vec![RetryOn::Unavailable], 3));
+        assert_eq!((retry.backoff, retry.max_backoff), (Duration::from_millis(25), Duration::from_millis(250)));
+        let od = routing.outlier_detection.as_ref().expect("outlier detection");
+        assert_eq!(
+            od.failure_percentage,
+            Some(FailurePercentage { threshold: 50, minimum_hosts: 2, request_volume: 20 })
+        );
+        assert_eq!((od.interval, od.max_ejection_percent), (Duration::from_secs(2), 50));
+        assert_eq!(routing.catch_all().len(), 2);
+        // Other services keep the default: one route to the whole service.
+        assert_eq!(*config.settings(&ServiceName::new("demo", "other")).routing, Routing::default());
+    }
+
+    #[test]
+    fn header_matchers_and_service_matches() {
+        let config = FileConfig::parse(
+            r#"
+            [[services."echo.demo".routes]]
+            match = { service = "demo.v1.Describer", headers = { "a" = { prefix = "x" }, "b" = { present = false }, "c" = { regex = "^v[0-9]+$" }, "d" = { exact = "y" } } }
+            split = { "other.demo" = 1 }
+            "#,
+        )
+        .expect("parses");
+        let routing = config.settings(&ServiceName::new("demo", "echo")).routing;
+        let rule = &routing.routes[0];
+        assert_eq!(rule.matcher.path, PathMatch::Service("demo.v1.Describer".into()));
+        let rules: Vec<HeaderRule> = rule.matcher.headers.iter().map(|h| h.rule.clone()).collect();
+        assert_eq!(
+            rules,
+            vec![
+                HeaderRule::Prefix("x".into()),
+                HeaderRule::Present(false),
+                HeaderRule::Regex("^v[0-9]+$".into()),
+                HeaderRule::Exact("y".into())
+            ]
+        );
+        assert_eq!(rule.split, vec![(Target::Other("other.demo".into()), 1)]);
+        assert!(routing.catch_all().is_empty(), "no route without a match");
+    }
+
+    #[test]
+    fn routing_mistakes_name_the_table_and_field() {
+        let svc = "[services.\"echo.demo\"]\n";
+        for (text, needles) in [
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nsplit = { canary = 1 }"),
+                vec!["[services.\"echo.demo\"] routes[0]", "split", "\"canary\" is no subset"],
+            ),
+            (
+                format!(
+                    "{svc}subsets = {{ stable = {{ version = \"v1\" }} }}\n[[services.\"echo.demo\".routes]]\nsplit = {{ stable = 0 }}"
+                ),
+                vec!["routes[0]", "sum to 0"],
+            ),
+            (
+                String::from(
+                    "[[services.\"echo.demo\".routes]]\n[[services.\"echo.demo\".routes]]\nretry = { on = [\"unavailable\"], max_attempts = 6 }",
+                ),
+                vec!["routes[1]", "retry", "max_attempts = 6"],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nretry = { on = [\"5xx\"], max_attempts = 2 }"),
+                vec!["retry", "on: \"5xx\""],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { method = \"Describe\" }"),
+                vec!["routes[0]", "match", "method = \"Describe\""],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x-id-bin\" = \"1\" } }"),
+                vec!["match", "headers", "-bin"],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x\" = { regex = \"(\" } } }"),
+                vec!["headers", "regex"],
+            ),
+            (String::from("[[services.\"echo.demo\".routes]]\ntimeout = \"1h\""), vec!["routes[0]", "timeout"]),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { path = \"/x\" }"),
+                vec!["unknown field `path`"],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x\" = { prefx = \"a\" } } }"),
+                vec!["unknown field `prefx`", "line 2"],
+            ),
+            (
+                String::from("[[services.\"echo.demo\".routes]]\nmatch = { headers = { \"x\" = 5 } }"),
+                vec!["exact match"],
+            ),
+            (format!("{svc}subsets = {{ \"a/b\" = {{ v = \"1\" }} }}"), vec!["subsets", "\"a/b\""]),
+            (format!("{svc}subsets = {{ \"a.b\" = {{ v = \"1\" }} }}"), vec!["subsets", "\"a.b\""]),
+            (
+                String::from("[services.\"echo.demo\".outlier_detection]\ninterval = \"1s\""),
+                vec!["outlier_detection", "nothing would eject"],
+            ),
+            (
+                String::from("[services.\"echo.demo\".outlier_detection]\nfailure_percentage = { threshold = 150 }"),
+                vec!["outlier_detection", "threshold = 150"],
+            ),
+            ("[default]\nsubsets = { a = { v = \"1\" } }".to_string(), vec!["[default]", "per service"]),
+        ] {
+            let error = format!("{:#}", FileConfig::parse(&text).expect_err(&text));
+            for needle in needles {
+                assert!(error.contains(needle), "{text}\n→ {error}\n(missing {needle:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_routing_file_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routing.toml");
+        std::fs::write(&path, "[[services.\"echo.demo\".routes]]\nsplit = { nope = 1 }\n").expect("write");
+        let error = format!("{:#}", FileConfig::load(&path).expect_err("refused"));
+        assert!(error.contains("routing.toml") && error.contains("routes[0]") && error.contains("split"), "{error}");
+    }
+
+    #[test]
+    fn service_attributes_override_routes_and_subsets() {
+        let file =
+            FileConfig::parse(ISSUE_EXAMPLE).expect("parses").settings(&ServiceName::new("demo", "echo")).routing;
+        let attrs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        // None set: the file's routing.
+        assert_eq!(routing_with_attributes(&file, &BTreeMap::new()).expect("ok"), *file);
+        // A 50/50 split replaces the file's routes; subsets and outlier detection stay.
+        let fifty = routing_with_attributes(
+            &file,
+            &attrs(&[(
+                ROUTES_ATTRIBUTE,
+                r#"[{"split": {"stable": 50, "canary": 50}, "retry": {"on": ["unavailable"], "max_attempts": 2}}]"#,
+            )]),
+        )
+        .expect("ok");
+        assert_eq!(fifty.routes.len(), 1);
+        assert_eq!(
+            fifty.routes[0].split,
+            vec![(Target::Subset("canary".into()), 50), (Target::Subset("stable".into()), 50)]
+        );
+        assert_eq!(
+            (fifty.subsets.clone(), fifty.outlier_detection.clone()),
+            (file.subsets.clone(), file.outlier_detection.clone())
+        );
+        // New subsets with routes that use them.
+        let both = routing_with_attributes(
+            &file,
+            &attrs(&[
+                (SUBSETS_ATTRIBUTE, r#"{"blue": {"color": "blue"}, "green": {"color": "green"}}"#),
+                (ROUTES_ATTRIBUTE, r#"[{"match": {"headers": {"x-green": {"present": true}}}, "split": {"green": 1}}, {"split": {"blue": 1}}]"#),
+            ]),
+        )
+        .expect("ok");
+        assert_eq!(both.subsets.keys().collect::<Vec<_>>(), ["blue", "green"]);
+        assert_eq!(both.routes[0].matcher.headers[0].rule, HeaderRule::Present(true));
+        for (pairs, needles) in [
+            (vec![(ROUTES_ATTRIBUTE, "not json")], vec![ROUTES_ATTRIBUTE]),
+            (
+                vec![(ROUTES_ATTRIBUTE, r#"[{"split": {"nope": 1}}]"#)],
+                vec![ROUTES_ATTRIBUTE, "routes", "[0]", "\"nope\""],
+            ),
+            (vec![(ROUTES_ATTRIBUTE, r#"[{"spilt": {"stable": 1}}]"#)], vec![ROUTES_ATTRIBUTE, "unknown field"]),
+            (
+                vec![(SUBSETS_ATTRIBUTE, r#"{"blue": {"color": "blue"}}"#)],
+                vec![SUBSETS_ATTRIBUTE, "routes[0]", "\"canary\""],
+            ),
+            (vec![(SUBSETS_ATTRIBUTE, r#"{"a.b": {"v": "1"}}"#)], vec![SUBSETS_ATTRIBUTE, "\"a.b\""]),
+        ] {
+            let error = format!("{:#}", routing_with_attributes(&file, &attrs(&pairs)).expect_err("refused"));
+            for needle in needles {
+                assert!(error.contains(needle), "{pairs:?} → {error} (missing {needle:?})");
+            }
         }
     }
 

@@ -172,6 +172,185 @@ impl AgentRules {
     }
 }
 
+/// How a service's calls are routed and guarded: named subsets of its
+/// instances, ordered routes, outlier detection. Built and validated once
+/// (by `config`, from TOML or a Cloud Map service attribute); `resources`
+/// turns it into RDS and CDS. The default routes everything to the whole service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Routing {
+    /// Subset name → the instance attributes (all of them) its members carry.
+    pub subsets: BTreeMap<String, BTreeMap<String, String>>,
+    /// First match wins. Empty: one route, everything to the whole service.
+    pub routes: Vec<RouteRule>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl Routing {
+    /// Whether endpoint attributes select it into `subset`.
+    pub fn selects(&self, subset: &str, attributes: &BTreeMap<String, String>) -> bool {
+        self.subsets.get(subset).is_some_and(|selector| selector.iter().all(|(k, v)| attributes.get(k) == Some(v)))
+    }
+
+    /// The share of its clients' calls each target gets from the catch-all
+    /// route (the first route without a match), as weights; the whole
+    /// service when there is none. Used to weigh a subset's demand.
+    pub fn catch_all(&self) -> Vec<(Target, u32)> {
+        match self.routes.iter().find(|r| r.matcher.is_catch_all()) {
+            Some(route) => route.targets(),
+            None if self.routes.is_empty() => vec![(Target::Service, 1)],
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Where a route sends calls.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// The whole service (its own cluster).
+    Service,
+    /// A subset of the service, by name.
+    Subset(String),
+    /// Another service's cluster, by dial name (`SERVICE.NAMESPACE`).
+    Other(String),
+}
+
+/// One route: which calls it takes and what it does with them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct RouteRule {
+    pub matcher: CallMatch,
+    /// Targets and weights (> 0 each). Empty: the whole service.
+    pub split: Vec<(Target, u32)>,
+    /// Per-call timeout (max_stream_duration); the caller's deadline still applies.
+    pub timeout: Option<std::time::Duration>,
+    /// Envoy only: idle timeout of the stream.
+    pub idle_timeout: Option<std::time::Duration>,
+    pub retry: Option<RetryRule>,
+}
+
+impl RouteRule {
+    pub fn targets(&self) -> Vec<(Target, u32)> {
+        if self.split.is_empty() { vec![(Target::Service, 1)] } else { self.split.clone() }
+    }
+}
+
+/// Which calls a route takes: by gRPC path and by request metadata (all must match).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct CallMatch {
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+}
+
+impl CallMatch {
+    pub fn is_catch_all(&self) -> bool {
+        self.path == PathMatch::Any && self.headers.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum PathMatch {
+    #[default]
+    Any,
+    /// Every method of a gRPC service, `pkg.Service`.
+    Service(String),
+    /// One method, `pkg.Service/Method`.
+    Method(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HeaderMatch {
+    /// Lower case, as HTTP/2 carries it.
+    pub name: String,
+    pub rule: HeaderRule,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HeaderRule {
+    Exact(String),
+    Prefix(String),
+    /// `true`: the header is sent; `false`: it is not.
+    Present(bool),
+    /// RE2 syntax (checked with Rust's `regex`, which accepts the same common subset).
+    Regex(String),
+}
+
+/// gRPC status codes a retry may follow (gRFC A44's set; Envoy names them the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RetryOn {
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+}
+
+impl RetryOn {
+    pub const ALL: [RetryOn; 5] = [
+        RetryOn::Cancelled,
+        RetryOn::DeadlineExceeded,
+        RetryOn::Internal,
+        RetryOn::ResourceExhausted,
+        RetryOn::Unavailable,
+    ];
+
+    /// The name in the configuration and in `retry_on`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryOn::Cancelled => "cancelled",
+            RetryOn::DeadlineExceeded => "deadline-exceeded",
+            RetryOn::Internal => "internal",
+            RetryOn::ResourceExhausted => "resource-exhausted",
+            RetryOn::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RetryRule {
+    /// Sorted, no duplicates, not empty.
+    pub on: Vec<RetryOn>,
+    /// Attempts in all, first one included: 1..=5 (gRPC's cap).
+    pub max_attempts: u32,
+    /// First backoff; later ones grow up to `max_backoff`.
+    pub backoff: std::time::Duration,
+    pub max_backoff: std::time::Duration,
+    /// Envoy only: a timeout per attempt.
+    pub per_try_timeout: Option<std::time::Duration>,
+}
+
+impl RetryRule {
+    pub const MAX_ATTEMPTS: u32 = 5;
+    /// gRFC A44's default initial backoff.
+    pub const DEFAULT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(25);
+}
+
+/// Outlier detection (gRFC A50 for gRPC; Envoy's own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutlierDetection {
+    pub interval: std::time::Duration,
+    pub base_ejection_time: std::time::Duration,
+    pub max_ejection_percent: u32,
+    pub failure_percentage: Option<FailurePercentage>,
+    pub success_rate: Option<SuccessRate>,
+    /// Envoy only (gRPC has no consecutive-5xx ejection).
+    pub consecutive_5xx: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FailurePercentage {
+    /// Eject a host whose failed share of calls is at least this many percent.
+    pub threshold: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SuccessRate {
+    /// Eject below mean − stdev × factor / 1000.
+    pub stdev_factor: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

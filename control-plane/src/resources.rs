@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, circuit_breakers, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     self as core_v3, Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, Metadata, RoutingPriority,
     SocketAddress, address, config_source, socket_address,
@@ -17,17 +19,22 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, retry_policy, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value};
 use envoy_types::util::pack_any;
 
-use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, Zone};
+use crate::model::{
+    CallMatch, ClientKind, Endpoint, HeaderRule, Health, OutlierDetection, PathMatch, RetryOn, RetryRule, RouteRule,
+    Routing, ServiceEndpoints, Target, Zone,
+};
 use crate::policy::{self, Plan};
 
 /// The four resource types served over ADS.
@@ -162,12 +169,14 @@ pub fn egress_listener(address: std::net::SocketAddr) -> Listener {
 }
 
 /// The egress route configuration: one virtual host per service, named and
-/// matched by the service's dial name, routing to its cluster.
-pub fn egress_route_configuration<'a>(services: impl IntoIterator<Item = &'a str>) -> RouteConfiguration {
+/// matched by the service's dial name, with the service's routes (Envoy's shape).
+pub fn egress_route_configuration<'a>(
+    services: impl IntoIterator<Item = (&'a str, &'a Routing)>,
+) -> RouteConfiguration {
     let virtual_hosts = services
         .into_iter()
-        .map(|service| {
-            let mut host = route_configuration(service, service).virtual_hosts.remove(0);
+        .map(|(service, routing)| {
+            let mut host = service_routes(service, service, routing, ClientKind::Envoy).virtual_hosts.remove(0);
             host.domains = vec![service.to_string()];
             host
         })
@@ -178,33 +187,154 @@ pub fn egress_route_configuration<'a>(services: impl IntoIterator<Item = &'a str
 /// One virtual host matching any authority (the listener already chose the
 /// service), routing everything to `cluster`.
 pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
+    let route = grpc_route(&RouteRule::default(), &[(cluster.to_string(), 1)], ClientKind::Grpc);
+    virtual_host_config(name, vec![route])
+}
+
+fn virtual_host_config(name: &str, routes: Vec<Route>) -> RouteConfiguration {
     RouteConfiguration {
         name: name.to_string(),
         virtual_hosts: vec![VirtualHost {
             name: name.to_string(),
             domains: vec!["*".to_string()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
-                    // The caller's deadline rules. Envoy: no 15 s route timeout, and the
-                    // `grpc-timeout` header bounds the stream without a cap. gRPC ignores
-                    // `timeout` and reads `grpc_timeout_header_max` 0 as "the application's
-                    // deadline, unmodified" (gRFC A31).
-                    timeout: Some(Duration { seconds: 0, nanos: 0 }),
-                    max_stream_duration: Some(route_action::MaxStreamDuration {
-                        grpc_timeout_header_max: Some(Duration { seconds: 0, nanos: 0 }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes,
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// The cluster (CDS and EDS name) a route target of service `dial` names:
+/// `dial` itself, `dial/SUBSET`, or another service's dial name.
+pub fn cluster_name(dial: &str, target: &Target) -> String {
+    match target {
+        Target::Service => dial.to_string(),
+        Target::Subset(subset) => format!("{dial}/{subset}"),
+        Target::Other(other) => other.clone(),
+    }
+}
+
+/// The route configuration `name` of service `dial` as a client of `kind`
+/// gets it: the service's routes in order (one catch-all to the whole
+/// service when it has none), each with its match, split, timeout and retries.
+pub fn service_routes(name: &str, dial: &str, routing: &Routing, kind: ClientKind) -> RouteConfiguration {
+    let default = [RouteRule::default()];
+    let rules = if routing.routes.is_empty() { &default[..] } else { &routing.routes[..] };
+    let routes = rules
+        .iter()
+        .map(|rule| {
+            let targets: Vec<(String, u32)> = rule.targets().iter().map(|(t, w)| (cluster_name(dial, t), *w)).collect();
+            grpc_route(rule, &targets, kind)
+        })
+        .collect();
+    virtual_host_config(name, routes)
+}
+
+fn duration(d: std::time::Duration) -> Duration {
+    Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn route_match(matcher: &CallMatch) -> RouteMatch {
+    let path = match &matcher.path {
+        PathMatch::Any => route_match::PathSpecifier::Prefix(String::new()),
+        PathMatch::Service(service) => route_match::PathSpecifier::Prefix(format!("/{service}/")),
+        PathMatch::Method(method) => route_match::PathSpecifier::Path(format!("/{method}")),
+    };
+    let headers = matcher
+        .headers
+        .iter()
+        .map(|h| {
+            // `string_match`, not the deprecated exact/prefix/safe_regex fields: gRPC
+            // (grpc-go, C-core, Java, Node) and Envoy read it.
+            let string = |pattern| {
+                header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                    match_pattern: Some(pattern),
+                    ..Default::default()
+                })
+            };
+            let (specifier, invert) = match &h.rule {
+                HeaderRule::Exact(v) => (string(string_matcher::MatchPattern::Exact(v.clone())), false),
+                HeaderRule::Prefix(v) => (string(string_matcher::MatchPattern::Prefix(v.clone())), false),
+                HeaderRule::Present(present) => (header_matcher::HeaderMatchSpecifier::PresentMatch(true), !present),
+                HeaderRule::Regex(r) => (
+                    string(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        regex: r.clone(),
+                        ..Default::default()
+                    })),
+                    false,
+                ),
+            };
+            HeaderMatcher {
+                name: h.name.clone(),
+                header_match_specifier: Some(specifier),
+                invert_match: invert,
+                ..Default::default()
+            }
+        })
+        .collect();
+    RouteMatch { path_specifier: Some(path), headers, ..Default::default() }
+}
+
+/// gRFC A44's `retry_policy`; Envoy also gets `per_try_timeout` and, when
+/// UNAVAILABLE is retried, the transport failures a gRPC client reports as
+/// UNAVAILABLE (a reset or refused connection). `None` for one attempt.
+fn retry(rule: &RetryRule, kind: ClientKind) -> Option<RetryPolicy> {
+    if rule.max_attempts < 2 {
+        return None;
+    }
+    let mut on: Vec<&str> = rule.on.iter().map(|c| c.name()).collect();
+    if kind == ClientKind::Envoy && rule.on.contains(&RetryOn::Unavailable) {
+        on.extend(["connect-failure", "refused-stream", "reset"]);
+    }
+    Some(RetryPolicy {
+        retry_on: on.join(","),
+        num_retries: Some(UInt32Value { value: rule.max_attempts - 1 }),
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(duration(rule.backoff)),
+            max_interval: Some(duration(rule.max_backoff)),
+        }),
+        per_try_timeout: rule.per_try_timeout.filter(|_| kind == ClientKind::Envoy).map(duration),
+        ..Default::default()
+    })
+}
+
+fn grpc_route(rule: &RouteRule, targets: &[(String, u32)], kind: ClientKind) -> Route {
+    let zero = Some(Duration { seconds: 0, nanos: 0 });
+    let cluster_specifier = match targets {
+        [(only, _)] => route_action::ClusterSpecifier::Cluster(only.clone()),
+        _ => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: targets
+                .iter()
+                .map(|(name, weight)| weighted_cluster::ClusterWeight {
+                    name: name.clone(),
+                    weight: Some(UInt32Value { value: *weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let envoy = kind == ClientKind::Envoy;
+    Route {
+        r#match: Some(route_match(&rule.matcher)),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            // The caller's deadline rules unless the route sets a timeout. Envoy: `timeout`
+            // (0: no 15 s default), and `grpc_timeout_header_max` 0 lets the `grpc-timeout`
+            // header bound the stream without a cap. gRPC ignores `timeout`; it takes
+            // `grpc_timeout_header_max` when set, else `max_stream_duration`, as the route's
+            // limit (0: none) and applies the smaller of it and the call's deadline (gRFC A31),
+            // so a route timeout goes into both.
+            timeout: if envoy { rule.timeout.map(duration).or(zero) } else { zero },
+            max_stream_duration: Some(route_action::MaxStreamDuration {
+                max_stream_duration: rule.timeout.filter(|_| !envoy).map(duration),
+                grpc_timeout_header_max: rule.timeout.filter(|_| !envoy).map(duration).or(zero),
+                ..Default::default()
+            }),
+            idle_timeout: rule.idle_timeout.filter(|_| envoy).map(duration),
+            retry_policy: rule.retry.as_ref().and_then(|r| retry(r, kind)),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -231,9 +361,10 @@ impl Default for ClusterLimits {
 /// The DEFAULT-priority circuit breaker. gRPC reads only `max_requests`.
 /// Envoy also gets `max_pending_requests` and `max_connections` at the same
 /// value (its defaults, 1024 each, would cap an application that its own
-/// concurrency already bounds); `max_retries` stays at Envoy's default (3
-/// concurrent retries) because no route here configures retries.
-fn breakers(limits: &ClusterLimits) -> CircuitBreakers {
+/// concurrency already bounds), and `max_retries` too when `retries` (its
+/// default, 3 concurrent retries per cluster, would refuse most retries of a
+/// busy client; gRPC bounds retries per call, not per cluster).
+fn breakers(limits: &ClusterLimits, retries: bool) -> CircuitBreakers {
     let value = Some(UInt32Value { value: limits.max_requests.max(1) });
     CircuitBreakers {
         thresholds: vec![circuit_breakers::Thresholds {
@@ -241,10 +372,57 @@ fn breakers(limits: &ClusterLimits) -> CircuitBreakers {
             max_requests: value,
             max_pending_requests: value,
             max_connections: value,
+            max_retries: value.filter(|_| retries),
             ..Default::default()
         }],
         ..Default::default()
     }
+}
+
+/// `outlier_detection` as gRPC (A50) reads it: success-rate and
+/// failure-percentage, each enforced only when configured (both default on or
+/// off otherwise, unlike what a reader expects). Envoy also gets
+/// consecutive-5xx, explicitly off when not configured (Envoy's default is 5).
+fn outlier_detection(od: &OutlierDetection, kind: ClientKind) -> EnvoyOutlierDetection {
+    let u = |value: u32| Some(UInt32Value { value });
+    let envoy = kind == ClientKind::Envoy;
+    let mut out = EnvoyOutlierDetection {
+        interval: Some(duration(od.interval)),
+        base_ejection_time: Some(duration(od.base_ejection_time)),
+        max_ejection_percent: u(od.max_ejection_percent),
+        enforcing_success_rate: u(if od.success_rate.is_some() { 100 } else { 0 }),
+        enforcing_failure_percentage: u(if od.failure_percentage.is_some() { 100 } else { 0 }),
+        ..Default::default()
+    };
+    if let Some(sr) = od.success_rate {
+        out.success_rate_stdev_factor = u(sr.stdev_factor);
+        out.success_rate_minimum_hosts = u(sr.minimum_hosts);
+        out.success_rate_request_volume = u(sr.request_volume);
+    }
+    if let Some(fp) = od.failure_percentage {
+        out.failure_percentage_threshold = u(fp.threshold);
+        out.failure_percentage_minimum_hosts = u(fp.minimum_hosts);
+        out.failure_percentage_request_volume = u(fp.request_volume);
+    }
+    if envoy {
+        out.enforcing_consecutive_5xx = u(if od.consecutive_5xx.is_some() { 100 } else { 0 });
+        out.consecutive_5xx = od.consecutive_5xx.and_then(u);
+        // Gateway failures are counted as 5xx already; keep their own ejection off.
+        out.enforcing_consecutive_gateway_failure = u(0);
+    }
+    out
+}
+
+/// A service's cluster (its own or a subset's, `name`): [`cluster`] with the
+/// service's outlier detection, and Envoy's retry breaker opened when a route retries.
+pub fn service_cluster(name: &str, kind: ClientKind, limits: &ClusterLimits, routing: &Routing) -> Cluster {
+    let mut c = cluster(name, kind, limits);
+    let retries = routing.routes.iter().any(|r| r.retry.as_ref().is_some_and(|r| r.max_attempts > 1));
+    if kind == ClientKind::Envoy && retries {
+        c.circuit_breakers = Some(breakers(limits, true));
+    }
+    c.outlier_detection = routing.outlier_detection.as_ref().map(|od| outlier_detection(od, kind));
+    c
 }
 
 /// An EDS cluster over ADS, round robin, with circuit breakers that do not
@@ -257,7 +435,7 @@ pub fn cluster(name: &str, kind: ClientKind, limits: &ClusterLimits) -> Cluster 
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
         connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
-        circuit_breakers: Some(breakers(limits)),
+        circuit_breakers: Some(breakers(limits, false)),
         ..Default::default()
     };
     if kind == ClientKind::Envoy {
@@ -844,7 +1022,8 @@ mod tests {
         let c = cluster("echo.demo", ClientKind::Grpc, &ClusterLimits { max_requests: 100_000 });
         assert_eq!(c.circuit_breakers.and_then(|b| b.thresholds[0].max_requests).map(|v| v.value), Some(100_000));
         let zero = Some(Duration { seconds: 0, nanos: 0 });
-        let egress = egress_route_configuration(["echo.demo"]);
+        let routing = Routing::default();
+        let egress = egress_route_configuration([("echo.demo", &routing)]);
         for config in [route_configuration("echo.demo", "echo.demo"), egress] {
             let Some(route::Action::Route(action)) = config.virtual_hosts[0].routes[0].action.clone() else {
                 panic!("route action")
@@ -858,12 +1037,314 @@ mod tests {
 
     #[test]
     fn egress_routes_one_virtual_host_per_service() {
-        let r = egress_route_configuration(["echo.demo", "echo.grpc.demo"]);
+        let routing = Routing::default();
+        let r = egress_route_configuration([("echo.demo", &routing), ("echo.grpc.demo", &routing)]);
         assert_eq!(r.name, EGRESS);
         let domains: Vec<_> = r.virtual_hosts.iter().map(|v| v.domains.clone()).collect();
         assert_eq!(domains, vec![vec!["echo.demo".to_string()], vec!["echo.grpc.demo".to_string()]]);
         let l = egress_listener("127.0.0.1:15001".parse().expect("addr"));
         assert_eq!(l.filter_chains.len(), 1);
+    }
+
+    /// The checks gRPC clients apply to a RouteConfiguration (gRFC A28, A31, A44):
+    /// a path specifier on every match, a cluster or non-empty weighted clusters
+    /// with positive weights summing within u32, only supported header matchers,
+    /// retry codes gRPC knows, at most 5 attempts, a positive backoff, no per-try timeout.
+    fn assert_grpc_routes_valid(rc: &RouteConfiguration, kind: ClientKind) {
+        use prost::Message;
+        let decoded = RouteConfiguration::decode(pack_any(rc.clone()).value.as_slice()).expect("round trips");
+        assert_eq!(&decoded, rc);
+        assert!(!rc.virtual_hosts.is_empty());
+        for host in &rc.virtual_hosts {
+            assert!(!host.domains.is_empty(), "domains");
+            assert!(!host.routes.is_empty(), "routes");
+            for r in &host.routes {
+                let m = r.r#match.as_ref().expect("match");
+                match m.path_specifier.as_ref().expect("path specifier") {
+                    route_match::PathSpecifier::Prefix(p) => {
+                        assert!(p.is_empty() || (p.starts_with('/') && p.ends_with('/')))
+                    }
+                    route_match::PathSpecifier::Path(p) => assert_eq!(p.matches('/').count(), 2, "{p}"),
+                    other => panic!("unexpected path specifier {other:?}"),
+                }
+                for h in &m.headers {
+                    assert!(
+                        !h.name.ends_with("-bin") && !h.name.starts_with("grpc-") && h.name == h.name.to_lowercase()
+                    );
+                    match h.header_match_specifier.as_ref().expect("specifier") {
+                        header_matcher::HeaderMatchSpecifier::PresentMatch(true) => {}
+                        header_matcher::HeaderMatchSpecifier::StringMatch(sm) => {
+                            assert!(!sm.ignore_case);
+                            match sm.match_pattern.as_ref().expect("pattern") {
+                                string_matcher::MatchPattern::Exact(_) => {}
+                                string_matcher::MatchPattern::Prefix(p) => assert!(!p.is_empty()),
+                                string_matcher::MatchPattern::SafeRegex(re) => {
+                                    assert!(regex::Regex::new(&re.regex).is_ok())
+                                }
+                                other => panic!("unexpected pattern {other:?}"),
+                            }
+                        }
+                        other => panic!("unexpected header matcher {other:?}"),
+                    }
+                }
+                let Some(route::Action::Route(action)) = &r.action else { panic!("route action") };
+                match action.cluster_specifier.as_ref().expect("cluster specifier") {
+                    route_action::ClusterSpecifier::Cluster(c) => assert!(!c.is_empty()),
+                    route_action::ClusterSpecifier::WeightedClusters(w) => {
+                        assert!(w.clusters.len() >= 2);
+                        #[allow(deprecated)]
+                        let total = w.total_weight;
+                        assert!(total.is_none(), "deprecated; gRPC sums the weights");
+                        let sum: u64 =
+                            w.clusters.iter().map(|c| u64::from(c.weight.map(|w| w.value).unwrap_or(0))).sum();
+                        assert!(sum > 0 && sum <= u64::from(u32::MAX));
+                        for c in &w.clusters {
+                            assert!(!c.name.is_empty() && c.weight.is_some_and(|w| w.value > 0));
+                        }
+                    }
+                    other => panic!("unexpected cluster specifier {other:?}"),
+                }
+                // gRPC (A31) takes grpc_timeout_header_max before max_stream_duration: a route
+                // timeout must be in the first, or 0 there ("no limit") hides it.
+                let msd = action.max_stream_duration.as_ref().expect("max_stream_duration");
+                match (&msd.max_stream_duration, kind) {
+                    (Some(d), ClientKind::Grpc | ClientKind::Flat) => {
+                        assert!(d.seconds > 0 || d.nanos > 0);
+                        assert_eq!(msd.grpc_timeout_header_max.as_ref(), Some(d), "A31 precedence");
+                    }
+                    (Some(_), ClientKind::Envoy) => panic!("Envoy gets the route timeout in `timeout`"),
+                    (None, _) => assert_eq!(msd.grpc_timeout_header_max, Some(Duration { seconds: 0, nanos: 0 })),
+                }
+                if let Some(retry) = &action.retry_policy {
+                    let known = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
+                    let codes: Vec<&str> = retry.retry_on.split(',').collect();
+                    assert!(codes.iter().any(|c| known.contains(c)), "{codes:?}");
+                    if kind != ClientKind::Envoy {
+                        assert!(codes.iter().all(|c| known.contains(c)), "{codes:?}");
+                        assert!(retry.per_try_timeout.is_none(), "gRPC has no per-try timeout");
+                    }
+                    let n = retry.num_retries.map(|n| n.value).unwrap_or(1);
+                    assert!((1..=4).contains(&n), "num_retries {n}");
+                    let backoff = retry.retry_back_off.as_ref().expect("backoff");
+                    let base = backoff.base_interval.as_ref().expect("base");
+                    let max = backoff.max_interval.as_ref().expect("max");
+                    assert!(base.seconds > 0 || base.nanos > 0);
+                    assert!((max.seconds, max.nanos) >= (base.seconds, base.nanos));
+                }
+                if kind != ClientKind::Envoy {
+                    assert!(action.idle_timeout.is_none(), "gRPC has no idle timeout");
+                }
+            }
+        }
+    }
+
+    /// The checks gRPC clients apply to a Cluster (xds-rules.md, gRFC A32, A50).
+    fn assert_grpc_cluster_valid(c: &Cluster, kind: ClientKind) {
+        use prost::Message;
+        assert_eq!(&Cluster::decode(pack_any(c.clone()).value.as_slice()).expect("round trips"), c);
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32))
+        );
+        let eds = c.eds_cluster_config.as_ref().expect("eds config");
+        assert!(matches!(
+            eds.eds_config.as_ref().and_then(|s| s.config_source_specifier.as_ref()),
+            Some(config_source::ConfigSourceSpecifier::Ads(_))
+        ));
+        assert_eq!(eds.service_name, c.name);
+        assert_eq!(c.lb_policy, cluster::LbPolicy::RoundRobin as i32);
+        let thresholds = &c.circuit_breakers.as_ref().expect("breakers").thresholds;
+        assert!(thresholds.iter().all(|t| t.priority == RoutingPriority::Default as i32));
+        if let Some(od) = &c.outlier_detection {
+            for pct in [
+                &od.max_ejection_percent,
+                &od.failure_percentage_threshold,
+                &od.enforcing_failure_percentage,
+                &od.enforcing_success_rate,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(pct.value <= 100);
+            }
+            assert!(od.interval.as_ref().is_some_and(|d| d.seconds > 0 || d.nanos > 0));
+            assert!(od.base_ejection_time.as_ref().is_some_and(|d| d.seconds > 0 || d.nanos > 0));
+            // Both gRPC algorithms must be explicitly on or off (their defaults differ: success rate on).
+            assert!(od.enforcing_success_rate.is_some() && od.enforcing_failure_percentage.is_some());
+            if kind != ClientKind::Envoy {
+                assert!(
+                    od.consecutive_5xx.is_none() && od.enforcing_consecutive_5xx.is_none(),
+                    "gRPC: no consecutive 5xx"
+                );
+            } else {
+                assert!(od.enforcing_consecutive_5xx.is_some(), "Envoy's default is on at 5");
+            }
+        }
+    }
+
+    fn issue_routing() -> Routing {
+        crate::config::FileConfig::parse(
+            r#"
+            [services."echo.demo".subsets]
+            stable = { version = "v1" }
+            canary = { version = "v2" }
+
+            [[services."echo.demo".routes]]
+            match = { method = "demo.v1.Describer/Describe", headers = { "x-canary" = "always" } }
+            split = { canary = 100 }
+
+            [[services."echo.demo".routes]]
+            match = { service = "demo.v1.Other", headers = { "a" = { prefix = "p" }, "b" = { present = false }, "c" = { regex = "^v[0-9]$" } } }
+            idle_timeout = "5m"
+            retry = { on = ["unavailable", "internal"], max_attempts = 5, backoff = "10ms", per_try_timeout = "1s" }
+
+            [[services."echo.demo".routes]]
+            split = { stable = 90, canary = 10, "other.demo" = 0 }
+            timeout = "1500ms"
+            retry = { on = ["unavailable"], max_attempts = 3, backoff = "25ms" }
+
+            [services."echo.demo".outlier_detection]
+            failure_percentage = { threshold = 50, minimum_hosts = 2, request_volume = 20 }
+            success_rate = {}
+            consecutive_5xx = 7
+            interval = "2s"
+            max_ejection_percent = 50
+            "#,
+        )
+        .expect("parses")
+        .settings(&crate::model::ServiceName::new("demo", "echo"))
+        .routing
+        .as_ref()
+        .clone()
+    }
+
+    #[test]
+    fn every_route_shape_passes_the_grpc_checks() {
+        let routing = issue_routing();
+        let mut one_attempt = routing.clone();
+        if let Some(r) = one_attempt.routes[2].retry.as_mut() {
+            r.max_attempts = 1;
+        }
+        let mut cross = Routing::default();
+        cross.routes.push(RouteRule {
+            split: vec![(Target::Other("other.demo".into()), 3), (Target::Service, 1)],
+            ..Default::default()
+        });
+        for (label, routing) in [
+            ("default", Routing::default()),
+            ("issue", routing.clone()),
+            ("one attempt", one_attempt),
+            ("cross", cross),
+        ] {
+            for kind in [ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat] {
+                let rc = service_routes("echo.demo:50051", "echo.demo", &routing, kind);
+                assert_grpc_routes_valid(&rc, kind);
+                assert_eq!(rc.name, "echo.demo:50051", "{label}");
+                let egress = egress_route_configuration([("echo.demo", &routing)]);
+                assert_grpc_routes_valid(&egress, ClientKind::Envoy);
+            }
+        }
+    }
+
+    fn action(rc: &RouteConfiguration, i: usize) -> RouteAction {
+        match rc.virtual_hosts[0].routes[i].action.clone() {
+            Some(route::Action::Route(a)) => a,
+            other => panic!("route action {other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_carry_matches_splits_timeouts_and_retries() {
+        let routing = issue_routing();
+        let grpc = service_routes("echo.demo", "echo.demo", &routing, ClientKind::Grpc);
+        let routes = &grpc.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 3);
+        let m = routes[0].r#match.clone().expect("match");
+        assert_eq!(m.path_specifier, Some(route_match::PathSpecifier::Path("/demo.v1.Describer/Describe".into())));
+        assert_eq!(m.headers[0].name, "x-canary");
+        assert_eq!(
+            action(&grpc, 0).cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster("echo.demo/canary".into()))
+        );
+        let m = routes[1].r#match.clone().expect("match");
+        assert_eq!(m.path_specifier, Some(route_match::PathSpecifier::Prefix("/demo.v1.Other/".into())));
+        assert!(m.headers[1].invert_match, "present = false inverts a presence match");
+        assert_eq!(
+            action(&grpc, 1).cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster("echo.demo".into()))
+        );
+        let main = action(&grpc, 2);
+        let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &main.cluster_specifier else {
+            panic!("split")
+        };
+        let split: Vec<(String, u32)> =
+            w.clusters.iter().map(|c| (c.name.clone(), c.weight.map(|w| w.value).unwrap_or(0))).collect();
+        assert_eq!(
+            split,
+            vec![("echo.demo/canary".into(), 10), ("echo.demo/stable".into(), 90)],
+            "zero weights left out"
+        );
+        assert_eq!(
+            main.max_stream_duration.and_then(|m| m.max_stream_duration),
+            Some(Duration { seconds: 1, nanos: 500_000_000 })
+        );
+        let retry = main.retry_policy.expect("retry");
+        assert_eq!((retry.retry_on.as_str(), retry.num_retries.map(|n| n.value)), ("unavailable", Some(2)));
+        // gRPC: no per-try or idle timeout; Envoy: both, its route timeout, and the transport failures.
+        let r1 = action(&grpc, 1);
+        assert!(r1.idle_timeout.is_none() && r1.retry_policy.expect("retry").per_try_timeout.is_none());
+        let envoy = service_routes("echo.demo", "echo.demo", &routing, ClientKind::Envoy);
+        let e1 = action(&envoy, 1);
+        assert_eq!(e1.idle_timeout, Some(Duration { seconds: 300, nanos: 0 }));
+        let e1_retry = e1.retry_policy.expect("retry");
+        assert_eq!(e1_retry.per_try_timeout, Some(Duration { seconds: 1, nanos: 0 }));
+        assert_eq!(e1_retry.retry_on, "internal,unavailable,connect-failure,refused-stream,reset");
+        let e2 = action(&envoy, 2);
+        assert_eq!(e2.timeout, Some(Duration { seconds: 1, nanos: 500_000_000 }));
+        assert_eq!(e2.max_stream_duration.and_then(|m| m.max_stream_duration), None);
+    }
+
+    #[test]
+    fn clusters_carry_outlier_detection_per_kind() {
+        let routing = issue_routing();
+        for kind in [ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat] {
+            for name in ["echo.demo", "echo.demo/canary"] {
+                let c = service_cluster(name, kind, &ClusterLimits::default(), &routing);
+                assert_grpc_cluster_valid(&c, kind);
+                let od = c.outlier_detection.clone().expect("outlier detection");
+                assert_eq!(od.failure_percentage_threshold.map(|v| v.value), Some(50));
+                assert_eq!(od.enforcing_failure_percentage.map(|v| v.value), Some(100));
+                assert_eq!(od.success_rate_stdev_factor.map(|v| v.value), Some(1900));
+                assert_eq!(od.interval, Some(Duration { seconds: 2, nanos: 0 }));
+                let retries = c.circuit_breakers.and_then(|b| b.thresholds[0].max_retries).map(|v| v.value);
+                if kind == ClientKind::Envoy {
+                    assert_eq!(od.consecutive_5xx.map(|v| v.value), Some(7));
+                    assert_eq!(
+                        retries,
+                        Some(ClusterLimits::DEFAULT_MAX_REQUESTS),
+                        "routes retry: Envoy's retry breaker open"
+                    );
+                } else {
+                    assert_eq!(retries, None);
+                }
+            }
+            let plain = service_cluster("echo.demo", kind, &ClusterLimits::default(), &Routing::default());
+            assert_grpc_cluster_valid(&plain, kind);
+            assert!(plain.outlier_detection.is_none());
+            // Without consecutive_5xx and success_rate, Envoy and gRPC have both turned off explicitly.
+            let mut only_fp = routing.clone();
+            if let Some(od) = only_fp.outlier_detection.as_mut() {
+                od.consecutive_5xx = None;
+                od.success_rate = None;
+            }
+            let c = service_cluster("echo.demo", kind, &ClusterLimits::default(), &only_fp);
+            assert_grpc_cluster_valid(&c, kind);
+            let od = c.outlier_detection.expect("outlier detection");
+            assert_eq!(od.enforcing_success_rate.map(|v| v.value), Some(0));
+            if kind == ClientKind::Envoy {
+                assert_eq!(od.enforcing_consecutive_5xx.map(|v| v.value), Some(0));
+            }
+        }
     }
 
     #[test]

@@ -405,6 +405,7 @@ class EgressCaller(XdsClient):
         name: str | None = None,
         interval: float = 0.02,
         deadline: float = 2.0,
+        metadata: dict[str, str] | None = None,
     ):
         self.zone = zone
         self.node_id = name or f"egress-{authority}"
@@ -422,6 +423,7 @@ class EgressCaller(XdsClient):
             "--target", f"127.0.0.1:{port}", "--authority", authority, "--stubs", str(stubs_dir),
             "--interval", str(interval), "--deadline", str(deadline), "--caller", self.node_id,
             "--max-seconds", "900",
+            *(a for k, v in (metadata or {}).items() for a in ("--metadata", f"{k}={v}")),
         ]  # fmt: skip
         fe = open(self.stderr_path, "wb")
         popen = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env=env)
@@ -447,7 +449,9 @@ def _caller_main() -> int:
     ap.add_argument("--caller", default="egress-caller")
     ap.add_argument("--max-seconds", type=float, default=900.0)
     ap.add_argument("--max-calls", type=int, default=0)
+    ap.add_argument("--metadata", action="append", default=[], help="KEY=VALUE request metadata (repeatable)")
     args = ap.parse_args()
+    metadata = tuple(tuple(kv.split("=", 1)) for kv in args.metadata) or None
     sys.path.insert(0, args.stubs)
     import grpc  # noqa: E402
     import demo_pb2  # noqa: E402
@@ -463,7 +467,7 @@ def _caller_main() -> int:
         t = time.time()
         rec: dict[str, Any] = {"t": t, "ok": False, "zone": None, "instance": None, "error": None, "code": None}
         try:
-            resp = stub.Describe(demo_pb2.DescribeRequest(caller=args.caller), timeout=args.deadline)
+            resp = stub.Describe(demo_pb2.DescribeRequest(caller=args.caller), timeout=args.deadline, metadata=metadata)
             rec.update(ok=True, zone=resp.zone, instance=resp.instance_id, address=resp.address)
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None

@@ -649,6 +649,7 @@ class XdsClient:
         target: str = "xds:///echo.demo",
         interval: float = 0.02,
         deadline: float = 2.0,
+        metadata: dict[str, str] | None = None,
     ):
         self.zone = zone
         self.node_id = node_id
@@ -672,6 +673,7 @@ class XdsClient:
             sys.executable, str(Path(__file__).with_name("xds_client.py")),
             "--target", target, "--interval", str(interval), "--deadline", str(deadline),
             "--caller", node_id, "--max-seconds", "900",
+            *(a for k, v in (metadata or {}).items() for a in ("--metadata", f"{k}={v}")),
         ]  # fmt: skip
         fe = open(self.stderr_path, "wb")
         popen = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env=env)

@@ -2,7 +2,8 @@
 
     python slow_peers.py serve --stubs DIR --zone Z --instance-id ID [--delay 4]
         A grpc.aio demo.v1.Describer server on 127.0.0.1 (a free port) whose Describe sleeps
-        --delay seconds, or the `delay-ms` request metadata when given, before answering.
+        --delay seconds, or the `delay-ms` request metadata when given, before answering
+        (with --fail-code CODE, e.g. UNAVAILABLE, it answers every call with that status).
         Prints `slow-server listening on HOST:PORT zone=Z instance=ID` once serving.
 
     python slow_peers.py burst --stubs DIR --target T [--authority A] --calls N --delay-ms MS
@@ -39,6 +40,8 @@ async def serve(args) -> None:
                     delay = int(value) / 1000.0
             await asyncio.sleep(delay)
             served += 1
+            if args.fail_code:
+                await context.abort(getattr(grpc.StatusCode, args.fail_code), f"{args.instance_id} fails on purpose")
             return demo_pb2.DescribeResponse(
                 instance_id=args.instance_id, zone=args.zone, region="us-east-1", address=address, served=served
             )
@@ -107,6 +110,7 @@ def main() -> int:
     s.add_argument("--zone", required=True)
     s.add_argument("--instance-id", required=True)
     s.add_argument("--delay", type=float, default=4.0)
+    s.add_argument("--fail-code", default=None, help="answer every call with this status (e.g. UNAVAILABLE)")
     b = sub.add_parser("burst")
     b.add_argument("--stubs", required=True)
     b.add_argument("--target", required=True)

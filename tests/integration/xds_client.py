@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between calls")
     ap.add_argument("--deadline", type=float, default=2.0, help="per-call deadline, seconds")
     ap.add_argument("--caller", default="xds-client")
+    ap.add_argument("--metadata", action="append", default=[], help="KEY=VALUE request metadata (repeatable)")
     ap.add_argument("--stubs", default=None, help="directory holding demo_pb2*.py")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop after this long")
     ap.add_argument("--max-calls", type=int, default=0, help="stop after this many calls (0: no limit)")
@@ -48,6 +49,7 @@ def main() -> int:
     # every line written so far has been flushed, so nothing is lost.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+    metadata = tuple(tuple(kv.split("=", 1)) for kv in args.metadata) or None
     channel = grpc.insecure_channel(args.target)
     stub = demo_pb2_grpc.DescriberStub(channel)
     out = sys.stdout
@@ -70,6 +72,7 @@ def main() -> int:
                 demo_pb2.DescribeRequest(caller=args.caller),
                 timeout=args.first_wait_for_ready if warmup else args.deadline,
                 wait_for_ready=True if warmup else None,
+                metadata=metadata,
             )
             rec.update(ok=True, zone=resp.zone, instance=resp.instance_id, address=resp.address)
             had_success = True
