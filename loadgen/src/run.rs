@@ -12,7 +12,7 @@ use crate::cli::RunArgs;
 use crate::client::{self, ClientSpec};
 use crate::procfs::{self, Usage};
 use crate::report::{ApiCalls, ControlPlaneCost, Latency, RunReport};
-use crate::target::{External, InProcess, Target};
+use crate::target::{External, FloorProcess, InProcess, Target};
 use crate::tracker::Tracker;
 use crate::{ZONES, proxy};
 
@@ -27,12 +27,18 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<RunReport> {
         _ if args.in_process => {
             Target::InProcess(InProcess::start(&args.namespace, &args.service, args.endpoints).await?)
         }
+        (Some(xds), Some(admin), None) if args.floor => {
+            Target::Floor(FloorProcess::connect(*xds, *admin, &args.namespace, &args.service).await?)
+        }
         (Some(xds), Some(admin), Some(cloudmap)) => {
             let external = External::connect(*xds, *admin, cloudmap, &args.namespace, &args.service).await?;
             external.wait_ready(Duration::from_secs(120)).await?;
             Target::External(external)
         }
-        _ => bail!("say where the control plane is: --in-process, or --control-plane, --admin and --cloudmap"),
+        _ => bail!(
+            "say where the control plane is: --in-process, --control-plane and --admin with --cloudmap \
+             (cloudmap-xds) or --floor (loadgen floor)"
+        ),
     };
     let pid = args.control_plane_pid;
     let before = pid.map(procfs::sample).transpose()?;

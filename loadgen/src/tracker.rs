@@ -6,8 +6,8 @@
 //! version: the control plane's versions are hashes of content.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 /// No EDS received yet.
@@ -15,7 +15,8 @@ const NONE: u64 = u64::MAX;
 
 #[derive(Debug)]
 pub struct Tracker {
-    markers: Mutex<HashMap<String, u64>>,
+    /// Version → marker. Read by every client on every push, written once per version.
+    markers: RwLock<HashMap<Vec<u8>, u64>>,
     /// Per client: the newest marker received.
     latest: Vec<AtomicU64>,
     /// Per marker: when each client received it (Unix seconds).
@@ -28,7 +29,7 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(clients: usize) -> Self {
         Tracker {
-            markers: Mutex::new(HashMap::new()),
+            markers: RwLock::new(HashMap::new()),
             latest: (0..clients).map(|_| AtomicU64::new(NONE)).collect(),
             receipts: Mutex::new(BTreeMap::new()),
             with_eds: AtomicUsize::new(0),
@@ -42,16 +43,16 @@ impl Tracker {
     pub fn eds(
         &self,
         client: usize,
-        version: &str,
+        version: &[u8],
         received: f64,
         marker: impl FnOnce() -> anyhow::Result<u64>,
     ) -> anyhow::Result<()> {
-        let known = self.markers.lock().unwrap_or_else(|e| e.into_inner()).get(version).copied();
+        let known = self.markers.read().unwrap_or_else(|e| e.into_inner()).get(version).copied();
         let marker = match known {
             Some(m) => m,
             None => {
                 let m = marker()?;
-                self.markers.lock().unwrap_or_else(|e| e.into_inner()).insert(version.to_string(), m);
+                self.markers.write().unwrap_or_else(|e| e.into_inner()).insert(version.to_vec(), m);
                 m
             }
         };
@@ -136,15 +137,15 @@ mod tests {
                 Ok(m)
             }
         };
-        t.eds(0, "v0", 1.0, decode(0)).expect("ok");
-        t.eds(1, "v0", 1.5, decode(0)).expect("ok");
+        t.eds(0, b"v0", 1.0, decode(0)).expect("ok");
+        t.eds(1, b"v0", 1.5, decode(0)).expect("ok");
         assert_eq!((t.with_eds(), t.count(0), decodes.load(Ordering::SeqCst)), (2, 2, 1));
-        t.eds(0, "v1", 2.0, decode(1)).expect("ok");
+        t.eds(0, b"v1", 2.0, decode(1)).expect("ok");
         // A re-push of the same content (a census change) is not a new receipt.
-        t.eds(0, "v1-census", 2.5, decode(1)).expect("ok");
+        t.eds(0, b"v1-census", 2.5, decode(1)).expect("ok");
         assert_eq!(t.receipts(1), vec![2.0]);
         assert_eq!(t.newest(), Some(1));
-        assert!(t.eds(5, "v0", 1.0, decode(0)).is_err());
+        assert!(t.eds(5, b"v0", 1.0, decode(0)).is_err());
         t.fail(1, &anyhow::anyhow!("boom"));
         assert_eq!(t.failed(), 1);
         assert_eq!(t.first_error().as_deref(), Some("client 1: boom"));
