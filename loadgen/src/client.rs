@@ -168,6 +168,7 @@ async fn sotw(channel: Channel, spec: &ClientSpec, tracker: &Tracker) -> anyhow:
     let mut names: [Option<Bytes>; 4] = [Some(Bytes::from(spec.target.clone())), None, None, None];
     while let Some(response) = inbound.message().await? {
         let received = unix_now();
+        tracker.response();
         let ty = subscribed(&names, &response.type_url)?;
         let name = names[ty].clone().unwrap_or_default();
         let resource = response.resources.first().ok_or_else(|| missing(ty, &name))?;
@@ -203,6 +204,7 @@ async fn delta(channel: Channel, spec: &ClientSpec, tracker: &Tracker) -> anyhow
     let mut names: [Option<Bytes>; 4] = [Some(Bytes::from(spec.target.clone())), None, None, None];
     while let Some(response) = inbound.message().await? {
         let received = unix_now();
+        tracker.response();
         let ty = subscribed(&names, &response.type_url)?;
         let name = names[ty].clone().unwrap_or_default();
         if response.removed_resources.contains(&name) {
