@@ -78,6 +78,8 @@ pub struct RunReport {
     pub own_cpu_per_push_per_client_us: f64,
     /// Responses (of any type) each client received per change: 1 when only the EDS is re-sent.
     pub responses_per_push_per_client: f64,
+    /// This process's RSS with every client connected and idle.
+    pub own_rss_idle_bytes: u64,
     pub failed_clients: usize,
     pub first_error: Option<String>,
     pub control_plane: Option<ControlPlaneCost>,
@@ -107,6 +109,7 @@ impl RunReport {
             ("propagation max".into(), format!("{:.1} ms", self.propagation.max_ms)),
             ("failed clients".into(), self.failed_clients.to_string()),
             ("responses per change per client".into(), format!("{:.2}", self.responses_per_push_per_client)),
+            ("loadgen RSS, clients idle".into(), format!("{:.1} MiB", mib(self.own_rss_idle_bytes))),
             (
                 format!(
                     "loadgen CPU per push per client{}",

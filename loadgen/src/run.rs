@@ -71,6 +71,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<RunReport> {
     // Idle: census pushes settle, then memory, CPU rate and Cloud Map calls.
     tokio::time::sleep(args.settle).await;
     let idle = pid.map(procfs::sample).transpose()?;
+    let own_idle = procfs::sample(std::process::id())?;
     let idle_started = Instant::now();
     let api_calls = match &args.api_counter {
         Some(url) => {
@@ -138,6 +139,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<RunReport> {
         p99_per_change_ms,
         own_cpu_per_push_per_client_us: own / pushes * 1e6,
         responses_per_push_per_client: responses / pushes,
+        own_rss_idle_bytes: own_idle.rss_bytes,
         failed_clients: tracker.failed(),
         first_error: tracker.first_error(),
         control_plane,
