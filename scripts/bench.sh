@@ -19,7 +19,8 @@
 # BENCH_REPEAT=R repeats each comparison run R times (ranges in compare.md); BENCH_PROFILE=debug|release
 # overrides the build profile; BENCH_SECTIONS picks sections (default
 # "criterion compare large idle in-process api startup"); BENCH_COMPARE_CLIENTS (default "1000 10000")
-# and BENCH_IDLE_CLIENTS (default 100000) size the comparison and idle runs. BENCH_CLIENT_CPUS / BENCH_CP_CPUS (taskset -c lists, e.g. 2-3 and 0-1) pin the load
+# and BENCH_IDLE_CLIENTS (default 100000) size the comparison and idle runs; BENCH_SERVERS (e.g.
+# "floor old") limits the servers compared. BENCH_CLIENT_CPUS / BENCH_CP_CPUS (taskset -c lists, e.g. 2-3 and 0-1) pin the load
 # generator and the server under test apart on a machine with more cores; unset, both share all cores.
 # BENCH_PERF=1 records a CPU profile of cloudmap-xds during the first external N = 10,000 run
 # (perf, software clock: $BENCH_OUT/*.perf.txt).
@@ -214,6 +215,17 @@ floor() { # LABEL INSTANCES CLIENTS CHANGES [loadgen flags...]: the same measure
 SERVERS=(floor)
 if [[ -n $OLD_BIN ]]; then SERVERS+=(old); fi
 SERVERS+=(new)
+# BENCH_SERVERS="floor old" (say) measures only those.
+if [[ -n ${BENCH_SERVERS:-} ]]; then
+    read -r -a SERVERS <<<"$BENCH_SERVERS"
+    for server in "${SERVERS[@]}"; do
+        case "$server" in
+            floor | new) ;;
+            old) [[ -n $OLD_BIN ]] || { echo "bench: BENCH_SERVERS names old without CLOUDMAP_XDS_OLD_BIN" >&2; exit 2; } ;;
+            *) echo "bench: unknown server $server in BENCH_SERVERS (floor, old, new)" >&2; exit 2 ;;
+        esac
+    done
+fi
 
 measure() { # SERVER LABEL INSTANCES CLIENTS CHANGES [loadgen flags...]
     local server="$1" label="$2" instances="$3"
@@ -231,7 +243,12 @@ compare_table() {
 import glob, json, os, re, sys
 out, servers = sys.argv[1], sys.argv[2:]
 runs = {}
-for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+def order(path):  # sotw-N by N, then the large service, then the idle run
+    name = os.path.basename(path)
+    n = re.search(r"-(\d+)-r\d+\.json$", name)
+    kind = next((i for i, k in enumerate(["-sotw-", "-large-", "-idle-"]) if k in name), 3)
+    return (kind, int(n.group(1)) if n else 0, name)
+for path in sorted(glob.glob(os.path.join(out, "*.json")), key=order):
     m = re.match(r"(floor|old|new)-(.+)-r(\d+)\.json$", os.path.basename(path))
     if m:
         runs.setdefault(m.group(2), {}).setdefault(m.group(1), []).append(json.load(open(path)))
