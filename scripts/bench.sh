@@ -227,11 +227,13 @@ if [[ -n ${BENCH_SERVERS:-} ]]; then
     done
 fi
 
-measure() { # SERVER LABEL INSTANCES CLIENTS CHANGES [loadgen flags...]
+measure() { # SERVER LABEL INSTANCES CLIENTS CHANGES [loadgen flags...] [-- cloudmap-xds flags...]
     local server="$1" label="$2" instances="$3"
     shift 3
+    local lg=()
+    for arg in "$@"; do [[ $arg == -- ]] && break; lg+=("$arg"); done
     case "$server" in
-        floor) floor "$label" "$instances" "$@" ;;
+        floor) floor "$label" "$instances" "${lg[@]}" ;;
         old) INSTANCES="$instances" CP_BIN="$OLD_BIN" external "$label" "$@" ;;
         new) INSTANCES="$instances" external "$label" "$@" ;;
     esac
@@ -325,8 +327,9 @@ fi
 if want idle; then
     echo "==> $IDLE_CLIENTS idle streams (1,000 connections), one change: ${SERVERS[*]}"
     for server in "${SERVERS[@]}"; do
+        # cloudmap-xds refuses streams beyond --max-streams (20,000 by default).
         measure "$server" "$server-idle-$IDLE_CLIENTS-r1" 30 "$IDLE_CLIENTS" 1 --settle 5s --connect-timeout 900s \
-            --change-timeout 300s
+            --change-timeout 300s -- --max-streams "$((IDLE_CLIENTS + 1000))"
     done
 fi
 
