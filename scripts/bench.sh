@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Benchmarks of cloudmap-xds with the load generator (loadgen/) — see BENCHMARKS.md.
 #
-#   scripts/bench.sh           the whole set, release builds (~8 min on 2 cores once built, +2.5 min per
-#                              extra BENCH_REPEAT round; a cold release + criterion build takes 15–30 min):
-#                              criterion micro-benchmarks; push propagation for N = 100, 1,000,
-#                              10,000 clients in-process and against a cloudmap-xds process with
-#                              moto (RSS per idle stream, CPU per push per client); Cloud Map
-#                              API calls per minute for N = 10 and 1,000; start to /ready with
-#                              100 services × 50 instances.
-#   scripts/bench.sh --smoke   N = 200 in-process and against moto, debug builds, < 60 s once
-#                              built; fails if the load generator fails or a client misses an update.
+#   scripts/bench.sh           the whole set, release builds: criterion micro-benchmarks; then, in
+#                              one run with the same loadgen binary, for each server — the floor
+#                              (`loadgen floor`, a bare tonic ADS server that sends every stream
+#                              the same pre-encoded bytes), the old cloudmap-xds
+#                              ($CLOUDMAP_XDS_OLD_BIN, if set) and this tree's cloudmap-xds (new):
+#                              external SotW N = 1,000 and 10,000, K = 20 (propagation p50/p99/max,
+#                              RSS per idle stream, CPU per push per client); a 990-instance
+#                              service, N = 1,000, K = 5 (RSS per idle stream); 100,000 idle
+#                              streams and one change (time to reach all, RSS); then in-process
+#                              runs, Cloud Map API calls per minute and start to /ready.
+#                              compare.md holds the floor / old / new table with ratios.
+#   scripts/bench.sh --smoke   N = 200 in-process, against moto and against the floor, debug
+#                              builds; fails if the load generator fails or a client misses an update.
 #
-# Results: one JSON file per run and summary.md in $BENCH_OUT (default target/bench/<mode>).
-# BENCH_REPEAT=R repeats each propagation run R times; BENCH_PROFILE=debug|release overrides
-# the build profile; BENCH_PERF=1 records a CPU profile of the control plane during the external
-# N = 10,000 run (perf, software clock: $BENCH_OUT/external-sotw-10000-r1.perf.txt).
+# Results: one JSON file per run, summary.md and compare.md in $BENCH_OUT (default target/bench/<mode>).
+# BENCH_REPEAT=R repeats each comparison run R times (ranges in compare.md); BENCH_PROFILE=debug|release
+# overrides the build profile; BENCH_SECTIONS picks sections (default
+# "criterion compare large idle in-process api startup"); BENCH_COMPARE_CLIENTS (default "1000 10000")
+# and BENCH_IDLE_CLIENTS (default 100000) size the comparison and idle runs; BENCH_SERVERS (e.g.
+# "floor old") limits the servers compared. BENCH_CLIENT_CPUS / BENCH_CP_CPUS (taskset -c lists, e.g. 2-3 and 0-1) pin the load
+# generator and the server under test apart on a machine with more cores; unset, both share all cores.
+# BENCH_PERF=1 records a CPU profile of cloudmap-xds during the first external N = 10,000 run
+# (perf, software clock: $BENCH_OUT/*.perf.txt).
 # Needs the peers of scripts/install-peers.sh (moto), installed if missing.
 set -euo pipefail
 
@@ -31,10 +40,26 @@ if [[ $MODE == smoke ]]; then PROFILE="${BENCH_PROFILE:-debug}"; else PROFILE="$
 REPEAT="${BENCH_REPEAT:-1}"
 OUT="${BENCH_OUT:-$ROOT/target/bench/$MODE}"
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/summary.md
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/summary.md "$OUT"/compare.md
 
-# 10,000 streams over 100 connections need few descriptors, but allow one connection per client too.
+SECTIONS="${BENCH_SECTIONS:-criterion compare large idle in-process api startup}"
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+IDLE_CLIENTS="${BENCH_IDLE_CLIENTS:-100000}"
+read -r -a COMPARE_CLIENTS <<<"${BENCH_COMPARE_CLIENTS:-1000 10000}"
+OLD_BIN="${CLOUDMAP_XDS_OLD_BIN:-}"
+if [[ -n $OLD_BIN && ! -x $OLD_BIN ]]; then echo "bench: CLOUDMAP_XDS_OLD_BIN=$OLD_BIN is not executable" >&2; exit 2; fi
+
+# 100 streams per connection: 100,000 idle streams are 1,000 connections on each side. Allow one
+# connection per client at N = 10,000 too.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if [[ $MODE == full ]] && want idle && (($(ulimit -n) < IDLE_CLIENTS / 100 + 200)); then
+    echo "bench: open files limit $(ulimit -n) is too low for $IDLE_CLIENTS idle streams" >&2
+    exit 2
+fi
+PIN_CLIENTS=()
+PIN_CP=()
+if [[ -n ${BENCH_CLIENT_CPUS:-} ]]; then PIN_CLIENTS=(taskset -c "$BENCH_CLIENT_CPUS"); fi
+if [[ -n ${BENCH_CP_CPUS:-} ]]; then PIN_CP=(taskset -c "$BENCH_CP_CPUS"); fi
 
 echo "==> building loadgen and cloudmap-xds ($PROFILE)"
 if [[ $PROFILE == release ]]; then
@@ -86,15 +111,26 @@ CP_CONFIG="$OUT/cloudmap-xds.toml"
 printf '[default]\nmetadata_attributes = ["LOADGEN_CHANGE"]\n' >"$CP_CONFIG"
 
 CP_PID=""
-start_cp() { # LABEL NAMESPACE [cloudmap-xds flags...]; sets CP_PID, XDS, ADMIN
+start_cp() { # LABEL NAMESPACE [cloudmap-xds flags...]; sets CP_PID, XDS, ADMIN (CP_BIN overrides the binary)
     local label="$1" namespace="$2"
     shift 2
     XDS="127.0.0.1:$(free_port)"
     ADMIN="127.0.0.1:$(free_port)"
-    AWS_ENDPOINT_URL="$PROXY" "$CP" --namespace "$namespace" --xds-listen "$XDS" --admin-listen "$ADMIN" --config "$CP_CONFIG" "$@" \
-        >"$OUT/$label.cp.log" 2>&1 &
+    # taskset execs the control plane, so $! is its pid either way.
+    AWS_ENDPOINT_URL="$PROXY" "${PIN_CP[@]}" "${CP_BIN:-$CP}" --namespace "$namespace" --xds-listen "$XDS" \
+        --admin-listen "$ADMIN" --config "$CP_CONFIG" "$@" >"$OUT/$label.cp.log" 2>&1 &
     CP_PID=$!
     PIDS+=("$CP_PID")
+}
+
+start_floor() { # LABEL INSTANCES; sets CP_PID, XDS, ADMIN
+    XDS="127.0.0.1:$(free_port)"
+    ADMIN="127.0.0.1:$(free_port)"
+    "${PIN_CP[@]}" "$LOADGEN" floor --listen "$XDS" --admin "$ADMIN" --namespace loadgen --service bench \
+        --endpoints "$2" >"$OUT/$1.cp.log" 2>&1 &
+    CP_PID=$!
+    PIDS+=("$CP_PID")
+    wait_http "http://$ADMIN/ready" 30
 }
 
 stop_cp() {
@@ -116,7 +152,10 @@ line = (f"{label}: {r['mode']} {r['protocol']} N={r['clients']} K={r['changes']}
 cp = r.get("control_plane")
 if cp:
     line += (f" rss/stream={cp['rss_per_stream_bytes']/1024:.1f}KiB"
-             f" cpu/push/client={cp['cpu_per_push_per_client_us']:.1f}us")
+             f" cpu/push/client={cp['cpu_per_push_per_client_us']:.1f}us"
+             f" rss-idle={cp['idle']['rss_bytes']/2**20:.0f}MiB")
+line += (f" loadgen-cpu/push/client={r['own_cpu_per_push_per_client_us']:.1f}us"
+         f" loadgen-rss={r.get('own_rss_idle_bytes', 0)/2**20:.0f}MiB")
 api = r.get("api_calls")
 if api:
     line += f" api/min={api['per_minute']:.1f}"
@@ -128,7 +167,7 @@ in_process() { # LABEL CLIENTS CHANGES [loadgen flags...]
     local label="$1" clients="$2" changes="$3" l
     shift 3
     l="$(load)"
-    "$LOADGEN" run --in-process --clients "$clients" --changes "$changes" --json "$@" >"$OUT/$label.json"
+    "${PIN_CLIENTS[@]}" "$LOADGEN" run --in-process --clients "$clients" --changes "$changes" --json "$@" >"$OUT/$label.json"
     note "$label" "$l" | tee -a "$OUT/summary.md"
 }
 
@@ -138,16 +177,17 @@ external() { # LABEL CLIENTS CHANGES [loadgen flags...] [-- cloudmap-xds flags..
     local lg=() cp=()
     while (($#)); do [[ $1 == -- ]] && { shift; cp=("$@"); break; }; lg+=("$1"); shift; done
     moto_reset
-    "$LOADGEN" seed --cloudmap "$MOTO" --namespace loadgen --service bench --instances 30 2>>"$OUT/$label.log"
+    "$LOADGEN" seed --cloudmap "$MOTO" --namespace loadgen --service bench --instances "${INSTANCES:-30}" \
+        2>>"$OUT/$label.log"
     start_cp "$label" loadgen "${cp[@]}"
     l="$(load)"
     local perf=""
-    if [[ ${BENCH_PERF:-0} == 1 && $label == external-sotw-10000-r1 ]]; then
+    if [[ ${BENCH_PERF:-0} == 1 && $label == *-sotw-10000-r1 ]]; then
         perf record -F 499 -e cpu-clock --call-graph dwarf,32768 -p "$CP_PID" -o "$OUT/$label.perf.data" \
             >/dev/null 2>&1 &
         perf=$!
     fi
-    "$LOADGEN" run --control-plane "$XDS" --admin "$ADMIN" --cloudmap "$MOTO" --control-plane-pid "$CP_PID" \
+    "${PIN_CLIENTS[@]}" "$LOADGEN" run --control-plane "$XDS" --admin "$ADMIN" --cloudmap "$MOTO" --control-plane-pid "$CP_PID" \
         --clients "$clients" --changes "$changes" --json "${lg[@]}" >"$OUT/$label.json" 2>>"$OUT/$label.log" \
         || { stop_cp; echo "bench: $label failed; see $OUT/$label.log and $OUT/$label.cp.log" >&2; cat "$OUT/$label.log" >&2; return 1; }
     if [[ -n $perf ]]; then
@@ -159,6 +199,95 @@ external() { # LABEL CLIENTS CHANGES [loadgen flags...] [-- cloudmap-xds flags..
     note "$label" "$l" | tee -a "$OUT/summary.md"
 }
 
+floor() { # LABEL INSTANCES CLIENTS CHANGES [loadgen flags...]: the same measurement against `loadgen floor`
+    local label="$1" instances="$2" clients="$3" changes="$4" l
+    shift 4
+    start_floor "$label" "$instances"
+    l="$(load)"
+    "${PIN_CLIENTS[@]}" "$LOADGEN" run --control-plane "$XDS" --admin "$ADMIN" --floor --control-plane-pid "$CP_PID" \
+        --clients "$clients" --changes "$changes" --json "$@" >"$OUT/$label.json" 2>>"$OUT/$label.log" \
+        || { stop_cp; echo "bench: $label failed; see $OUT/$label.log" >&2; cat "$OUT/$label.log" >&2; return 1; }
+    stop_cp
+    note "$label" "$l" | tee -a "$OUT/summary.md"
+}
+
+# The servers compared: the floor, the old cloudmap-xds (if given), this tree's cloudmap-xds.
+SERVERS=(floor)
+if [[ -n $OLD_BIN ]]; then SERVERS+=(old); fi
+SERVERS+=(new)
+# BENCH_SERVERS="floor old" (say) measures only those.
+if [[ -n ${BENCH_SERVERS:-} ]]; then
+    read -r -a SERVERS <<<"$BENCH_SERVERS"
+    for server in "${SERVERS[@]}"; do
+        case "$server" in
+            floor | new) ;;
+            old) [[ -n $OLD_BIN ]] || { echo "bench: BENCH_SERVERS names old without CLOUDMAP_XDS_OLD_BIN" >&2; exit 2; } ;;
+            *) echo "bench: unknown server $server in BENCH_SERVERS (floor, old, new)" >&2; exit 2 ;;
+        esac
+    done
+fi
+
+measure() { # SERVER LABEL INSTANCES CLIENTS CHANGES [loadgen flags...] [-- cloudmap-xds flags...]
+    local server="$1" label="$2" instances="$3"
+    shift 3
+    local lg=()
+    for arg in "$@"; do [[ $arg == -- ]] && break; lg+=("$arg"); done
+    case "$server" in
+        floor) floor "$label" "$instances" "${lg[@]}" ;;
+        old) INSTANCES="$instances" CP_BIN="$OLD_BIN" external "$label" "$@" ;;
+        new) INSTANCES="$instances" external "$label" "$@" ;;
+    esac
+}
+
+# compare.md: per run, each server's figures (ranges over rounds) and the means' ratios to the floor.
+compare_table() {
+    python3 - "$OUT" "${SERVERS[@]}" <<'PY' | tee "$OUT/compare.md"
+import glob, json, os, re, sys
+out, servers = sys.argv[1], sys.argv[2:]
+runs = {}
+def order(path):  # sotw-N by N, then the large service, then the idle run
+    name = os.path.basename(path)
+    n = re.search(r"-(\d+)-r\d+\.json$", name)
+    kind = next((i for i, k in enumerate(["-sotw-", "-large-", "-idle-"]) if k in name), 3)
+    return (kind, int(n.group(1)) if n else 0, name)
+for path in sorted(glob.glob(os.path.join(out, "*.json")), key=order):
+    m = re.match(r"(floor|old|new)-(.+)-r(\d+)\.json$", os.path.basename(path))
+    if m:
+        runs.setdefault(m.group(2), {}).setdefault(m.group(1), []).append(json.load(open(path)))
+def metrics(r):
+    p, cp = r["propagation"], r.get("control_plane") or {}
+    return {"p50": p["p50_ms"], "p99": p["p99_ms"], "max": p["max_ms"],
+            "rss": cp.get("rss_per_stream_bytes", 0) / 1024, "cpu": cp.get("cpu_per_push_per_client_us", 0),
+            "connect": r["connect_seconds"], "cp_rss": cp.get("idle", {}).get("rss_bytes", 0) / 2**20,
+            "lg_cpu": r["own_cpu_per_push_per_client_us"], "lg_rss": r.get("own_rss_idle_bytes", 0) / 2**20}
+def rng(values, fmt):
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else lo + "–" + hi
+cols = [("p50", "p50 ms", "{:.1f}"), ("p99", "p99 ms", "{:.1f}"), ("max", "max ms", "{:.1f}"),
+        ("rss", "RSS / idle stream KiB", "{:.1f}"), ("cpu", "CP CPU / push / client µs", "{:.1f}"),
+        ("cp_rss", "CP RSS idle MiB", "{:.0f}"), ("connect", "all connected s", "{:.1f}"),
+        ("lg_cpu", "loadgen CPU / push / client µs", "{:.1f}"), ("lg_rss", "loadgen RSS MiB", "{:.0f}")]
+print("| run | server | rounds | " + " | ".join(c[1] for c in cols) + " |")
+print("|---|---|---:|" + "---:|" * len(cols))
+ratios = []
+mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)
+for name, by_server in runs.items():
+    base = [metrics(r) for r in by_server.get("floor", [])]
+    for server in servers:
+        ms = [metrics(r) for r in by_server.get(server, [])]
+        if not ms:
+            continue
+        print(f"| {name} | {server} | {len(ms)} | " + " | ".join(rng([m[k] for m in ms], f) for k, _, f in cols) + " |")
+        if server != "floor" and base:
+            ratio = lambda k: f"{mean(ms, k) / mean(base, k):.2f}×" if mean(base, k) > 0 else "–"
+            ratios.append(f"| {name} | {server} / floor | {ratio('p99')} | {ratio('cpu')} | {ratio('rss')} |")
+if ratios:
+    print("\n| run | ratio | p99 | CP CPU / push / client | RSS / idle stream |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(ratios))
+PY
+}
+
 echo "==> machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), commit $(git rev-parse --short HEAD 2>/dev/null || echo none)" \
     | tee "$OUT/summary.md"
 
@@ -167,29 +296,68 @@ if [[ $MODE == smoke ]]; then
     in_process smoke-in-process 200 5
     in_process smoke-in-process-delta 200 3 --delta
     external smoke-external 200 3 --settle 1s -- --revision-interval 200ms
+    floor smoke-floor 30 200 3 --settle 1s
     echo "==> smoke passed in $((SECONDS - started)) s; results in $OUT"
     exit 0
 fi
 
-echo "==> criterion micro-benchmarks (control-plane/benches/pipeline.rs)"
-cargo bench -p cloudmap-xds --bench pipeline 2>&1 | tee "$OUT/criterion.log" | grep -E "^[a-z].*/|time:|encodes to"
+echo "==> servers compared: ${SERVERS[*]}${OLD_BIN:+ (old = $OLD_BIN)}" | tee -a "$OUT/summary.md"
 
-for r in $(seq 1 "$REPEAT"); do
-    echo "==> push propagation, in-process (library + Cloud Map test double), round $r"
-    in_process "in-process-sotw-100-r$r" 100 50
-    in_process "in-process-sotw-1000-r$r" 1000 50
-    in_process "in-process-sotw-10000-r$r" 10000 20
-    in_process "in-process-delta-10000-r$r" 10000 20 --delta
-    echo "==> push propagation against a cloudmap-xds process with moto, round $r"
-    external "external-sotw-100-r$r" 100 20
-    external "external-sotw-1000-r$r" 1000 20
-    external "external-sotw-10000-r$r" 10000 20
-done
+if want criterion; then
+    echo "==> criterion micro-benchmarks (control-plane/benches/pipeline.rs)"
+    cargo bench -p cloudmap-xds --bench pipeline 2>&1 | tee "$OUT/criterion.log" | grep -E "^[a-z].*/|time:|encodes to"
+fi
 
-echo "==> Cloud Map API calls per minute (60 s, clients idle), N = 10 and N = 1,000"
-external api-10 10 1 --api-counter "$PROXY/__loadgen/counts" --api-window 60s
-external api-1000 1000 1 --api-counter "$PROXY/__loadgen/counts" --api-window 60s
+if want compare; then
+    for r in $(seq 1 "$REPEAT"); do
+        echo "==> push propagation, external SotW, K = 20: ${SERVERS[*]}, round $r"
+        for n in "${COMPARE_CLIENTS[@]}"; do
+            for server in "${SERVERS[@]}"; do measure "$server" "$server-sotw-$n-r$r" 30 "$n" 20; done
+        done
+    done
+fi
 
+if want large; then
+    for r in $(seq 1 "$REPEAT"); do
+        echo "==> a large service (990 instances), N = 1,000, K = 5: ${SERVERS[*]}, round $r"
+        for server in "${SERVERS[@]}"; do measure "$server" "$server-large-990-1000-r$r" 990 1000 5; done
+    done
+fi
+
+if want idle; then
+    echo "==> $IDLE_CLIENTS idle streams (1,000 connections), one change: ${SERVERS[*]}"
+    for server in "${SERVERS[@]}"; do
+        # cloudmap-xds refuses streams beyond --max-streams (20,000 by default).
+        measure "$server" "$server-idle-$IDLE_CLIENTS-r1" 30 "$IDLE_CLIENTS" 1 --settle 5s --connect-timeout 900s \
+            --change-timeout 300s -- --max-streams "$((IDLE_CLIENTS + 1000))"
+    done
+fi
+
+if want compare || want large || want idle; then
+    echo "==> floor / old / new ($OUT/compare.md)"
+    compare_table
+fi
+
+if want in-process; then
+    for r in $(seq 1 "$REPEAT"); do
+        echo "==> push propagation, in-process (library + Cloud Map test double), round $r"
+        in_process "in-process-sotw-100-r$r" 100 50
+        in_process "in-process-sotw-1000-r$r" 1000 50
+        in_process "in-process-sotw-10000-r$r" 10000 20
+        in_process "in-process-delta-10000-r$r" 10000 20 --delta
+    done
+fi
+
+if want api; then
+    echo "==> Cloud Map API calls per minute (60 s, clients idle), N = 10 and N = 1,000"
+    external api-10 10 1 --api-counter "$PROXY/__loadgen/counts" --api-window 60s
+    external api-1000 1000 1 --api-counter "$PROXY/__loadgen/counts" --api-window 60s
+fi
+
+if ! want startup; then
+    echo "==> done; results in $OUT"
+    exit 0
+fi
 echo "==> process start to /ready, 100 services × 50 instances in moto"
 moto_reset
 "$LOADGEN" seed --cloudmap "$MOTO" --namespace startup --service svc --services 100 --instances 50

@@ -30,6 +30,9 @@ pub enum Command {
     Startup(StartupArgs),
     /// An HTTP proxy in front of moto that counts Cloud Map API calls by operation.
     CountProxy(ProxyArgs),
+    /// The bare-stack floor: an ADS server that encodes each response once and sends the
+    /// same bytes to every stream (drive it with `run --floor`).
+    Floor(FloorArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -39,9 +42,15 @@ pub struct RunArgs {
     #[arg(long, conflicts_with_all = ["control_plane", "admin", "cloudmap"])]
     pub in_process: bool,
 
-    /// xDS address of an external cloudmap-xds process.
-    #[arg(long, requires_all = ["admin", "cloudmap"])]
+    /// xDS address of an external cloudmap-xds process (with --cloudmap), or of a
+    /// `loadgen floor` process (with --floor).
+    #[arg(long, requires = "admin")]
     pub control_plane: Option<SocketAddr>,
+
+    /// The external control plane is `loadgen floor`: a change is `POST /change?k=K`
+    /// on its admin port instead of a Cloud Map registration.
+    #[arg(long, requires = "control_plane", conflicts_with = "cloudmap")]
+    pub floor: bool,
 
     /// Admin address of that process (/ready, and /metrics for when it applied each change).
     #[arg(long)]
@@ -162,6 +171,24 @@ pub struct StartupArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Where to serve ADS, e.g. 127.0.0.1:18000.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Where to serve /ready, /metrics and POST /change?k=K.
+    #[arg(long)]
+    pub admin: SocketAddr,
+    #[arg(long, default_value = "loadgen")]
+    pub namespace: String,
+    /// The service served (`SERVICE.NAMESPACE`), as `loadgen seed --service`.
+    #[arg(long, default_value = "bench")]
+    pub service: String,
+    /// Instances of the service before any change, as `loadgen seed --instances`.
+    #[arg(long, visible_alias = "instances", default_value_t = 30)]
+    pub endpoints: usize,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
     /// Where to listen, e.g. 127.0.0.1:5001.
     #[arg(long)]
@@ -183,6 +210,12 @@ mod tests {
         assert_eq!(cli.run.dial_name(), "bench.loadgen");
         assert!(Cli::try_parse_from(["loadgen", "--in-process", "--control-plane", "127.0.0.1:1"]).is_err());
         assert!(Cli::try_parse_from(["loadgen", "--control-plane", "127.0.0.1:1"]).is_err(), "needs --admin too");
+        let floor = ["loadgen", "--control-plane", "127.0.0.1:1", "--admin", "127.0.0.1:2", "--floor"];
+        assert!(Cli::try_parse_from(floor).expect("parses").run.floor);
+        assert!(Cli::try_parse_from([&floor[..], &["--cloudmap", "http://x"]].concat()).is_err());
+        let cli = Cli::try_parse_from(["loadgen", "floor", "--listen", "127.0.0.1:1", "--admin", "127.0.0.1:2"])
+            .expect("parses");
+        assert!(matches!(cli.command, Some(Command::Floor(f)) if f.endpoints == 30 && f.service == "bench"));
         let cli = Cli::try_parse_from(["loadgen", "startup", "--admin", "127.0.0.1:9901", "--", "cp", "--x"])
             .expect("parses");
         match cli.command {

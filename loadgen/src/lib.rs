@@ -9,6 +9,7 @@
 //! control plane applied the change the client received the new EDS.
 //! [`run`] orchestrates one measurement and [`report`] prints it.
 //!
+//! [`floor`] is the bare-stack ADS server every run is compared with.
 //! Helpers for the benchmark script: [`cloudmap`] seeds moto, [`procfs`]
 //! reads a process's memory and CPU, [`proxy`] counts Cloud Map API calls,
 //! [`startup`] times a control plane from process start to ready.
@@ -16,6 +17,7 @@
 pub mod cli;
 pub mod client;
 pub mod cloudmap;
+pub mod floor;
 pub mod procfs;
 pub mod proxy;
 pub mod report;

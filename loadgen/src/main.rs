@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use loadgen::cli::{Cli, Command, RunArgs};
-use loadgen::{cloudmap, proxy, run, startup};
+use loadgen::{cloudmap, floor, proxy, run, startup};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -26,6 +26,10 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Some(Command::CountProxy(args)) => proxy::serve(args.listen, args.upstream).await.map(|()| ExitCode::SUCCESS),
+        Some(Command::Floor(args)) => {
+            let served = floor::Floor::new(&args.namespace, &args.service, args.endpoints);
+            floor::serve(args.listen, args.admin, served).await.map(|()| ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("loadgen: {e:#}");

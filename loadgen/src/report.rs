@@ -73,8 +73,13 @@ pub struct RunReport {
     /// Per change, the p99 (ms): shows whether one slow change dominates.
     pub p99_per_change_ms: Vec<f64>,
     /// This process's CPU time during the changes ÷ (changes × clients): the
-    /// clients' cost, and in-process also the control plane's.
+    /// clients' cost, and in-process also the control plane's. Against
+    /// cloudmap-xds the Cloud Map registration calls are left out.
     pub own_cpu_per_push_per_client_us: f64,
+    /// Responses (of any type) each client received per change: 1 when only the EDS is re-sent.
+    pub responses_per_push_per_client: f64,
+    /// This process's RSS with every client connected and idle.
+    pub own_rss_idle_bytes: u64,
     pub failed_clients: usize,
     pub first_error: Option<String>,
     pub control_plane: Option<ControlPlaneCost>,
@@ -103,6 +108,8 @@ impl RunReport {
             ("propagation p99".into(), format!("{:.1} ms", self.propagation.p99_ms)),
             ("propagation max".into(), format!("{:.1} ms", self.propagation.max_ms)),
             ("failed clients".into(), self.failed_clients.to_string()),
+            ("responses per change per client".into(), format!("{:.2}", self.responses_per_push_per_client)),
+            ("loadgen RSS, clients idle".into(), format!("{:.1} MiB", mib(self.own_rss_idle_bytes))),
             (
                 format!(
                     "loadgen CPU per push per client{}",

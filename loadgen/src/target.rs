@@ -11,6 +11,9 @@
 //!   one new instance carrying the marker; the apply time is the process's
 //!   `cloudmap_xds_service_updated_timestamp_seconds{service}` gauge, read
 //!   once every client has the change (nothing else moves it meanwhile).
+//! - [`FloorProcess`]: a `loadgen floor` process, the bare-stack floor. A
+//!   change is `POST /change?k=K` on its admin port (it registers the same
+//!   instance in its own state); the apply time is the same gauge.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,11 +33,12 @@ use tokio::task::JoinHandle;
 use crate::client::MARKER_ATTRIBUTE;
 use crate::{REGION, cloudmap, unix_now};
 
-const UPDATED_GAUGE: &str = "cloudmap_xds_service_updated_timestamp_seconds";
+use crate::floor::UPDATED_GAUGE;
 
 pub enum Target {
     InProcess(InProcess),
     External(External),
+    Floor(FloorProcess),
 }
 
 impl Target {
@@ -43,6 +47,7 @@ impl Target {
         match self {
             Target::InProcess(t) => t.xds,
             Target::External(t) => t.xds,
+            Target::Floor(t) => t.xds,
         }
     }
 
@@ -50,6 +55,7 @@ impl Target {
         match self {
             Target::InProcess(_) => "in-process",
             Target::External(_) => "external",
+            Target::Floor(_) => "floor",
         }
     }
 
@@ -64,6 +70,7 @@ impl Target {
                 let (id, attributes) = cloudmap::change_instance(k);
                 cloudmap::register(&t.cloudmap, &t.service_id, &id, attributes).await
             }
+            Target::Floor(t) => t.change(k).await,
         }
     }
 
@@ -72,7 +79,8 @@ impl Target {
     pub async fn applied_at(&self, k: u64) -> anyhow::Result<f64> {
         match self {
             Target::InProcess(t) => t.applied.get(&k).copied().ok_or_else(|| anyhow!("change {k} was not made")),
-            Target::External(t) => t.updated_at().await,
+            Target::External(t) => updated_at(&t.http, t.admin, &t.dial).await,
+            Target::Floor(t) => updated_at(&t.http, t.admin, &t.dial).await,
         }
     }
 }
@@ -181,13 +189,36 @@ impl External {
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_ready(&self.http, self.admin, timeout).await
     }
+}
 
-    async fn updated_at(&self) -> anyhow::Result<f64> {
-        let url = format!("http://{}/metrics", self.admin);
-        let text = self.http.get(&url).send().await?.error_for_status()?.text().await?;
-        gauge(&text, UPDATED_GAUGE, &self.dial)
-            .with_context(|| format!("{url} has no {UPDATED_GAUGE}{{service=\"{}\"}}", self.dial))
+/// A `loadgen floor` process.
+pub struct FloorProcess {
+    xds: SocketAddr,
+    admin: SocketAddr,
+    dial: String,
+    http: reqwest::Client,
+}
+
+impl FloorProcess {
+    pub async fn connect(xds: SocketAddr, admin: SocketAddr, namespace: &str, service: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        let floor = FloorProcess { xds, admin, dial: format!("{service}.{namespace}"), http };
+        wait_ready(&floor.http, admin, Duration::from_secs(30)).await?;
+        Ok(floor)
     }
+
+    async fn change(&self, k: u64) -> anyhow::Result<()> {
+        let url = format!("http://{}/change?k={k}", self.admin);
+        self.http.post(&url).send().await?.error_for_status().with_context(|| format!("POST {url}"))?;
+        Ok(())
+    }
+}
+
+/// When the control plane at `admin` last updated service `dial` (its gauge).
+async fn updated_at(http: &reqwest::Client, admin: SocketAddr, dial: &str) -> anyhow::Result<f64> {
+    let url = format!("http://{admin}/metrics");
+    let text = http.get(&url).send().await?.error_for_status()?.text().await?;
+    gauge(&text, UPDATED_GAUGE, dial).with_context(|| format!("{url} has no {UPDATED_GAUGE}{{service=\"{dial}\"}}"))
 }
 
 /// Polls `http://ADMIN/ready` until it answers 200; returns how long that took.
