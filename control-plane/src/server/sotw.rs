@@ -10,7 +10,7 @@
 //!   4 MiB by default), and a change to one service re-sends only that one.
 //!   A resource is sent when its version differs from the last one sent to
 //!   this stream, or when it is newly named; the response's `version_info`
-//!   is the resource's own version (a hash of its inputs, as in Delta), which
+//!   is the resource's own version (a hash of its encoded bytes, as in Delta), which
 //!   is what Envoy's config dump then shows for it.
 //!
 //! ACK and NACK. With several responses of one type in flight, the client
