@@ -776,3 +776,44 @@ class XdsClient:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+SLOW_PEERS = Path(__file__).with_name("slow_peers.py")
+SLOW_PEER_READY = re.compile(r"slow-server listening on (?P<host>[0-9.]+):(?P<port>\d+)")
+
+
+class SlowPeer:
+    """slow_peers.py serve (sleeps --delay, or answers --fail-code), registered in Cloud Map."""
+
+    def __init__(self, deploy, zone: str, instance_id: str, *extra: str, attributes: dict[str, str] | None = None):
+        out, err = deploy.tmp / f"peer-{instance_id}.stdout", deploy.tmp / f"peer-{instance_id}.stderr"
+        fe = open(err, "wb")
+        popen = spawn(
+            [sys.executable, str(SLOW_PEERS), "serve", "--stubs", str(deploy.stubs), "--zone", zone,
+             "--instance-id", instance_id, *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        fe.close()
+        self.proc = deploy.procs.add(Proc(f"peer-server {instance_id}", popen, {"stdout": out, "stderr": err}))
+        self.addr: tuple[str, int] | None = None
+        threading.Thread(target=self._drain, args=(popen.stdout, out), daemon=True).start()
+
+        def ready():
+            if not self.proc.alive():
+                raise AssertionError(f"peer server exited ({popen.returncode}):\n{tail(err)}")
+            return self.addr
+
+        host, port = wait_until(ready, 15, f"peer server {instance_id} ready line")
+        attrs = deploy.cloudmap.ecs_attributes(host, port, zone)
+        attrs.update(attributes or {})
+        deploy.cloudmap.register_attrs(instance_id, attrs)
+
+    def _drain(self, stream, path: Path) -> None:
+        with open(path, "w") as f:
+            for raw in iter(stream.readline, b""):
+                line = ANSI.sub("", raw.decode("utf-8", "replace"))
+                f.write(line)
+                f.flush()
+                m = SLOW_PEER_READY.search(line)
+                if m and self.addr is None:
+                    self.addr = (m["host"], int(m["port"]))

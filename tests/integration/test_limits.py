@@ -14,53 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from envoy_harness import API_TYPES, Envoy, envoy_binary
-from harness import ANSI, Proc, free_port, spawn, tail, wait_until, write_bootstrap
+from harness import SLOW_PEERS, Proc, SlowPeer, free_port, spawn, tail, write_bootstrap
 
-SLOW_PEERS = Path(__file__).with_name("slow_peers.py")
-READY = re.compile(r"slow-server listening on (?P<host>[0-9.]+):(?P<port>\d+)")
 ECHO = "echo.demo"
-
-
-class SlowServer:
-    """slow_peers.py serve, registered in Cloud Map as `instance_id` in `zone`."""
-
-    def __init__(self, deploy, zone: str, instance_id: str):
-        out, err = deploy.tmp / f"slow-{instance_id}.stdout", deploy.tmp / f"slow-{instance_id}.stderr"
-        fe = open(err, "wb")
-        popen = spawn(
-            [sys.executable, str(SLOW_PEERS), "serve", "--stubs", str(deploy.stubs), "--zone", zone,
-             "--instance-id", instance_id],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        fe.close()
-        self.proc = deploy.procs.add(Proc(f"slow-server {instance_id}", popen, {"stdout": out, "stderr": err}))
-        self.addr: tuple[str, int] | None = None
-        threading.Thread(target=self._drain, args=(popen.stdout, out), daemon=True).start()
-
-        def ready():
-            if not self.proc.alive():
-                raise AssertionError(f"slow server exited ({popen.returncode}):\n{tail(err)}")
-            return self.addr
-
-        host, port = wait_until(ready, 15, f"slow server {instance_id} ready line")
-        deploy.cloudmap.register(instance_id, host, port, zone)
-
-    def _drain(self, stream, path: Path) -> None:
-        with open(path, "w") as f:
-            for raw in iter(stream.readline, b""):
-                line = ANSI.sub("", raw.decode("utf-8", "replace"))
-                f.write(line)
-                f.flush()
-                m = READY.search(line)
-                if m and self.addr is None:
-                    self.addr = (m["host"], int(m["port"]))
 
 
 def burst(deploy, name: str, target: str, calls: int, delay_ms: int, timeout: float, authority: str | None = None,
@@ -90,7 +51,7 @@ def burst(deploy, name: str, target: str, calls: int, delay_ms: int, timeout: fl
 
 def test_grpc_client_is_not_capped_at_1024_concurrent_calls(deploy):
     deploy.cloudmap.setup()
-    SlowServer(deploy, "us-east-1a", "i-slow-a1")
+    SlowPeer(deploy, "us-east-1a", "i-slow-a1")
     cp = deploy.control_plane()
     bootstrap = write_bootstrap(deploy.tmp / "bootstrap-burst.json", cp.xds_port, "burst-1", "us-east-1a")
     result = burst(deploy, "grpc", "xds:///echo.demo", calls=1500, delay_ms=4000, timeout=60, bootstrap=bootstrap)
@@ -103,7 +64,7 @@ def test_grpc_client_is_not_capped_at_1024_concurrent_calls(deploy):
 def test_envoy_egress_call_longer_than_15s_succeeds(deploy):
     envoy_binary()  # a missing Envoy fails here, before anything starts
     deploy.cloudmap.setup()
-    SlowServer(deploy, "us-east-1a", "i-slow-a1")
+    SlowPeer(deploy, "us-east-1a", "i-slow-a1")
     egress = free_port()
     cp = deploy.control_plane(extra_args=["--envoy-egress-port", str(egress)])
     envoy = Envoy(cp.xds_port, "us-east-1a", API_TYPES["sotw"], deploy.tmp, deploy.procs)

@@ -10,21 +10,13 @@ the same ECS attributes as demo-server.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from envoy_harness import API_TYPES, EgressCaller, Envoy, envoy_binary
-from harness import ANSI, ZONES, Proc, config_args, free_port, spawn, tail, wait_until
+from harness import ZONES, SlowPeer, config_args, free_port, wait_until
 
-SLOW_PEERS = Path(__file__).with_name("slow_peers.py")
-READY = re.compile(r"slow-server listening on (?P<host>[0-9.]+):(?P<port>\d+)")
 ECHO = "echo.demo"
 CANARY = {"i-a3", "i-b3", "i-c3"}
 
@@ -56,43 +48,6 @@ interval = "2s"
 base_ejection_time = "30s"
 max_ejection_percent = 50
 """
-
-
-class PeerServer:
-    """slow_peers.py serve (sleeps --delay, or answers --fail-code), registered in Cloud Map."""
-
-    def __init__(self, deploy, zone: str, instance_id: str, *extra: str, attributes: dict[str, str] | None = None):
-        out, err = deploy.tmp / f"peer-{instance_id}.stdout", deploy.tmp / f"peer-{instance_id}.stderr"
-        fe = open(err, "wb")
-        popen = spawn(
-            [sys.executable, str(SLOW_PEERS), "serve", "--stubs", str(deploy.stubs), "--zone", zone,
-             "--instance-id", instance_id, *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fe, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        fe.close()
-        self.proc = deploy.procs.add(Proc(f"peer-server {instance_id}", popen, {"stdout": out, "stderr": err}))
-        self.addr: tuple[str, int] | None = None
-        threading.Thread(target=self._drain, args=(popen.stdout, out), daemon=True).start()
-
-        def ready():
-            if not self.proc.alive():
-                raise AssertionError(f"peer server exited ({popen.returncode}):\n{tail(err)}")
-            return self.addr
-
-        host, port = wait_until(ready, 15, f"peer server {instance_id} ready line")
-        attrs = deploy.cloudmap.ecs_attributes(host, port, zone)
-        attrs.update(attributes or {})
-        deploy.cloudmap.register_attrs(instance_id, attrs)
-
-    def _drain(self, stream, path: Path) -> None:
-        with open(path, "w") as f:
-            for raw in iter(stream.readline, b""):
-                line = ANSI.sub("", raw.decode("utf-8", "replace"))
-                f.write(line)
-                f.flush()
-                m = READY.search(line)
-                if m and self.addr is None:
-                    self.addr = (m["host"], int(m["port"]))
 
 
 def versioned_servers(deploy) -> None:
@@ -227,7 +182,7 @@ def test_grpc_route_timeout_ends_a_slow_call_by_1s(deploy):
     route's timeout reaches the client and bounds the call (DEADLINE_EXCEEDED, never later
     than ≈ 1 s, no 3 s call completes); the lower bound is the client's business."""
     deploy.cloudmap.setup()
-    PeerServer(deploy, "us-east-1a", "i-slow-a1", "--delay", "3")
+    SlowPeer(deploy, "us-east-1a", "i-slow-a1", "--delay", "3")
     toml = '[[services."echo.demo".routes]]\ntimeout = "1s"\n'
     cp = deploy.control_plane(extra_args=config_args(deploy.tmp, toml))
     c = deploy.client("us-east-1a", node_id="client-a", deadline=5.0, interval=0.2)
@@ -251,7 +206,7 @@ def failing_zone_a(deploy) -> None:
         deploy.server(z, f"i-{z[-1]}1")
         if z != "us-east-1a":
             deploy.server(z, f"i-{z[-1]}2")
-    PeerServer(deploy, "us-east-1a", "i-bad-a2", "--delay", "0", "--fail-code", "UNAVAILABLE")
+    SlowPeer(deploy, "us-east-1a", "i-bad-a2", "--delay", "0", "--fail-code", "UNAVAILABLE")
 
 
 def test_grpc_retries_hide_an_instance_that_answers_unavailable(deploy):
