@@ -473,9 +473,11 @@ impl Snapshot {
         if name == resources::EGRESS {
             return name;
         }
-        let service = name.split_once('/').map_or(name, |(service, _)| service);
-        match service.rsplit_once(':') {
-            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        // Byte searches: this runs for every subscribed name on every push.
+        let bytes = name.as_bytes();
+        let service = bytes.iter().position(|b| *b == b'/').map_or(name, |i| &name[..i]);
+        match service.as_bytes().iter().rposition(|b| *b == b':') {
+            Some(i) if service[i + 1..].parse::<u16>().is_ok() => &service[..i],
             _ => service,
         }
     }

@@ -81,6 +81,16 @@ def http_post(url: str, timeout: float = 5.0) -> int:
         return r.status
 
 
+def drain_lines(stream, path: Path, on_line: Callable[[str], None]) -> None:
+    """Copy a child's output to `path` line by line (ANSI colours stripped), handing each line to `on_line`."""
+    with open(path, "w") as f:
+        for raw in iter(stream.readline, b""):
+            line = ANSI.sub("", raw.decode("utf-8", "replace"))
+            f.write(line)
+            f.flush()
+            on_line(line)
+
+
 def tail(path: Path, n: int = 60) -> str:
     try:
         lines = ANSI.sub("", path.read_text(errors="replace")).splitlines()
@@ -362,14 +372,12 @@ class DemoServer:
         self.host = m["host"]
 
     def _drain(self, stream, path: Path) -> None:
-        with open(path, "w") as f:
-            for raw in iter(stream.readline, b""):
-                line = ANSI.sub("", raw.decode("utf-8", "replace"))
-                f.write(line)
-                f.flush()
-                if not self._ready.is_set() and READY_LINE.search(line):
-                    self._ready_line = line.strip()
-                    self._ready.set()
+        drain_lines(stream, path, self._on_line)
+
+    def _on_line(self, line: str) -> None:
+        if not self._ready.is_set() and READY_LINE.search(line):
+            self._ready_line = line.strip()
+            self._ready.set()
 
     def _check_ready(self) -> bool:
         if self._ready.is_set():
@@ -809,11 +817,9 @@ class SlowPeer:
         deploy.cloudmap.register_attrs(instance_id, attrs)
 
     def _drain(self, stream, path: Path) -> None:
-        with open(path, "w") as f:
-            for raw in iter(stream.readline, b""):
-                line = ANSI.sub("", raw.decode("utf-8", "replace"))
-                f.write(line)
-                f.flush()
-                m = SLOW_PEER_READY.search(line)
-                if m and self.addr is None:
-                    self.addr = (m["host"], int(m["port"]))
+        drain_lines(stream, path, self._on_line)
+
+    def _on_line(self, line: str) -> None:
+        m = SLOW_PEER_READY.search(line)
+        if m and self.addr is None:
+            self.addr = (m["host"], int(m["port"]))
