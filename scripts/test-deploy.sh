@@ -14,6 +14,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEPLOY="$ROOT/deploy"
 VENV="$ROOT/.peers/cfn"
 PYTHON="${PYTHON:-python3}"
+# shellcheck source=scripts/venv.sh
+source "$ROOT/scripts/venv.sh"
 
 for tool in node npm "$PYTHON"; do
     command -v "$tool" >/dev/null || { echo "test-deploy: $tool not found" >&2; exit 1; }
@@ -34,8 +36,7 @@ if [[ -f "$VENV/.requirements.sha256" && "$(cat "$VENV/.requirements.sha256")" =
     echo "==> .peers/cfn up to date"
 else
     echo "==> pip install -r deploy/requirements-ci.txt (.peers/cfn)"
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV"
+    make_venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$DEPLOY/requirements-ci.txt"
     echo "$req_hash" > "$VENV/.requirements.sha256"
 fi
