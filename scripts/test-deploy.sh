@@ -46,6 +46,13 @@ export ENVOY_BIN
 "$VENV/bin/hadolint" --version
 "$ENVOY_BIN" --version | grep -o 'version: [^ ]*'
 
+# --- Prometheus alerting rules and the Grafana dashboard ----------------------------------------
+echo "==> promtool check rules / test rules (deploy/observability)"
+promtool check rules "$DEPLOY/observability/alerts.yml"
+(cd "$DEPLOY/observability" && promtool test rules alerts_test.yml)
+"$PYTHON" -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"], "no panels"' \
+    "$DEPLOY/observability/dashboard.json"
+
 # --- Dockerfile -------------------------------------------------------------------------------
 echo "==> hadolint Dockerfile"
 "$VENV/bin/hadolint" "$ROOT/Dockerfile"

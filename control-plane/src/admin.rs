@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::cache::{Cache, NamespaceState};
 use crate::server::registry::{Registry, ResourceState, StreamStatus};
+use crate::ui;
 
 #[derive(Clone)]
 struct AdminState {
@@ -38,6 +39,10 @@ pub fn router(
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/config_dump", get(config_dump))
+        .route("/ui", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], ui::PAGE) }))
+        .route("/ui/ui.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], ui::SCRIPT) }))
+        .route("/ui/ui.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], ui::STYLE) }))
+        .route("/ui/state", get(ui_state))
         .with_state(AdminState { cache, registry, metrics, staleness })
 }
 
@@ -108,8 +113,32 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
     for (service, age) in state.cache.sync_ages() {
         metrics::gauge!("cloudmap_xds_seconds_since_last_sync", "service" => service).set(age.as_secs_f64());
     }
+    // The cross-zone share each service's plans give its zoned clients (what the alert reads).
+    let snapshot = state.cache.snapshot();
+    for entry in snapshot.services.values() {
+        if let Some(share) = ui::cross_zone_share(&ui::matrix(entry)) {
+            metrics::gauge!("cloudmap_xds_cross_zone_share", "service" => entry.name.dial_name()).set(share);
+        }
+    }
     state.metrics.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+async fn ui_state(State(state): State<AdminState>) -> Response {
+    let snapshot = state.cache.snapshot();
+    let streams = state.registry.list();
+    let dials: Vec<String> = snapshot.services.keys().cloned().collect();
+    let inputs = ui::Inputs {
+        snapshot: &snapshot,
+        ready: state.cache.is_ready(),
+        namespaces: state.cache.namespace_states(),
+        sync_ages: state.cache.sync_ages(),
+        live_census: state.cache.census().all(),
+        skipped: dials.iter().map(|d| (d.clone(), state.cache.skipped(d))).collect(),
+        routing_errors: dials.iter().filter_map(|d| state.cache.routing_error(d).map(|e| (d.clone(), e))).collect(),
+        streams: &streams,
+    };
+    axum::Json(ui::view(&inputs)).into_response()
 }
 
 async fn config_dump(State(state): State<AdminState>) -> Response {
@@ -156,7 +185,14 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                     (name.clone(), json!({ "census": census, "instances": members }))
                 })
                 .collect();
+            let skipped: Vec<_> = state
+                .cache
+                .skipped(&entry.name.dial_name())
+                .into_iter()
+                .map(|s| json!({"instance_id": s.instance_id, "reason": s.reason}))
+                .collect();
             json!({
+                "skipped": skipped,
                 "subsets": subsets,
                 "routes": entry.routing.routes.len(),
                 // Set while the service's Cloud Map routing attributes are refused (the last good routing is served).

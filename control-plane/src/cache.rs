@@ -31,6 +31,7 @@ use crate::census::Census;
 use crate::model::{ClientKind, Routing, ServiceEndpoints, ServiceName, Zone};
 use crate::policy::{self, PerZone, Plan, Policy};
 use crate::resources::{self, ClusterLimits, ResourceType};
+use crate::translate::Skipped;
 use crate::wakeup::{Changed, Wakeups};
 
 /// Census changes that move no zone's share by this much or more are not pushed.
@@ -610,6 +611,8 @@ pub struct Cache {
     synced: DashMap<String, std::time::Instant>,
     /// Why a service's routing from its Cloud Map attributes was refused (last good kept).
     routing_errors: DashMap<String, String>,
+    /// The instances of each service that the last Cloud Map read skipped, and why.
+    skipped: DashMap<String, Vec<Skipped>>,
 }
 
 impl Default for Cache {
@@ -632,6 +635,7 @@ impl Cache {
             census: Census::default(),
             synced: DashMap::new(),
             routing_errors: DashMap::new(),
+            skipped: DashMap::new(),
         }
     }
 
@@ -761,6 +765,7 @@ impl Cache {
         });
         if owned {
             self.synced.remove(&dial);
+            self.skipped.remove(&dial);
         }
         removed
     }
@@ -804,6 +809,20 @@ impl Cache {
     /// Why service `dial`'s routing attributes were refused, while they are.
     pub fn routing_error(&self, dial: &str) -> Option<String> {
         self.routing_errors.get(dial).map(|e| e.clone())
+    }
+
+    /// Record the instances of service `dial` that its last Cloud Map read skipped.
+    pub fn set_skipped(&self, dial: &str, skipped: Vec<Skipped>) {
+        if skipped.is_empty() {
+            self.skipped.remove(dial);
+        } else {
+            self.skipped.insert(dial.to_string(), skipped);
+        }
+    }
+
+    /// The instances of service `dial` skipped at its last read, with the reason.
+    pub fn skipped(&self, dial: &str) -> Vec<Skipped> {
+        self.skipped.get(dial).map(|s| s.clone()).unwrap_or_default()
     }
 
     /// The live census (the plans may use an older one, see [`Cache::apply_census`]).

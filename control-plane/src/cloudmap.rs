@@ -805,7 +805,11 @@ impl<C: CloudMap> Watcher<C> {
                         tracing::warn!(service = %name, instance = %skipped.instance_id, reason = %skipped.reason, "skipping instance");
                     }
                 }
-                warned = translation.skipped.iter().cloned().collect();
+                let skipped: HashSet<Skipped> = translation.skipped.iter().cloned().collect();
+                if skipped != warned {
+                    self.cache.set_skipped(&dial, translation.skipped.clone());
+                    warned = skipped;
+                }
                 if let Some(bytes) = translation.metadata_dropped {
                     tracing::warn!(service = %name, bytes, budget = translate::METADATA_BUDGET, "endpoint metadata over budget: publishing none (narrow metadata_attributes)");
                 }

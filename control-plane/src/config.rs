@@ -48,6 +48,11 @@ pub enum Command {
     /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. Only
     /// insecure channel credentials are written (no TLS yet).
     Bootstrap(crate::bootstrap::BootstrapArgs),
+    /// Run the start-up path once without serving and print what it found:
+    /// region and credentials, each namespace and service, instances per zone
+    /// and health, skipped instances with the reason, effective settings, the
+    /// IAM actions needed. Exits 1 with a remedy per problem.
+    Check(crate::check::CheckArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

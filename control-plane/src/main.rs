@@ -22,6 +22,11 @@ async fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Bootstrap(args)) => return cloudmap_xds::bootstrap::run(args).await,
+        Some(Command::Check(args)) => {
+            init_logging(LogFormat::Text);
+            let code = cloudmap_xds::check::run(args).await?;
+            std::process::exit(code);
+        }
         None => cli.serve,
     };
     init_logging(args.log_format);
@@ -98,6 +103,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget: Arc::new(Budget::new(args.api_rate)),
     };
     metrics::gauge!("cloudmap_xds_api_rate").set(args.api_rate);
+    metrics::gauge!("cloudmap_xds_max_streams").set(args.max_streams as f64);
     tracing::info!(namespaces = ?args.namespaces, api_rate = args.api_rate, "watching Cloud Map");
     let watching = tokio::spawn(watcher.run(args.namespaces.clone()));
     let census = tokio::spawn(cloudmap_xds::census::follow(cache.clone(), args.census_debounce));

@@ -63,6 +63,18 @@ impl Plan {
             .enumerate()
             .find_map(|(p, localities)| localities.iter().find(|l| &l.zone == zone).map(|l| (p as u32, l.weight)))
     }
+
+    /// The shares a client given this plan sends to each zone while every
+    /// zone is healthy: priority 0's weights, normalised (the other
+    /// priorities are failover only). Empty for an empty plan.
+    pub fn shares(&self) -> Shares {
+        let Some(first) = self.priorities.first() else { return Shares::new() };
+        let total: u64 = first.iter().map(|l| u64::from(l.weight)).sum();
+        if total == 0 {
+            return Shares::new();
+        }
+        first.iter().map(|l| (l.zone.clone(), f64::from(l.weight) / total as f64)).collect()
+    }
 }
 
 /// Shares for a client in `client_zone` (`None` or unknown zone = no preference).
@@ -493,6 +505,13 @@ mod tests {
             }
             let p = plan(&s, &capacity);
             prop_assert!(p.priorities.len() <= 2);
+            // What the plan tells a client is the shares it came from (to rounding).
+            let told = p.shares();
+            for (z, share) in &s {
+                let got = told.get(z).copied().unwrap_or(0.0);
+                prop_assert!((got - share).abs() < 1e-3, "zone {z:?}: planned {share}, told {got}");
+            }
+            prop_assert!(told.keys().all(|z| s.contains_key(z)), "told a zone without a share: {told:?}");
             for priority in &p.priorities {
                 let sum: u64 = priority.iter().map(|l| u64::from(l.weight)).sum();
                 prop_assert!(sum <= WEIGHT_SUM_MAX, "priority sums to {sum}");

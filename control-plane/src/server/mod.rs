@@ -269,6 +269,8 @@ pub fn register_metrics() {
     }
     metrics::counter!("cloudmap_xds_streams_refused_total").increment(0);
     metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(0);
+    // Exported from the start (0 without TLS) so dashboards and alerts always find it.
+    metrics::counter!("cloudmap_xds_tls_handshake_failures_total").increment(0);
 }
 
 pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
