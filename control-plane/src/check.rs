@@ -206,10 +206,14 @@ async fn check_service<C: CloudMap>(
     }
     for skipped in &translation.skipped {
         report.line(2, format!("skipped {}: {}", skipped.instance_id, skipped.reason));
-        report.problem(
-            format!("{dial}: instance {} is skipped: {}", skipped.instance_id, skipped.reason),
-            "register it with AWS_INSTANCE_IPV4 (or _IPV6) and AWS_INSTANCE_PORT (ECS sets both for awsvpc tasks)",
-        );
+        let remedy = if skipped.reason.contains("duplicate") {
+            "Cloud Map lists this instance id twice: deregister it and register it once"
+        } else if settings.weight_attribute.as_ref().is_some_and(|w| skipped.reason.contains(w.as_str())) {
+            "set the weight attribute to a non-negative integer (0 drains the instance)"
+        } else {
+            "register it with AWS_INSTANCE_IPV4 (or _IPV6) and AWS_INSTANCE_PORT (ECS sets both for awsvpc tasks)"
+        };
+        report.problem(format!("{dial}: instance {} is skipped: {}", skipped.instance_id, skipped.reason), remedy);
     }
     if let Some(zoneless) = zones.get("(no zone)") {
         let n: usize = zoneless.iter().sum();
