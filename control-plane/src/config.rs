@@ -47,7 +47,7 @@ pub enum Command {
     /// instance metadata (IMDSv2); without one, same-zone routing does not apply
     /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. Only
     /// insecure channel credentials are written (no TLS yet).
-    Bootstrap(crate::bootstrap::BootstrapArgs),
+    Bootstrap(cloudmap_xds_bootstrap::BootstrapArgs),
     /// Run the start-up path once without serving and print what it found:
     /// region and credentials, each namespace and service, instances per zone
     /// and health, skipped instances with the reason, effective settings, the
@@ -727,6 +727,28 @@ fn policy_of(table: &ServiceTable) -> anyhow::Result<Policy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_parses_the_subcommand_without_serve_flags() {
+        let cli = Cli::try_parse_from([
+            "cloudmap-xds",
+            "bootstrap",
+            "--server-uri",
+            "cloudmap-xds.internal:18000",
+            "--zone",
+            "us-east-1a",
+        ])
+        .expect("parses");
+        let Some(Command::Bootstrap(a)) = cli.command else {
+            panic!("not the bootstrap subcommand: {:?}", cli.command);
+        };
+        assert_eq!(a.server_uri, "cloudmap-xds.internal:18000");
+        assert_eq!(a.zone.as_deref(), Some("us-east-1a"));
+        assert_eq!(a.cluster, "cloudmap-xds-client");
+        assert_eq!(a.output, std::path::PathBuf::from("-"));
+        assert_eq!(a.metadata_timeout, Duration::from_secs(1));
+        assert!(Cli::try_parse_from(["cloudmap-xds", "bootstrap", "--server-uri", "nope"]).is_err());
+    }
 
     #[test]
     fn durations() {

@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod aws_error;
-pub mod bootstrap;
 pub mod budget;
 pub mod cache;
 pub mod census;

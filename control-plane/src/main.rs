@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
-        Some(Command::Bootstrap(args)) => return cloudmap_xds::bootstrap::run(args).await,
+        Some(Command::Bootstrap(args)) => return cloudmap_xds_bootstrap::run(args).await,
         Some(Command::Check(args)) => {
             init_logging(LogFormat::Text);
             let code = cloudmap_xds::check::run(args).await?;

@@ -33,7 +33,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use demo_proto::v1::describer_server::{Describer, DescriberServer};
 use demo_proto::v1::{DescribeRequest, DescribeResponse};
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -41,7 +40,7 @@ use tracing::{info, warn};
 
 /// Value used for any identity field that cannot be determined.
 const UNKNOWN: &str = "unknown";
-/// How long to wait for the ECS task metadata endpoint.
+/// How long to wait for each ECS / EC2 metadata request.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Command line; every flag can also come from the environment.
@@ -52,7 +51,7 @@ struct Args {
     #[arg(long, env = "DEMO_LISTEN", default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
 
-    /// Availability zone to report [default: from ECS task metadata, else "unknown"].
+    /// Availability zone to report [default: from ECS task metadata, else EC2 instance metadata, else "unknown"].
     #[arg(long, env = "DEMO_ZONE")]
     zone: Option<String>,
 
@@ -73,15 +72,6 @@ struct Identity {
     region: String,
     /// The listen address as given on the command line.
     address: String,
-}
-
-/// The fields we use from the ECS task metadata v4 `/task` document.
-#[derive(Debug, Default, Deserialize)]
-struct TaskMetadata {
-    #[serde(rename = "AvailabilityZone")]
-    availability_zone: Option<String>,
-    #[serde(rename = "TaskARN")]
-    task_arn: Option<String>,
 }
 
 /// The `demo.v1.Describer` implementation.
@@ -195,94 +185,29 @@ async fn shutdown_signal() {
 }
 
 /// Works out instance id, zone and region from flags, environment and (only
-/// when zone or region is still missing) the ECS task metadata endpoint.
+/// when zone or region is still missing) ECS task metadata or EC2 instance
+/// metadata (the `placement` crate, as `cloudmap-xds bootstrap` does).
 async fn resolve_identity(args: &Args) -> Identity {
-    let zone_arg = non_empty(args.zone.clone());
-    let region_arg = non_empty(args.region.clone()).or_else(|| non_empty(std::env::var("AWS_REGION").ok()));
-
-    let metadata = if zone_arg.is_none() || region_arg.is_none() {
-        match non_empty(std::env::var("ECS_CONTAINER_METADATA_URI_V4").ok()) {
-            Some(base) => match fetch_task_metadata(&base).await {
-                Ok(metadata) => metadata,
-                Err(err) => {
-                    warn!(error = format!("{err:#}"), "cannot read ECS task metadata");
-                    TaskMetadata::default()
-                }
-            },
-            None => TaskMetadata::default(),
-        }
-    } else {
-        TaskMetadata::default()
-    };
-
-    let zone = zone_arg.or_else(|| non_empty(metadata.availability_zone.clone())).unwrap_or_else(|| UNKNOWN.to_owned());
-    let region = region_arg
-        .or_else(|| metadata.task_arn.as_deref().and_then(region_from_arn))
-        .or_else(|| region_from_zone(&zone))
-        .unwrap_or_else(|| UNKNOWN.to_owned());
-    let instance_id = non_empty(args.instance_id.clone()).or_else(hostname).unwrap_or_else(|| "demo-server".to_owned());
-
-    Identity { instance_id, zone, region, address: args.listen.to_string() }
-}
-
-/// GETs `${base}/task` with a short timeout.
-async fn fetch_task_metadata(base: &str) -> Result<TaskMetadata> {
-    let url = format!("{}/task", base.trim_end_matches('/'));
-    // The endpoint is link-local to the task: never route it through a proxy.
-    let client =
-        reqwest::Client::builder().timeout(METADATA_TIMEOUT).no_proxy().build().context("building the HTTP client")?;
-    let body = client
-        .get(&url)
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .with_context(|| format!("GET {url}"))?
-        .bytes()
-        .await
-        .with_context(|| format!("reading the body of {url}"))?;
-    serde_json::from_slice(&body).with_context(|| format!("parsing the JSON from {url}"))
-}
-
-/// Treats empty or blank strings as absent.
-fn non_empty(value: Option<String>) -> Option<String> {
-    value.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
-}
-
-/// The region field of an ARN: `arn:aws:ecs:us-east-1:123:task/...` -> `us-east-1`.
-fn region_from_arn(arn: &str) -> Option<String> {
-    let mut parts = arn.split(':');
-    if parts.next() != Some("arn") {
-        return None;
-    }
-    non_empty(parts.nth(2).map(str::to_owned))
-}
-
-/// The region of an availability-zone name: everything up to and including
-/// the digits of the first dash-separated part that starts with a digit.
-/// `us-east-1a` -> `us-east-1`, `us-gov-west-1b` -> `us-gov-west-1`,
-/// `us-west-2-lax-1a` (a Local Zone) -> `us-west-2`. `None` if there is no
-/// such part (e.g. `unknown`).
-fn region_from_zone(zone: &str) -> Option<String> {
-    let mut region: Vec<&str> = Vec::new();
-    for part in zone.split('-') {
-        if part.starts_with(|c: char| c.is_ascii_digit()) {
-            let digits_end = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
-            if region.is_empty() {
-                return None;
+    let env = placement::Environment::from_process_env(METADATA_TIMEOUT);
+    let region_arg = placement::non_empty(args.region.clone()).or_else(|| env.aws_region.clone());
+    let (zone, region) = match placement::locate(&env, args.zone.clone(), region_arg.clone(), false).await {
+        Ok(location) => {
+            if location.zone.is_none() {
+                warn!(ecs = ?location.ecs_error, imds = ?location.imds_error, "cannot find this server's zone: reporting \"unknown\" (pass --zone)");
             }
-            region.push(&part[..digits_end]);
-            return Some(region.join("-"));
+            (location.zone, location.region)
         }
-        region.push(part);
-    }
-    None
-}
-
-/// The host name: `$HOSTNAME`, else the kernel's (Linux), else `/etc/hostname`.
-fn hostname() -> Option<String> {
-    non_empty(std::env::var("HOSTNAME").ok())
-        .or_else(|| non_empty(std::fs::read_to_string("/proc/sys/kernel/hostname").ok()))
-        .or_else(|| non_empty(std::fs::read_to_string("/etc/hostname").ok()))
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "cannot look up this server's zone");
+            (placement::non_empty(args.zone.clone()), region_arg)
+        }
+    };
+    let zone = zone.unwrap_or_else(|| UNKNOWN.to_owned());
+    let region = region.or_else(|| placement::region_from_zone(&zone)).unwrap_or_else(|| UNKNOWN.to_owned());
+    let instance_id = placement::non_empty(args.instance_id.clone())
+        .or_else(|| env.hostname.clone())
+        .unwrap_or_else(|| "demo-server".to_owned());
+    Identity { instance_id, zone, region, address: args.listen.to_string() }
 }
 
 #[cfg(test)]
@@ -292,41 +217,6 @@ mod tests {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-
-    #[test]
-    fn region_from_zone_strips_the_zone_letter() {
-        assert_eq!(region_from_zone("us-east-1a").as_deref(), Some("us-east-1"));
-        assert_eq!(region_from_zone("ap-southeast-2c").as_deref(), Some("ap-southeast-2"));
-        assert_eq!(region_from_zone("us-gov-west-1b").as_deref(), Some("us-gov-west-1"));
-        assert_eq!(region_from_zone("us-west-2-lax-1a").as_deref(), Some("us-west-2"));
-        assert_eq!(region_from_zone("unknown"), None);
-        assert_eq!(region_from_zone("1a"), None);
-        assert_eq!(region_from_zone(""), None);
-    }
-
-    #[test]
-    fn region_from_arn_reads_the_fourth_field() {
-        assert_eq!(
-            region_from_arn("arn:aws:ecs:eu-west-1:123456789012:task/demo/0123abcd").as_deref(),
-            Some("eu-west-1")
-        );
-        assert_eq!(region_from_arn("arn:aws:iam::123456789012:role/x"), None);
-        assert_eq!(region_from_arn("not-an-arn"), None);
-    }
-
-    #[test]
-    fn task_metadata_parses_the_fields_we_use() -> Result<()> {
-        let doc = r#"{
-            "Cluster": "arn:aws:ecs:us-west-2:111122223333:cluster/default",
-            "TaskARN": "arn:aws:ecs:us-west-2:111122223333:task/default/158d1c8083dd49d6b527399fd6414f5c",
-            "AvailabilityZone": "us-west-2d",
-            "Containers": []
-        }"#;
-        let metadata: TaskMetadata = serde_json::from_str(doc)?;
-        assert_eq!(metadata.availability_zone.as_deref(), Some("us-west-2d"));
-        assert_eq!(metadata.task_arn.as_deref().and_then(region_from_arn).as_deref(), Some("us-west-2"));
-        Ok(())
-    }
 
     #[tokio::test]
     async fn describe_counts_calls_and_reports_identity() -> Result<()> {

@@ -37,29 +37,21 @@
 //! never fatal. Only insecure channel credentials are written for now.
 //!
 //! The pieces: [`Environment`] (what `main` reads from the process
-//! environment, passed in so tests need not touch it), [`resolve`] (the HTTP
-//! look-ups), [`build_bootstrap`] (pure JSON) and [`write_output`] (stdout or
+//! environment, passed in so tests need not touch it), [`resolve`] (the
+//! look-ups, done by the `placement` crate), [`build_bootstrap`] (pure JSON) and [`write_output`] (stdout or
 //! an atomic temp-file-and-rename).
 
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::parse_duration;
+use placement::non_empty;
+pub use placement::{Environment, ZoneSource};
 
-/// Default EC2 instance metadata endpoint (IPv4).
-pub const IMDS_DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
-/// Default EC2 instance metadata endpoint when
-/// `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6`.
-pub const IMDS_DEFAULT_ENDPOINT_IPV6: &str = "http://[fd00:ec2::254]";
-/// Lifetime asked for the IMDSv2 session token (the SDKs' default, 6 hours).
-const IMDS_TOKEN_TTL_SECONDS: &str = "21600";
 /// Prefix of every line this command prints to stderr.
 const PREFIX: &str = "cloudmap-xds bootstrap";
 
@@ -99,8 +91,21 @@ pub struct BootstrapArgs {
     pub output: PathBuf,
 
     /// Timeout of each ECS / EC2 metadata request (e.g. 500ms, 1s).
-    #[arg(long, env = "CLOUDMAP_XDS_BOOTSTRAP_METADATA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "CLOUDMAP_XDS_BOOTSTRAP_METADATA_TIMEOUT", default_value = "1s", value_parser = parse_timeout)]
     pub metadata_timeout: Duration,
+}
+
+/// A metadata timeout: `500ms`, `1s`, `1.5s` or plain seconds.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = match text.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v * scale)),
+        _ => Err(format!("{text:?} is not a positive timeout (try 500ms or 1s)")),
+    }
 }
 
 /// Accepts `HOST:PORT` (`[v6]:PORT` for IPv6 literals) or a gRPC target with
@@ -140,53 +145,6 @@ pub fn parse_server_uri(text: &str) -> Result<String, String> {
     }
 }
 
-/// What the resolver needs from the process environment. `main` fills it with
-/// [`Environment::from_process_env`]; tests build it directly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Environment {
-    /// `ECS_CONTAINER_METADATA_URI_V4`; `None` when not on ECS.
-    pub ecs_metadata_uri: Option<String>,
-    /// Base URL of EC2 instance metadata; `None` when disabled.
-    pub imds_endpoint: Option<String>,
-    /// Timeout of each metadata request.
-    pub metadata_timeout: Duration,
-    /// `AWS_REGION`, else `AWS_DEFAULT_REGION`.
-    pub aws_region: Option<String>,
-    /// This machine's host name, for the default node id.
-    pub hostname: Option<String>,
-}
-
-impl Environment {
-    /// Reads the real process environment (and the host name).
-    pub fn from_process_env(metadata_timeout: Duration) -> Environment {
-        let mut env = Environment::from_vars(|name| std::env::var(name).ok(), metadata_timeout);
-        env.hostname = hostname();
-        env
-    }
-
-    /// Builds the environment from a variable lookup; `hostname` is left unset.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>, metadata_timeout: Duration) -> Environment {
-        let get = |name: &str| non_empty(var(name));
-        let imds_disabled = get("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let imds_endpoint = if imds_disabled {
-            None
-        } else {
-            Some(get("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|| {
-                let ipv6 =
-                    get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE").is_some_and(|m| m.eq_ignore_ascii_case("ipv6"));
-                if ipv6 { IMDS_DEFAULT_ENDPOINT_IPV6 } else { IMDS_DEFAULT_ENDPOINT }.to_owned()
-            }))
-        };
-        Environment {
-            ecs_metadata_uri: get("ECS_CONTAINER_METADATA_URI_V4"),
-            imds_endpoint,
-            metadata_timeout,
-            aws_region: get("AWS_REGION").or_else(|| get("AWS_DEFAULT_REGION")),
-            hostname: None,
-        }
-    }
-}
-
 /// Everything the bootstrap document is built from, already resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapInputs {
@@ -195,27 +153,6 @@ pub struct BootstrapInputs {
     pub cluster: String,
     pub zone: Option<String>,
     pub region: Option<String>,
-}
-
-/// Where the zone came from (for the summary line and tests).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ZoneSource {
-    Flag,
-    EcsTaskMetadata,
-    Ec2InstanceMetadata,
-    /// No zone was found.
-    None,
-}
-
-impl fmt::Display for ZoneSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ZoneSource::Flag => "--zone",
-            ZoneSource::EcsTaskMetadata => "ECS task metadata",
-            ZoneSource::Ec2InstanceMetadata => "EC2 instance metadata",
-            ZoneSource::None => "not found",
-        })
-    }
 }
 
 /// The outcome of [`resolve`]: the inputs, and warnings for stderr.
@@ -253,97 +190,26 @@ pub fn build_bootstrap(inputs: &BootstrapInputs) -> Value {
     })
 }
 
-/// The fields used from the ECS task metadata v4 `/task` document.
-#[derive(Debug, Default, Deserialize)]
-struct TaskMetadata {
-    #[serde(rename = "AvailabilityZone")]
-    availability_zone: Option<String>,
-    #[serde(rename = "TaskARN")]
-    task_arn: Option<String>,
-}
-
-/// What EC2 instance metadata says about placement.
-#[derive(Debug)]
-struct Placement {
-    zone: String,
-    region: Option<String>,
-}
-
 /// Works out node id, zone and region from the flags, then (only for what is
 /// still missing) ECS task metadata, EC2 instance metadata and the
 /// environment. Metadata failures become warnings, never errors.
 pub async fn resolve(args: &BootstrapArgs, env: &Environment) -> anyhow::Result<Resolution> {
     let mut warnings = Vec::new();
-    let client = reqwest::Client::builder()
-        .timeout(env.metadata_timeout)
-        .connect_timeout(env.metadata_timeout)
-        // Metadata endpoints are link-local: never send them through a proxy.
-        .no_proxy()
-        .build()
-        .context("building the HTTP client for instance metadata")?;
-
     let node_id_flag = non_empty(args.node_id.clone());
-    let mut zone = non_empty(args.zone.clone());
-    let mut zone_source = if zone.is_some() { ZoneSource::Flag } else { ZoneSource::None };
-    let mut region = non_empty(args.region.clone()).or_else(|| zone.as_deref().and_then(region_from_zone));
-
-    let mut ecs_task_id = None;
-    let want_ecs = zone.is_none() || region.is_none() || node_id_flag.is_none();
-    if let (true, Some(base)) = (want_ecs, &env.ecs_metadata_uri) {
-        match fetch_task_metadata(&client, base).await {
-            Ok(task) => {
-                let task_zone = non_empty(task.availability_zone);
-                if zone.is_none() && task_zone.is_some() {
-                    zone.clone_from(&task_zone);
-                    zone_source = ZoneSource::EcsTaskMetadata;
-                }
-                if region.is_none() {
-                    region = task
-                        .task_arn
-                        .as_deref()
-                        .and_then(region_from_arn)
-                        .or_else(|| task_zone.as_deref().and_then(region_from_zone));
-                }
-                ecs_task_id = task.task_arn.as_deref().and_then(task_id_from_arn);
-            }
-            Err(e) => warnings.push(format!(
-                "cannot read ECS task metadata ({e:#}); trying EC2 instance metadata. \
-                 Pass --zone to skip the look-up."
-            )),
-        }
+    let location = placement::locate(env, args.zone.clone(), args.region.clone(), node_id_flag.is_none()).await?;
+    if let Some(e) = &location.ecs_error {
+        warnings.push(format!(
+            "cannot read ECS task metadata ({e}); trying EC2 instance metadata. \
+             Pass --zone to skip the look-up."
+        ));
     }
-
-    let mut imds_failure = None;
-    if zone.is_none() || region.is_none() {
-        match &env.imds_endpoint {
-            Some(base) => match fetch_placement(&client, base).await {
-                Ok(placement) => {
-                    if zone.is_none() {
-                        zone = Some(placement.zone.clone());
-                        zone_source = ZoneSource::Ec2InstanceMetadata;
-                    }
-                    if region.is_none() {
-                        region = placement.region.or_else(|| region_from_zone(&placement.zone));
-                    }
-                }
-                Err(e) => imds_failure = Some(format!("{e:#}")),
-            },
-            None => {
-                imds_failure = Some("disabled by AWS_EC2_METADATA_DISABLED=true".to_owned());
-            }
-        }
-    }
-    if region.is_none() {
-        region.clone_from(&env.aws_region);
-    }
-
-    if zone.is_none() {
+    if location.zone.is_none() {
         let ecs = if env.ecs_metadata_uri.is_some() {
             "the ECS task metadata has no AvailabilityZone"
         } else {
             "not on ECS (ECS_CONTAINER_METADATA_URI_V4 is unset)"
         };
-        let imds = imds_failure.unwrap_or_else(|| "no answer".to_owned());
+        let imds = location.imds_error.clone().unwrap_or_else(|| "no answer".to_owned());
         warnings.push(format!(
             "cannot find this client's availability zone: no --zone \
              (CLOUDMAP_XDS_BOOTSTRAP_ZONE), {ecs}, EC2 instance metadata: {imds}. \
@@ -352,78 +218,25 @@ pub async fn resolve(args: &BootstrapArgs, env: &Environment) -> anyhow::Result<
              Pass --zone ZONE (e.g. --zone us-east-1a) to fix this."
         ));
     }
-
     let node_id = node_id_flag.unwrap_or_else(|| {
-        let prefix = ecs_task_id.or_else(|| env.hostname.clone()).unwrap_or_else(|| "cloudmap-xds-client".to_owned());
+        let prefix = location
+            .ecs_task_id
+            .clone()
+            .or_else(|| env.hostname.clone())
+            .unwrap_or_else(|| "cloudmap-xds-client".to_owned());
         format!("{prefix}-{:06x}", rand::random::<u32>() & 0x00ff_ffff)
     });
-
     Ok(Resolution {
         inputs: BootstrapInputs {
             server_uri: args.server_uri.clone(),
             node_id,
             cluster: args.cluster.clone(),
-            zone,
-            region,
+            zone: location.zone,
+            region: location.region,
         },
-        zone_source,
+        zone_source: location.zone_source,
         warnings,
     })
-}
-
-/// `GET ${base}/task`.
-async fn fetch_task_metadata(client: &reqwest::Client, base: &str) -> anyhow::Result<TaskMetadata> {
-    let url = format!("{}/task", base.trim_end_matches('/'));
-    let body = client
-        .get(&url)
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .with_context(|| format!("GET {url}"))?
-        .bytes()
-        .await
-        .with_context(|| format!("reading the body of {url}"))?;
-    serde_json::from_slice(&body).with_context(|| format!("parsing the JSON from {url}"))
-}
-
-/// IMDSv2: a session token, then the zone (required) and region (optional).
-async fn fetch_placement(client: &reqwest::Client, base: &str) -> anyhow::Result<Placement> {
-    let base = base.trim_end_matches('/');
-    let token_url = format!("{base}/latest/api/token");
-    let token = client
-        .put(&token_url)
-        .header("X-aws-ec2-metadata-token-ttl-seconds", IMDS_TOKEN_TTL_SECONDS)
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .with_context(|| format!("PUT {token_url}"))?
-        .text()
-        .await
-        .with_context(|| format!("reading the token from {token_url}"))?;
-    let token = token.trim();
-    if token.is_empty() {
-        bail!("PUT {token_url} returned an empty token");
-    }
-    let get = |path: &str| {
-        let url = format!("{base}/latest/meta-data/placement/{path}");
-        async move {
-            let text = client
-                .get(&url)
-                .header("X-aws-ec2-metadata-token", token)
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .with_context(|| format!("GET {url}"))?
-                .text()
-                .await
-                .with_context(|| format!("reading the body of {url}"))?;
-            non_empty(Some(text)).with_context(|| format!("GET {url} returned nothing"))
-        }
-    };
-    let zone = get("availability-zone").await?;
-    // Older instance metadata lacks placement/region; the zone's name tells it.
-    let region = get("region").await.ok();
-    Ok(Placement { zone, region })
 }
 
 /// Writes `text` to stdout (`-`) or atomically to `path`: a temp file in the
@@ -484,63 +297,17 @@ pub async fn run(args: BootstrapArgs) -> anyhow::Result<()> {
         inputs.server_uri,
         inputs.node_id,
         inputs.zone.as_deref().unwrap_or("-"),
-        resolution.zone_source,
+        match resolution.zone_source {
+            ZoneSource::Given => "--zone".to_owned(),
+            other => other.to_string(),
+        },
         inputs.region.as_deref().unwrap_or("-"),
     );
     Ok(())
 }
 
-/// Treats empty or blank strings as absent.
-fn non_empty(value: Option<String>) -> Option<String> {
-    value.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
-}
-
-/// The region field of an ARN: `arn:aws:ecs:us-east-1:123:task/...` → `us-east-1`.
-fn region_from_arn(arn: &str) -> Option<String> {
-    let mut parts = arn.split(':');
-    if parts.next() != Some("arn") {
-        return None;
-    }
-    non_empty(parts.nth(2).map(str::to_owned))
-}
-
-/// The task id at the end of an ECS task ARN:
-/// `arn:aws:ecs:REGION:ACCOUNT:task/CLUSTER/ID` (or the older `task/ID`) → `ID`.
-fn task_id_from_arn(arn: &str) -> Option<String> {
-    let resource = arn.splitn(6, ':').nth(5)?;
-    let rest = resource.strip_prefix("task/")?;
-    non_empty(rest.rsplit('/').next().map(str::to_owned))
-}
-
-/// The region of an availability-zone name: everything up to and including
-/// the digits of the first dash-separated part that starts with a digit.
-/// `us-east-1a` → `us-east-1`, `us-west-2-lax-1a` (a Local Zone) → `us-west-2`.
-fn region_from_zone(zone: &str) -> Option<String> {
-    let mut region: Vec<&str> = Vec::new();
-    for part in zone.split('-') {
-        if part.starts_with(|c: char| c.is_ascii_digit()) {
-            let digits_end = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
-            if region.is_empty() {
-                return None;
-            }
-            region.push(&part[..digits_end]);
-            return Some(region.join("-"));
-        }
-        region.push(part);
-    }
-    None
-}
-
-/// The host name: `$HOSTNAME`, else the kernel's (Linux), else `/etc/hostname`.
-fn hostname() -> Option<String> {
-    non_empty(std::env::var("HOSTNAME").ok())
-        .or_else(|| non_empty(std::fs::read_to_string("/proc/sys/kernel/hostname").ok()))
-        .or_else(|| non_empty(std::fs::read_to_string("/etc/hostname").ok()))
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::net::SocketAddr;
 
     use axum::Router;
@@ -549,7 +316,6 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::config::{Cli, Command};
 
     const TOKEN: &str = "test-token-123";
 
@@ -751,7 +517,7 @@ mod tests {
         assert_eq!(r.inputs.zone.as_deref(), Some("us-east-1c"));
         assert_eq!(r.inputs.region.as_deref(), Some("us-east-1"));
         assert_eq!(r.inputs.node_id, "my-node");
-        assert_eq!(r.zone_source, ZoneSource::Flag);
+        assert_eq!(r.zone_source, ZoneSource::Given);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 
         // --region wins over everything too.
@@ -828,36 +594,6 @@ mod tests {
     }
 
     #[test]
-    fn environment_follows_the_sdk_variables() {
-        let vars = |pairs: &[(&str, &str)]| {
-            let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-            Environment::from_vars(|name| map.get(name).cloned(), Duration::from_secs(1))
-        };
-        let env = vars(&[]);
-        assert_eq!(env.imds_endpoint.as_deref(), Some(IMDS_DEFAULT_ENDPOINT));
-        assert_eq!(env.ecs_metadata_uri, None);
-        assert_eq!(env.aws_region, None);
-
-        let env = vars(&[
-            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:1338"),
-            ("ECS_CONTAINER_METADATA_URI_V4", "http://169.254.170.2/v4/x"),
-            ("AWS_DEFAULT_REGION", "eu-west-3"),
-        ]);
-        assert_eq!(env.imds_endpoint.as_deref(), Some("http://127.0.0.1:1338"));
-        assert_eq!(env.ecs_metadata_uri.as_deref(), Some("http://169.254.170.2/v4/x"));
-        assert_eq!(env.aws_region.as_deref(), Some("eu-west-3"));
-
-        let env = vars(&[("AWS_REGION", "us-east-1"), ("AWS_DEFAULT_REGION", "x")]);
-        assert_eq!(env.aws_region.as_deref(), Some("us-east-1"));
-        let env = vars(&[("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")]);
-        assert_eq!(env.imds_endpoint.as_deref(), Some(IMDS_DEFAULT_ENDPOINT_IPV6));
-        let env = vars(&[("AWS_EC2_METADATA_DISABLED", "TRUE")]);
-        assert_eq!(env.imds_endpoint, None);
-        let env = vars(&[("AWS_EC2_METADATA_DISABLED", "false")]);
-        assert!(env.imds_endpoint.is_some());
-    }
-
-    #[test]
     fn server_uris_are_checked() {
         for good in [
             "cloudmap-xds.internal:18000",
@@ -883,36 +619,24 @@ mod tests {
     }
 
     #[test]
-    fn arn_and_zone_helpers() {
-        let arn = "arn:aws:ecs:eu-west-1:123456789012:task/demo/abc123";
-        assert_eq!(region_from_arn(arn).as_deref(), Some("eu-west-1"));
-        assert_eq!(task_id_from_arn(arn).as_deref(), Some("abc123"));
-        assert_eq!(task_id_from_arn("arn:aws:ecs:us-east-1:1:task/0123abcd").as_deref(), Some("0123abcd"));
-        assert_eq!(task_id_from_arn("arn:aws:iam::1:role/x"), None);
-        assert_eq!(region_from_zone("us-east-1a").as_deref(), Some("us-east-1"));
-        assert_eq!(region_from_zone("us-west-2-lax-1a").as_deref(), Some("us-west-2"));
-        assert_eq!(region_from_zone("zone-a"), None);
-    }
-
-    #[test]
-    fn cli_parses_the_subcommand_without_serve_flags() {
-        let cli = Cli::try_parse_from([
-            "cloudmap-xds",
-            "bootstrap",
-            "--server-uri",
-            "cloudmap-xds.internal:18000",
-            "--zone",
-            "us-east-1a",
-        ])
-        .expect("parses");
-        let Some(Command::Bootstrap(a)) = cli.command else {
-            panic!("not the bootstrap subcommand: {:?}", cli.command);
-        };
+    fn the_flags_parse_with_their_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BootstrapArgs,
+        }
+        let cli =
+            Cli::try_parse_from(["bootstrap", "--server-uri", "cloudmap-xds.internal:18000", "--zone", "us-east-1a"])
+                .expect("parses");
+        let a = cli.args;
         assert_eq!(a.server_uri, "cloudmap-xds.internal:18000");
         assert_eq!(a.zone.as_deref(), Some("us-east-1a"));
         assert_eq!(a.cluster, "cloudmap-xds-client");
         assert_eq!(a.output, PathBuf::from("-"));
         assert_eq!(a.metadata_timeout, Duration::from_secs(1));
-        assert!(Cli::try_parse_from(["cloudmap-xds", "bootstrap", "--server-uri", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["bootstrap", "--server-uri", "nope"]).is_err());
+        for (text, want) in [("500ms", Some(500)), ("1s", Some(1000)), ("1.5", Some(1500)), ("0s", None), ("x", None)] {
+            assert_eq!(parse_timeout(text).ok().map(|d| d.as_millis() as u64), want, "{text}");
+        }
     }
 }
