@@ -253,7 +253,7 @@ class Demo:
             return http_get(self.admin + "/ready", timeout=1)[0] == 200
 
         wait_until(ready, 30, f"{self.admin}/ready == 200 (first Cloud Map sync)")
-        say(f"  cloudmap-xds: ADS on 127.0.0.1:{self.xds_port}, admin {self.admin} (policy zone-aware,")
+        say(f"  cloudmap-xds: ADS on 127.0.0.1:{self.xds_port}, admin {self.admin}, operator page {self.admin}/ui (policy zone-aware,")
         say(f"    revision poll 500ms, refresh 2s, census debounce {self.args.census_debounce:g}s: the load tool's")
         say("    short-lived clients come and go within it, so they do not move the zones' shares)")
 
@@ -323,12 +323,13 @@ class Demo:
         status, body = http_get(self.serve[zone]["url"] + "/describe", timeout=5)
         return status, json.loads(body)
 
-    def load(self, zone: str, n: int, c: int, tag: str, bs: Path | None = None) -> tuple[Proc, Path]:
+    def load(self, zone: str, n: int, c: int, tag: str, bs: Path | None = None, timeline: Path | None = None) -> tuple[Proc, Path]:
         node = f"demo-load-{short(zone)}-{tag}"
         bs = bs or self.bootstrap(node, zone)
+        extra = ["--timeline", str(timeline)] if timeline else []
         p = self.procs.start(
             node,
-            [str(self.client_bin), "load", "--target", TARGET, "-n", str(n), "-c", str(c), "--json"],
+            [str(self.client_bin), "load", "--target", TARGET, "-n", str(n), "-c", str(c), "--json", *extra],
             env={"GRPC_XDS_BOOTSTRAP": str(bs)},
         )
         self.last_census_event = time.monotonic()
@@ -421,6 +422,32 @@ def matrix(reports: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def split_timeline(path: Path, at_unix_ms: int) -> dict[str, dict[str, int]]:
+    """{"before": {zone or "failed": calls}, "after": {...}} from a `demo-client load --timeline`
+    file, split at the kill."""
+    out: dict[str, dict[str, int]] = {"before": {}, "after": {}}
+    for line in path.read_text().splitlines():
+        at, _, zone = line.partition(" ")
+        if not at.isdigit():
+            continue
+        side = out["before" if int(at) < at_unix_ms else "after"]
+        key = "failed" if zone == "-" else zone
+        side[key] = side.get(key, 0) + 1
+    return out
+
+
+def render_split(split: dict[str, dict[str, int]], client_zone: str, indent: str = "    ") -> str:
+    head = f"{indent}{'calls':<14}" + "".join(f"{'→ ' + z:>14}" for z in ZONES) + f"{'failed':>9}{'same zone':>12}"
+    rows = [head]
+    for side, label in (("before", "before kill"), ("after", "after kill")):
+        counts = split[side]
+        ok = sum(v for k, v in counts.items() if k != "failed")
+        same = counts.get(client_zone, 0) / ok * 100 if ok else 0.0
+        cells = "".join(f"{counts.get(z, 0):>14}" for z in ZONES)
+        rows.append(f"{indent}{label:<14}{cells}{counts.get('failed', 0):>9}{same:>11.1f}%")
+    return "\n".join(rows)
+
+
 def failed_share(r: dict) -> float:
     return r["failed"] / r["total"] if r["total"] else 1.0
 
@@ -491,9 +518,11 @@ def run(demo: Demo, args) -> None:
     say(f"        its servers {', '.join(victims)} are killed (SIGKILL) and marked UNHEALTHY in Cloud Map")
     say(f"        — expect the calls to move to {' and '.join(others)}, < 1 % failed")
     t0 = time.monotonic()
-    p, _ = demo.load(dead, n_fail, c, "failover")
+    timeline = demo.log_dir / "load-failover.timeline"
+    p, _ = demo.load(dead, n_fail, c, "failover", timeline=timeline)
     time.sleep(args.kill_after)
     t_kill = time.monotonic()
+    kill_unix_ms = int(time.time() * 1000)
     if not p.alive():
         say(f"  (the load ended before the kill: {p.popen.returncode})")
     for iid in victims:
@@ -516,6 +545,9 @@ def run(demo: Demo, args) -> None:
     (demo.log_dir / "load-failover.json").write_text(json.dumps(failover, indent=2))
     say(f"  {time.monotonic() - t0:5.2f} s  load finished")
     say(render(failover))
+    split = split_timeline(timeline, kill_unix_ms)
+    say()
+    say(render_split(split, dead))
     moved = sum(failover["zones"].get(z, {}).get("count", 0) for z in others)
     moved_share = moved / failover["ok"] if failover["ok"] else 0.0
     demo.expect(failed_share(failover) < 0.01,
@@ -526,6 +558,7 @@ def run(demo: Demo, args) -> None:
     step["failover"] = {
         "zone": dead, "killed": victims, "killed_at_s": killed_at, "noticed_after_s": noticed,
         "seconds": round(time.monotonic() - t0, 2), "report": failover, "moved_share": round(moved_share, 4),
+        "before_kill": split["before"], "after_kill": split["after"],
     }  # fmt: skip
 
     say()
@@ -673,10 +706,12 @@ def main() -> int:
             say("Everything is still running (--keep):")
             for z, s in demo.serve.items():
                 say(f"  curl {s['url']}/describe        # client in {z}")
+            say(f"  open {demo.admin}/ui              # the operator page: zones, traffic matrix, clients")
             say(f"  curl {demo.admin}/config_dump      # the control plane's view")
             say(f"  Cloud Map emulator: {demo.moto_url}   ADS: 127.0.0.1:{demo.xds_port}")
             say(f"Stop it with: scripts/demo.sh --stop      (or: kill {' '.join(str(p.pid) for p in alive)})")
             summary["serve_urls"] = {z: s["url"] + "/describe" for z, s in demo.serve.items()}
+            summary["ui_url"] = demo.admin + "/ui"
         else:
             left = procs.stop_all()
             summary["left_running"] = left

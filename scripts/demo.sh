@@ -2,7 +2,7 @@
 # The cloudmap-xds demo in one command, on this machine, 127.0.0.1 only (~30 s after the build):
 #
 #   scripts/demo.sh            run it, print every step, stop everything it started
-#   scripts/demo.sh --keep     run it and leave everything up (prints the /describe URLs)
+#   scripts/demo.sh --keep     run it and leave everything up (prints the /describe and /ui URLs)
 #   scripts/demo.sh --stop     stop what a --keep run left running
 #   scripts/demo.sh --json     report on stderr, one JSON summary line on stdout (for tests)
 #
@@ -12,9 +12,9 @@
 # marked UNHEALTHY during a load from zone a: the calls fail over to b and c, < 1 % fail →
 # (4) zone a still down: 100 % to b and c → (5) ECS replaces the tasks: ~100 % same zone again.
 #
-# Binaries: target/debug/{cloudmap-xds,demo-server,demo-client} (debug build); when one is
-# missing this script runs `cargo build --workspace --bins` first. CLOUDMAP_XDS_BIN,
-# DEMO_SERVER_BIN and DEMO_CLIENT_BIN override them. Peers (moto, boto3) come from
+# Binaries: target/debug/{cloudmap-xds,demo-server,demo-client}, built (or brought up to date)
+# by `cargo build -p cloudmap-xds -p demo-server -p demo-client` at every run; CLOUDMAP_XDS_BIN,
+# DEMO_SERVER_BIN and DEMO_CLIENT_BIN use given binaries instead (no build). Peers (moto, boto3) come from
 # scripts/install-peers.sh into .peers/py, or from the venv in PEERS_PY when set.
 # Every process is stopped by PID on exit, Ctrl-C or SIGTERM; logs stay in a temp dir (printed).
 # Extra arguments go to scripts/demo.py (-n CALLS, -c WORKERS; see scripts/demo.py --help).
@@ -41,12 +41,16 @@ if [[ " $* " == *" --stop "* ]]; then
 fi
 
 # --- binaries (debug build) --------------------------------------------------------------------
+[[ -n ${CLOUDMAP_XDS_BIN:-}${DEMO_SERVER_BIN:-}${DEMO_CLIENT_BIN:-} ]] && DEMO_BINS_GIVEN=1
 export CLOUDMAP_XDS_BIN="${CLOUDMAP_XDS_BIN:-$ROOT/target/debug/cloudmap-xds}"
 export DEMO_SERVER_BIN="${DEMO_SERVER_BIN:-$ROOT/target/debug/demo-server}"
 export DEMO_CLIENT_BIN="${DEMO_CLIENT_BIN:-$ROOT/target/debug/demo-client}"
-if [[ ! -x $CLOUDMAP_XDS_BIN || ! -x $DEMO_SERVER_BIN || ! -x $DEMO_CLIENT_BIN ]]; then
-    note "==> cargo build --workspace --bins (debug)"
-    cargo build --workspace --bins >&2
+# Build what the demo runs (only those three packages), every time: cargo rebuilds what changed
+# since the last build and is done in about a second when nothing did — never a stale binary.
+# Binaries given through the variables are used as they are.
+if [[ -z ${DEMO_BINS_GIVEN:-} ]]; then
+    note "==> cargo build -p cloudmap-xds -p demo-server -p demo-client (debug; the first build takes minutes)"
+    cargo build -p cloudmap-xds -p demo-server -p demo-client --bins >&2
 fi
 for b in "$CLOUDMAP_XDS_BIN" "$DEMO_SERVER_BIN" "$DEMO_CLIENT_BIN"; do
     [[ -x $b ]] || { echo "demo: $b is missing after the build" >&2; exit 1; }

@@ -74,6 +74,10 @@ pub struct LoadArgs {
     /// How long to wait for endpoints from the xDS server before giving up.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub wait: Duration,
+    /// Also write one line per call to this file: when it ended (ms since the
+    /// Unix epoch) and the zone that answered, or `-` for a failed call.
+    #[arg(long)]
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 /// Parses `2s`, `500ms`, `1.5s`, `1m`, or a bare number of seconds.
@@ -198,7 +202,19 @@ async fn run_load(args: LoadArgs) -> Result<()> {
         timeout: args.timeout,
         progress: !args.json && std::io::stderr().is_terminal(),
     };
-    let samples = load::run(&client.balancer, &spec).await;
+    let timed = load::run_timed(&client.balancer, &spec).await;
+    if let Some(path) = &args.timeline {
+        let mut text = String::with_capacity(timed.len() * 24);
+        for (at, sample) in &timed {
+            let zone = match sample {
+                load::Sample::Ok { zone, .. } => zone.as_str(),
+                load::Sample::Failed { .. } => "-",
+            };
+            text.push_str(&format!("{at} {zone}\n"));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing --timeline {}", path.display()))?;
+    }
+    let samples: Vec<load::Sample> = timed.into_iter().map(|(_, s)| s).collect();
     let report = Report::new(&samples, &client.bootstrap.node.zone);
     if args.json {
         let text = serde_json::to_string(&report).context("encoding the report")?;

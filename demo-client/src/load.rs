@@ -37,6 +37,17 @@ pub struct LoadSpec {
 
 /// Runs the load and returns one sample per call.
 pub async fn run(balancer: &Balancer, spec: &LoadSpec) -> Vec<Sample> {
+    run_timed(balancer, spec).await.into_iter().map(|(_, s)| s).collect()
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// [`run`], with when each call ended (milliseconds since the Unix epoch), so a
+/// caller can tell the calls before an event from those after it.
+pub async fn run_timed(balancer: &Balancer, spec: &LoadSpec) -> Vec<(u64, Sample)> {
     let bar = if spec.progress {
         let bar = ProgressBar::with_draw_target(Some(spec.requests as u64), ProgressDrawTarget::stderr());
         if let Ok(style) =
@@ -67,7 +78,7 @@ pub async fn run(balancer: &Balancer, spec: &LoadSpec) -> Vec<Sample> {
                     },
                     Err(err) => Sample::Failed { error: err.summary() },
                 };
-                samples.push(sample);
+                samples.push((unix_ms(), sample));
                 bar.inc(1);
             }
             samples
@@ -77,7 +88,7 @@ pub async fn run(balancer: &Balancer, spec: &LoadSpec) -> Vec<Sample> {
     for task in tasks {
         match task.await {
             Ok(mut s) => samples.append(&mut s),
-            Err(e) => samples.push(Sample::Failed { error: format!("worker failed: {e}") }),
+            Err(e) => samples.push((unix_ms(), Sample::Failed { error: format!("worker failed: {e}") })),
         }
     }
     bar.finish_and_clear();

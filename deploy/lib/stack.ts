@@ -16,13 +16,19 @@ import * as logs from 'aws-cdk-lib/aws-logs';
 import * as servicediscovery from 'aws-cdk-lib/aws-servicediscovery';
 import { DemoConfig } from './config';
 
-/** The Cloud Map calls cloudmap-xds makes (control-plane/src/cloudmap.rs), all read-only. */
+/** The Cloud Map calls cloudmap-xds makes (control-plane/src/cloudmap.rs), all read-only; `cloudmap-xds check`
+ * prints the same list (tests/integration/test_check.py compares them). */
 export const CONTROL_PLANE_ACTIONS = [
   'servicediscovery:DiscoverInstances',
   'servicediscovery:DiscoverInstancesRevision',
   'servicediscovery:ListNamespaces',
   'servicediscovery:ListServices',
   'servicediscovery:GetService',
+  // Routing kept in Cloud Map (cloudmap-xds.routes / cloudmap-xds.subsets service attributes).
+  'servicediscovery:GetServiceAttributes',
+  // Services with 1,000 or more instances are read with these instead of one DiscoverInstances page.
+  'servicediscovery:ListInstances',
+  'servicediscovery:GetInstancesHealthStatus',
 ];
 
 export const PORTS = { xds: 18000, server: 50051, client: 8080, nlb: 80 } as const;

@@ -100,7 +100,10 @@ test('the control plane task role may only read Cloud Map', () => {
   assert.deepEqual([...actions].sort(), [
     'servicediscovery:DiscoverInstances',
     'servicediscovery:DiscoverInstancesRevision',
+    'servicediscovery:GetInstancesHealthStatus',
     'servicediscovery:GetService',
+    'servicediscovery:GetServiceAttributes',
+    'servicediscovery:ListInstances',
     'servicediscovery:ListNamespaces',
     'servicediscovery:ListServices',
   ]);

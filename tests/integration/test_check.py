@@ -6,7 +6,9 @@ reason, the IAM actions, and one remedy per problem; the same estate repaired gi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+from pathlib import Path
 
 from harness import REGION
 
@@ -51,6 +53,12 @@ def test_check_reports_a_broken_estate_with_remedies_and_passes_once_repaired(cl
         "namespace typo is not in Cloud Map in region us-east-1",
     ]:
         assert needle in report, f"{needle!r} not in the report:\n{report}"
+    # The IAM actions it prints are those the CDK stack grants the control plane's task role.
+    printed = re.search(r"IAM actions needed \(servicediscovery:\):\n  (.+)\n", report).group(1).split(", ")
+    stack = (Path(__file__).resolve().parents[2] / "deploy" / "lib" / "stack.ts").read_text()
+    granted = re.search(r"CONTROL_PLANE_ACTIONS = \[(.*?)\];", stack, re.S).group(1)
+    granted = sorted(re.findall(r"'servicediscovery:(\w+)'", granted))
+    assert printed == granted, f"check prints {printed}, the CDK stack grants {granted}"
     # One remedy line per problem.
     assert report.count("\n    fix: ") == 4, report
 
