@@ -5,6 +5,10 @@
 #   docker build --target demo-client  -t demo-client .   (contains cloudmap-xds too, for `bootstrap`)
 # Every target runs as an unprivileged user (uid 10001). deploy/README.md has the ECR push commands.
 
+# Where the images take the binaries from: `build` (below, the default) compiles them here;
+# `prebuilt` copies ones built outside into target/image-bin/ (CI: scripts/test-images.sh).
+ARG BINARIES=build
+
 # ---- build: all three release binaries in one cargo run (protoc comes from a crate, none needed) ----
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -16,6 +20,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p cloudmap-xds -p demo-server -p demo-client \
  && mkdir -p /out \
  && cp target/release/cloudmap-xds target/release/demo-server target/release/demo-client /out/
+
+# ---- prebuilt: binaries built before the image (only used with --build-arg BINARIES=prebuilt) ----
+FROM scratch AS prebuilt
+COPY target/image-bin/ /out/
+
+# ---- the binaries the images copy ----
+# hadolint ignore=DL3006
+FROM ${BINARIES} AS binaries
 
 # ---- runtime base: CA certificates (AWS APIs over TLS) and the unprivileged user ----
 FROM debian:bookworm-slim AS runtime
@@ -31,7 +43,7 @@ RUN apt-get update \
 # ---- demo-server: gRPC on 50051. The health check is a TCP connect (bash's /dev/tcp): no gRPC
 # health probe is packaged in Debian, and demo-server reports SERVING as soon as it listens. ----
 FROM runtime AS demo-server
-COPY --from=build /out/demo-server /usr/local/bin/demo-server
+COPY --from=binaries /out/demo-server /usr/local/bin/demo-server
 USER 10001:10001
 EXPOSE 50051
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
@@ -43,7 +55,7 @@ ENTRYPOINT ["/usr/local/bin/demo-server"]
 # `demo-client serve`. No curl in this image: the health check is a TCP connect to 8080
 # (the NLB in deploy/ checks GET /healthz itself). ----
 FROM runtime AS demo-client
-COPY --from=build /out/demo-client /out/cloudmap-xds /usr/local/bin/
+COPY --from=binaries /out/demo-client /out/cloudmap-xds /usr/local/bin/
 COPY --chmod=0755 deploy/docker/demo-client-entrypoint.sh /usr/local/bin/demo-client-entrypoint
 USER 10001:10001
 EXPOSE 8080
@@ -58,7 +70,7 @@ FROM runtime AS cloudmap-xds
 RUN apt-get update \
  && apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/cloudmap-xds /usr/local/bin/cloudmap-xds
+COPY --from=binaries /out/cloudmap-xds /usr/local/bin/cloudmap-xds
 USER 10001:10001
 EXPOSE 18000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \

@@ -2,7 +2,8 @@
 # THE one command that runs every test on a fresh machine:
 #   1. installs the real peers (.peers/py: moto, boto3, grpcio, pytest),
 #   2. builds all binaries, 3. runs the Rust tests,
-#   4. checks deploy/ (scripts/test-deploy.sh: hadolint, cdk synth, cfn-lint, CDK tests),
+#   4. checks deploy/ (scripts/test-deploy.sh: hadolint, cdk synth, cfn-lint, CDK tests) and
+#      builds and runs the container images (scripts/test-images.sh, podman),
 #   5. runs the Python integration suite (tests/integration) against the built binaries.
 # Extra arguments are passed to pytest (e.g. scripts/test.sh -k zone -x).
 # CLOUDMAP_XDS_BIN / DEMO_SERVER_BIN override the binaries under test.
@@ -24,6 +25,9 @@ echo "==> load generator smoke run (scripts/bench.sh --smoke: N = 200, in-proces
 
 echo "==> deploy checks (Dockerfile, CDK synth, cfn-lint, CDK assertion tests)"
 "$ROOT/scripts/test-deploy.sh"
+
+echo "==> container images (podman build of the Dockerfile's targets, then run against moto)"
+PEERS_PY="$ROOT/.peers/py" "$ROOT/scripts/test-images.sh"
 
 export CLOUDMAP_XDS_BIN="${CLOUDMAP_XDS_BIN:-$ROOT/target/debug/cloudmap-xds}"
 export DEMO_SERVER_BIN="${DEMO_SERVER_BIN:-$ROOT/target/debug/demo-server}"
