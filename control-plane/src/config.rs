@@ -36,6 +36,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start: the size of the flag set does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane (the default when no subcommand is given).
@@ -146,6 +148,54 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "CLOUDMAP_XDS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    // ---- replicas (issue 14): peers and connection age ----
+    /// The other replicas' xDS addresses (HOST:PORT, comma-separated): their
+    /// census is added to this replica's (see README, "Replicas that agree").
+    #[arg(long, env = "CLOUDMAP_XDS_PEERS", value_delimiter = ',', conflicts_with = "peer_service")]
+    pub peers: Vec<String>,
+
+    /// Find the peers in Cloud Map: the instances of this service
+    /// (SERVICE.NAMESPACE, the control plane's own); this replica skips itself.
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_SERVICE", value_parser = parse_service_name)]
+    pub peer_service: Option<crate::model::ServiceName>,
+
+    /// How often to read --peer-service's instances.
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_DISCOVERY_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub peer_discovery_interval: Duration,
+
+    /// A peer not heard from for this long leaves the census, with its clients' counts.
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Dial peers over TLS, checking their certificates against this PEM CA
+    /// (with --tls-cert/--tls-key set, they are presented to peers that require mTLS).
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
+
+    /// The name the peers' certificates carry (default: the address dialed).
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_TLS_SERVER_NAME", requires = "peer_tls_ca")]
+    pub peer_tls_server_name: Option<String>,
+
+    /// ADS connections get a GOAWAY after this long (±10 % per connection), so
+    /// clients reconnect and spread over the replicas that exist now.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// After the GOAWAY, streams still open (ADS streams never end on their own)
+    /// are closed after this long; the client then resumes on a new connection.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+}
+
+/// `SERVICE.NAMESPACE` (the namespace may contain dots; the service may not).
+pub fn parse_service_name(text: &str) -> Result<crate::model::ServiceName, String> {
+    match text.trim().split_once('.') {
+        Some((service, namespace)) if !service.is_empty() && !namespace.is_empty() => {
+            Ok(crate::model::ServiceName::new(namespace, service))
+        }
+        _ => Err(format!("{text:?} is not SERVICE.NAMESPACE (e.g. cloudmap-xds.demo)")),
+    }
 }
 
 /// A positive number of calls per second.
