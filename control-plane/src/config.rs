@@ -1132,4 +1132,32 @@ mod tests {
         assert_eq!(cli.serve.refresh_interval, Duration::from_secs(5));
         assert_eq!(cli.serve.xds_listen.to_string(), "0.0.0.0:18000");
     }
+
+    #[test]
+    fn replica_flags_parse_and_peer_sources_exclude_each_other() {
+        let cli = Cli::try_parse_from(["cloudmap-xds", "--namespace", "demo"]).expect("parses");
+        assert!(cli.serve.peers.is_empty() && cli.serve.peer_service.is_none());
+        assert_eq!(cli.serve.peer_timeout, Duration::from_secs(10));
+        assert_eq!(cli.serve.max_connection_age, Duration::from_secs(30 * 60));
+        assert_eq!(cli.serve.max_connection_age_grace, Duration::from_secs(10));
+        let cli =
+            Cli::try_parse_from(["cloudmap-xds", "--namespace", "demo", "--peers", "10.0.0.1:18000,10.0.0.2:18000"])
+                .expect("parses");
+        assert_eq!(cli.serve.peers, vec!["10.0.0.1:18000", "10.0.0.2:18000"]);
+        let cli = Cli::try_parse_from([
+            "cloudmap-xds",
+            "--namespace",
+            "demo",
+            "--peer-service",
+            "control-plane.cloudmap-xds.internal",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.serve.peer_service,
+            Some(crate::model::ServiceName::new("cloudmap-xds.internal", "control-plane"))
+        );
+        assert!(parse_service_name("nodot").is_err() && parse_service_name(".ns").is_err());
+        let both = ["cloudmap-xds", "--namespace", "d", "--peers", "a:1", "--peer-service", "s.n"];
+        assert!(Cli::try_parse_from(both).is_err(), "--peers and --peer-service exclude each other");
+    }
 }
