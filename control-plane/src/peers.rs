@@ -358,12 +358,17 @@ impl Peering {
                 Err((e, reported)) => {
                     metrics::counter!("cloudmap_xds_peer_errors_total").increment(1);
                     let message = format!("{e:#}");
-                    tracing::debug!(peer = %peer, "peer census stream failed: {message}");
+                    failures = if reported { 1 } else { failures + 1 };
+                    // The first failure in a row, then every 50th (~4 min at the 5 s backoff).
+                    if failures % 50 == 1 {
+                        tracing::warn!(peer = %peer, failures, "peer census stream failed (retrying): {message}");
+                    } else {
+                        tracing::debug!(peer = %peer, failures, "peer census stream failed: {message}");
+                    }
                     self.update(&peer, |s| {
                         s.errors += 1;
                         s.last_error = Some(message);
                     });
-                    failures = if reported { 1 } else { failures + 1 };
                 }
             }
             tokio::time::sleep(backoff(failures)).await;
