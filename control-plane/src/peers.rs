@@ -355,10 +355,17 @@ impl Peering {
                     tracing::info!(peer = %peer, "the peer ended its census stream; reconnecting");
                     failures = if reported { 0 } else { failures + 1 };
                 }
-                Err((e, reported)) => {
+                Err((e, true)) => {
+                    // A stream that delivered reports and then broke — most often its
+                    // connection reaching the peer's maximum age — is reconnected at once;
+                    // only a reconnect that fails counts as an error.
+                    tracing::debug!(peer = %peer, "peer census stream ended ({e:#}); reconnecting");
+                    failures = 0;
+                }
+                Err((e, false)) => {
                     metrics::counter!("cloudmap_xds_peer_errors_total").increment(1);
                     let message = format!("{e:#}");
-                    failures = if reported { 1 } else { failures + 1 };
+                    failures += 1;
                     // The first failure in a row, then every 50th (~4 min at the 5 s backoff).
                     if failures % 50 == 1 {
                         tracing::warn!(peer = %peer, failures, "peer census stream failed (retrying): {message}");
