@@ -15,6 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 use crate::cache::{Cache, NamespaceState};
+use crate::peers::Peering;
 use crate::server::registry::{Registry, ResourceState, StreamStatus};
 use crate::ui;
 
@@ -24,6 +25,7 @@ struct AdminState {
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
+    peering: Arc<Peering>,
 }
 
 /// `staleness`: `/ready` answers 503 when a service's last successful Cloud
@@ -33,6 +35,7 @@ pub fn router(
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
+    peering: Arc<Peering>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -43,7 +46,7 @@ pub fn router(
         .route("/ui/ui.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], ui::SCRIPT) }))
         .route("/ui/ui.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], ui::STYLE) }))
         .route("/ui/state", get(ui_state))
-        .with_state(AdminState { cache, registry, metrics, staleness })
+        .with_state(AdminState { cache, registry, metrics, staleness, peering })
 }
 
 /// Bind the admin address, before anything is served: a port already taken
@@ -65,9 +68,12 @@ pub async fn serve(
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
+    peering: Arc<Peering>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(cache, registry, metrics, staleness)).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(cache, registry, metrics, staleness, peering))
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 
@@ -217,8 +223,47 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
         "generation": snapshot.generation,
         "services": services,
         "clients": clients,
+        "peering": peering_json(&state.peering, &state.cache),
     }))
     .into_response()
+}
+
+/// This replica's id, and each peer: whether it is in the census now, its
+/// last contact and the census it reported (what the plans add to our own).
+fn peering_json(peering: &Peering, cache: &Cache) -> serde_json::Value {
+    let censuses = cache.census().peers();
+    let peers: Vec<_> = peering
+        .status()
+        .into_iter()
+        .map(|(address, status)| {
+            let census = censuses.get(&address);
+            let census: serde_json::Map<_, _> = census
+                .into_iter()
+                .flatten()
+                .map(|(dial, per_zone)| {
+                    let zones: serde_json::Map<_, _> =
+                        per_zone.iter().map(|(z, n)| (z.as_str().to_string(), json!(n))).collect();
+                    (dial.clone(), serde_json::Value::Object(zones))
+                })
+                .collect();
+            json!({
+                "address": address,
+                "replica": status.replica,
+                "self": status.is_self,
+                "connected": status.connected,
+                "in_census": censuses.contains_key(&address),
+                "last_contact_seconds_ago": status.last_contact.map(|t| t.elapsed().as_secs_f64()),
+                "errors": status.errors,
+                "last_error": status.last_error,
+                "census": census,
+            })
+        })
+        .collect();
+    json!({
+        "replica": peering.replica(),
+        "peer_timeout_seconds": peering.timeout().as_secs_f64(),
+        "peers": peers,
+    })
 }
 
 /// One connected client: who it is, what it subscribed to, what it holds,
@@ -273,6 +318,12 @@ mod tests {
             registry: Arc::new(Registry::new(10)),
             metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
             staleness,
+            peering: Peering::new(
+                Arc::new(Cache::default()),
+                "test".into(),
+                Duration::from_secs(10),
+                Default::default(),
+            ),
         }
     }
 

@@ -3,6 +3,13 @@
 //! endpoints, and [`follow`], the debouncer that moves the cache's plans to
 //! it once bursts of connects settle. The binary and the load generator run
 //! the same [`follow`].
+//!
+//! Other replicas' counts come in through [`Census::set_peer`] (see
+//! [`crate::peers`]): [`Census::all`] and [`Census::live`], which the plans
+//! read, are this replica's own counts plus every live peer's, so every
+//! replica plans from the same clients. [`Census::local`] is what this
+//! replica offers its peers; [`Census::has_subscribers`] stays local (it
+//! decides what this replica encodes).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +33,18 @@ pub struct Census {
     zones: Mutex<BTreeMap<String, PerZone>>,
     changed: Notify,
     new_zone: AtomicBool,
+    /// Each live peer's own census, by peer (its address).
+    peers: Mutex<BTreeMap<String, BTreeMap<String, PerZone>>>,
+}
+
+/// Add `other`'s counts into `sum`.
+fn add_into(sum: &mut BTreeMap<String, PerZone>, other: &BTreeMap<String, PerZone>) {
+    for (dial, per_zone) in other {
+        let into = sum.entry(dial.clone()).or_default();
+        for (zone, count) in per_zone {
+            *into.entry(zone.clone()).or_insert(0) += count;
+        }
+    }
 }
 
 impl Census {
@@ -74,14 +93,75 @@ impl Census {
         self.changed.notify_one();
     }
 
-    /// Clients per zone connected now for service `dial`.
-    pub fn live(&self, dial: &str) -> PerZone {
-        self.zones.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default()
+    /// This replica's own counts (what the local streams joined).
+    fn local_counts(&self) -> BTreeMap<String, PerZone> {
+        self.zones.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Clients per zone of every service.
+    /// Clients per zone connected now for service `dial`: to this replica
+    /// and to every live peer.
+    pub fn live(&self, dial: &str) -> PerZone {
+        let mut per_zone = self.zones.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default();
+        for census in self.peers.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            for (zone, count) in census.get(dial).into_iter().flatten() {
+                *per_zone.entry(zone.clone()).or_insert(0) += count;
+            }
+        }
+        per_zone
+    }
+
+    /// Clients per zone of every service: this replica's and every live peer's.
     pub fn all(&self) -> BTreeMap<String, PerZone> {
-        self.zones.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut sum = self.local_counts();
+        for census in self.peers.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            add_into(&mut sum, census);
+        }
+        sum
+    }
+
+    /// This replica's own clients per zone of every service: what it offers its peers.
+    pub fn local(&self) -> BTreeMap<String, PerZone> {
+        self.local_counts()
+    }
+
+    /// Peer `peer` reported its own census. Wakes [`Census::changed`] only when
+    /// the report differs from the last one (heartbeats wake no one), with the
+    /// new-zone flag when a zone appears in the summed census of a service.
+    pub fn set_peer(&self, peer: &str, census: BTreeMap<String, PerZone>) {
+        let census: BTreeMap<String, PerZone> = census
+            .into_iter()
+            .map(|(dial, per_zone)| (dial, per_zone.into_iter().filter(|(_, n)| *n > 0).collect::<PerZone>()))
+            .filter(|(_, per_zone)| !per_zone.is_empty())
+            .collect();
+        let before = self.all();
+        {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            if peers.get(peer) == Some(&census) {
+                return;
+            }
+            peers.insert(peer.to_string(), census);
+        }
+        let after = self.all();
+        let new_zone = after.iter().any(|(dial, per_zone)| {
+            per_zone.keys().any(|zone| !before.get(dial).is_some_and(|old| old.contains_key(zone)))
+        });
+        if new_zone {
+            self.new_zone.store(true, Ordering::Release);
+        }
+        self.changed.notify_one();
+    }
+
+    /// Peer `peer` is gone (or unreachable for too long): its counts leave the sum.
+    pub fn forget_peer(&self, peer: &str) {
+        let removed = self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(peer);
+        if removed.is_some_and(|census| !census.is_empty()) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Each live peer's census as last reported (for `/config_dump`).
+    pub fn peers(&self) -> BTreeMap<String, BTreeMap<String, PerZone>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether any stream subscribes to service `dial`'s endpoints.
@@ -129,6 +209,43 @@ mod tests {
         assert!(census.has_subscribers("echo.demo"), "the zoneless one is still there");
         census.leave("echo.demo", &Zone::default());
         assert!(!census.has_subscribers("echo.demo"));
+    }
+
+    fn one(dial: &str, zone: &str, n: u64) -> BTreeMap<String, PerZone> {
+        BTreeMap::from([(dial.to_string(), PerZone::from([(Zone::new(zone), n)]))])
+    }
+
+    #[test]
+    fn plans_read_local_plus_peers_and_peers_read_local_only() {
+        let census = Census::default();
+        census.join("echo.demo", &Zone::new("a"));
+        census.set_peer("10.0.0.2:18000", one("echo.demo", "b", 2));
+        census.set_peer("10.0.0.3:18000", one("echo.demo", "a", 3));
+        let live = census.live("echo.demo");
+        assert_eq!(live.get(&Zone::new("a")), Some(&4));
+        assert_eq!(live.get(&Zone::new("b")), Some(&2));
+        assert_eq!(census.all()["echo.demo"], live);
+        assert_eq!(census.local(), one("echo.demo", "a", 1), "peers are offered only our own clients");
+        assert!(!census.has_subscribers("other.demo"));
+        census.forget_peer("10.0.0.2:18000");
+        assert!(!census.live("echo.demo").contains_key(&Zone::new("b")));
+        assert_eq!(census.peers().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn set_peer_wakes_only_on_a_change_and_flags_new_zones() {
+        let census = Census::default();
+        census.set_peer("p", one("echo.demo", "b", 1));
+        assert!(census.changed().await, "zone b is new to echo.demo");
+        census.set_peer("p", one("echo.demo", "b", 2));
+        assert!(!census.changed().await, "a count moved, no zone is new");
+        // The same report again (a heartbeat) wakes no one.
+        census.set_peer("p", one("echo.demo", "b", 2));
+        let woken = tokio::time::timeout(Duration::from_millis(50), census.changed()).await;
+        assert!(woken.is_err(), "a heartbeat must not wake the debouncer");
+        census.forget_peer("p");
+        assert!(!census.changed().await);
+        assert!(census.all().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

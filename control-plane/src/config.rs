@@ -36,6 +36,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start: the size of the flag set does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane (the default when no subcommand is given).
@@ -151,6 +153,54 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "CLOUDMAP_XDS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    // ---- replicas (issue 14): peers and connection age ----
+    /// The other replicas' xDS addresses (HOST:PORT, comma-separated): their
+    /// census is added to this replica's (see README, "Replicas that agree").
+    #[arg(long, env = "CLOUDMAP_XDS_PEERS", value_delimiter = ',', conflicts_with = "peer_service")]
+    pub peers: Vec<String>,
+
+    /// Find the peers in Cloud Map: the instances of this service
+    /// (SERVICE.NAMESPACE, the control plane's own); this replica skips itself.
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_SERVICE", value_parser = parse_service_name)]
+    pub peer_service: Option<crate::model::ServiceName>,
+
+    /// How often to read --peer-service's instances.
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_DISCOVERY_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub peer_discovery_interval: Duration,
+
+    /// A peer not heard from for this long leaves the census, with its clients' counts.
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Dial peers over TLS, checking their certificates against this PEM CA
+    /// (with --tls-cert/--tls-key set, they are presented to peers that require mTLS).
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
+
+    /// The name the peers' certificates carry (default: the address dialed).
+    #[arg(long, env = "CLOUDMAP_XDS_PEER_TLS_SERVER_NAME", requires = "peer_tls_ca")]
+    pub peer_tls_server_name: Option<String>,
+
+    /// ADS connections get a GOAWAY after this long (±10 % per connection), so
+    /// clients reconnect and spread over the replicas that exist now.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// After the GOAWAY, streams still open (ADS streams never end on their own)
+    /// are closed after this long; the client then resumes on a new connection.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+}
+
+/// `SERVICE.NAMESPACE` (the namespace may contain dots; the service may not).
+pub fn parse_service_name(text: &str) -> Result<crate::model::ServiceName, String> {
+    match text.trim().split_once('.') {
+        Some((service, namespace)) if !service.is_empty() && !namespace.is_empty() => {
+            Ok(crate::model::ServiceName::new(namespace, service))
+        }
+        _ => Err(format!("{text:?} is not SERVICE.NAMESPACE (e.g. cloudmap-xds.demo)")),
+    }
 }
 
 /// A positive number of calls per second.
@@ -1108,5 +1158,33 @@ mod tests {
         assert_eq!(cli.serve.revision_interval, Duration::from_secs(1));
         assert_eq!(cli.serve.refresh_interval, Duration::from_secs(5));
         assert_eq!(cli.serve.xds_listen.to_string(), "0.0.0.0:18000");
+    }
+
+    #[test]
+    fn replica_flags_parse_and_peer_sources_exclude_each_other() {
+        let cli = Cli::try_parse_from(["cloudmap-xds", "--namespace", "demo"]).expect("parses");
+        assert!(cli.serve.peers.is_empty() && cli.serve.peer_service.is_none());
+        assert_eq!(cli.serve.peer_timeout, Duration::from_secs(10));
+        assert_eq!(cli.serve.max_connection_age, Duration::from_secs(30 * 60));
+        assert_eq!(cli.serve.max_connection_age_grace, Duration::from_secs(10));
+        let cli =
+            Cli::try_parse_from(["cloudmap-xds", "--namespace", "demo", "--peers", "10.0.0.1:18000,10.0.0.2:18000"])
+                .expect("parses");
+        assert_eq!(cli.serve.peers, vec!["10.0.0.1:18000", "10.0.0.2:18000"]);
+        let cli = Cli::try_parse_from([
+            "cloudmap-xds",
+            "--namespace",
+            "demo",
+            "--peer-service",
+            "control-plane.cloudmap-xds.internal",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.serve.peer_service,
+            Some(crate::model::ServiceName::new("cloudmap-xds.internal", "control-plane"))
+        );
+        assert!(parse_service_name("nodot").is_err() && parse_service_name(".ns").is_err());
+        let both = ["cloudmap-xds", "--namespace", "d", "--peers", "a:1", "--peer-service", "s.n"];
+        assert!(Cli::try_parse_from(both).is_err(), "--peers and --peer-service exclude each other");
     }
 }

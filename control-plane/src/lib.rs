@@ -5,6 +5,8 @@
 //! (plain types) → [`policy`] (pure zone shares) → [`resources`] (pure xDS
 //! builders) → [`cache`] (encoded once, versioned; [`wakeup`] says who to tell)
 //! → [`server`] (the ADS protocol state machine). [`admin`] reads the cache; `main` only wires.
+//! [`peers`] sums the census with the other replicas'; [`connection_age`] ends
+//! old connections so clients spread over the replicas.
 
 pub mod admin;
 pub mod aws_error;
@@ -14,7 +16,9 @@ pub mod census;
 pub mod check;
 pub mod cloudmap;
 pub mod config;
+pub mod connection_age;
 pub mod model;
+pub mod peers;
 pub mod policy;
 pub mod resources;
 pub mod server;

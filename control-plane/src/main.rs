@@ -9,6 +9,8 @@ use cloudmap_xds::budget::Budget;
 use cloudmap_xds::cache::Cache;
 use cloudmap_xds::cloudmap::{AwsCloudMap, Timing, Watcher};
 use cloudmap_xds::config::{Cli, Command, FileConfig, LogFormat, ServeArgs};
+use cloudmap_xds::connection_age::{self, ConnectionAge};
+use cloudmap_xds::peers;
 use cloudmap_xds::server::csds::CsdsServer;
 use cloudmap_xds::server::registry::Registry;
 use cloudmap_xds::server::{AdsServer, Limits};
@@ -89,8 +91,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let egress = args.envoy_egress_port.map(|port| std::net::SocketAddr::new(args.envoy_egress_address, port));
     let cache = Arc::new(Cache::new(egress));
+    let api = Arc::new(AwsCloudMap::new(&sdk));
+    let budget = Arc::new(Budget::new(args.api_rate));
     let watcher = Watcher {
-        api: Arc::new(AwsCloudMap::new(&sdk)),
+        api: api.clone(),
         cache: cache.clone(),
         config: Arc::new(file),
         timing: Timing {
@@ -100,7 +104,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_backoff: args.max_backoff,
         },
         default_region: region,
-        budget: Arc::new(Budget::new(args.api_rate)),
+        budget: budget.clone(),
     };
     metrics::gauge!("cloudmap_xds_api_rate").set(args.api_rate);
     metrics::gauge!("cloudmap_xds_max_streams").set(args.max_streams as f64);
@@ -110,6 +114,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let streams_stop = stop_rx.clone();
+    let streams_stop_peers = stop_rx.clone();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -117,12 +122,40 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let registry = Arc::new(Registry::new(args.max_streams));
+
+    // ---- replicas (issue 14): the census shared with peers ----
+    let replica = peers::replica_id();
+    let peering = peers::Peering::new(
+        cache.clone(),
+        replica.clone(),
+        args.peer_timeout,
+        peers::PeerTls {
+            ca: args.peer_tls_ca.clone(),
+            identity: args.tls_cert.clone().zip(args.tls_key.clone()),
+            server_name: args.peer_tls_server_name.clone(),
+        },
+    );
+    let peer_source = match (&args.peer_service, args.peers.is_empty()) {
+        (Some(service), _) => Some(peers::PeerSource::CloudMap {
+            service: service.clone(),
+            every: args.peer_discovery_interval,
+            default_port: args.xds_listen.port(),
+        }),
+        (None, false) => Some(peers::PeerSource::Fixed(peers::check_addresses(&args.peers)?)),
+        (None, true) => None,
+    };
+    if let Some(source) = peer_source {
+        tracing::info!(%replica, ?source, timeout = ?args.peer_timeout, "sharing the census with peer replicas");
+        tokio::spawn(peering.clone().run(source, api.clone(), budget.clone()));
+    }
+
     let admin = tokio::spawn(cloudmap_xds::admin::serve(
         admin_listener,
         cache.clone(),
         registry.clone(),
         metrics,
         args.ready_staleness,
+        peering.clone(),
         stopped(),
     ));
 
@@ -137,16 +170,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads)
-        .add_service(csds);
+        .add_service(csds)
+        .add_service(peers::CensusService::new(cache.clone(), replica, streams_stop_peers));
+    let age = ConnectionAge { max: args.max_connection_age, grace: args.max_connection_age_grace };
     let xds = match tls {
         Some(tls) => {
             tracing::info!(mtls = args.tls_client_ca.is_some(), "xDS port serves TLS");
             tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(2)));
-            tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped()))
+            tokio::spawn(connection_age::serve(router, tls::incoming(listener, tls), age, stopped))
         }
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped()),
-        ),
+        None => tokio::spawn(connection_age::serve(
+            router,
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            age,
+            stopped,
+        )),
     };
 
     shutdown_signal().await;

@@ -87,6 +87,8 @@ export class DemoStack extends Stack {
     const clientSg = sg('Client', 'demo-client: /describe on 8080 from the NLB');
     const nlbSg = sg('Nlb', 'NLB in front of demo-client: port 80 from the allowed CIDR only');
     controlPlaneSg.addIngressRule(clientSg, ec2.Port.tcp(PORTS.xds), 'ADS from demo clients');
+    // The replicas watch one another's census on the xDS port (--peer-service).
+    controlPlaneSg.addIngressRule(controlPlaneSg, ec2.Port.tcp(PORTS.xds), 'census from peer replicas');
     serverSg.addIngressRule(clientSg, ec2.Port.tcp(PORTS.server), 'gRPC from demo clients');
     clientSg.addIngressRule(nlbSg, ec2.Port.tcp(PORTS.client), '/describe from the NLB');
     const allowed = config.allowedCidr
@@ -151,6 +153,9 @@ export class DemoStack extends Stack {
       environment: {
         CLOUDMAP_XDS_NAMESPACE: config.namespace,
         CLOUDMAP_XDS_LOG_FORMAT: 'json',
+        // The replicas find one another in their own Cloud Map service (ECS registers each
+        // task's IP there) and plan from the summed census of every replica's clients.
+        CLOUDMAP_XDS_PEER_SERVICE: `${CONTROL_PLANE_DNS.service}.${CONTROL_PLANE_DNS.namespace}`,
         AWS_REGION: this.region,
         // The admin server stays on its default 127.0.0.1:9901: the health check below runs
         // inside the task's network namespace, so nothing outside needs to reach it.

@@ -124,15 +124,28 @@ test('no policy in the stack grants a wildcard action', () => {
   }
 });
 
-test('ADS (18000) and gRPC (50051) are open only to the demo clients\' security group', () => {
+test('ADS (18000) and gRPC (50051) are open only to the demo clients\' security group (and 18000 to peer replicas)', () => {
   const { resources } = synth({ allowedCidr: '203.0.113.7/32' });
   const rules = ingressRules(resources);
   const client = groupOf(resources, 'demo-client');
-  for (const [container, port] of [['cloudmap-xds', PORTS.xds], ['demo-server', PORTS.server]] as const) {
-    const group = groupOf(resources, container);
-    const open = rules.filter(r => r.group === group);
-    assert.deepEqual(open, [{ group, from: port, to: port, cidr: undefined, sourceGroup: client }], container);
-  }
+  const server = groupOf(resources, 'demo-server');
+  assert.deepEqual(rules.filter(r => r.group === server),
+    [{ group: server, from: PORTS.server, to: PORTS.server, cidr: undefined, sourceGroup: client }]);
+  const controlPlane = groupOf(resources, 'cloudmap-xds');
+  const open = rules.filter(r => r.group === controlPlane);
+  const sorted = (rs: Ingress[]) => [...rs].sort((a, b) => String(a.sourceGroup).localeCompare(String(b.sourceGroup)));
+  assert.deepEqual(sorted(open), sorted([
+    { group: controlPlane, from: PORTS.xds, to: PORTS.xds, cidr: undefined, sourceGroup: client },
+    { group: controlPlane, from: PORTS.xds, to: PORTS.xds, cidr: undefined, sourceGroup: controlPlane },
+  ]));
+});
+
+test('the control plane replicas find one another in their own Cloud Map service', () => {
+  const { resources } = synth();
+  const all = containers(resources);
+  assert.equal(envOf(all['cloudmap-xds']).CLOUDMAP_XDS_PEER_SERVICE, 'control-plane.cloudmap-xds.internal');
+  const [[own]] = ofType(resources, 'AWS::ServiceDiscovery::Service').filter(([, s]) => s.Properties.Name === 'control-plane');
+  assert.deepEqual(serviceOf(resources, 'cloudmap-xds').Properties.ServiceRegistries?.[0]?.RegistryArn, { 'Fn::GetAtt': [own, 'Arn'] });
 });
 
 test('/describe is reachable only from allowedCidr, through an internet-facing NLB', () => {

@@ -16,11 +16,22 @@ import selectors
 import socket
 import struct
 import threading
+from typing import Callable
 
 
 class TcpProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        pick: Callable[[], list[tuple[str, int]]] | None = None,
+    ):
+        """`pick`, when given, is asked for the upstreams of each new connection, in the order to
+        try them (the first that accepts gets it): a stand-in for DNS with several records."""
         self.upstream = (upstream_host, upstream_port)
+        self.pick = pick
         self.host = host
         self.port = port
         self.accepted = 0
@@ -135,9 +146,14 @@ class TcpProxy:
             client, _ = ls.accept()
         except (BlockingIOError, InterruptedError):
             return
-        try:
-            upstream = socket.create_connection(self.upstream, timeout=5)
-        except OSError:
+        upstream = None
+        for address in self.pick() if self.pick else [self.upstream]:
+            try:
+                upstream = socket.create_connection(address, timeout=5)
+                break
+            except OSError:
+                continue
+        if upstream is None:
             _reset(client)
             return
         self.accepted += 1
