@@ -1,6 +1,13 @@
-//! The admin HTTP server: liveness, readiness, Prometheus metrics and a JSON
-//! dump of what is served. Reads the cache; changes nothing. Binds to
-//! loopback by default: it tells anyone who can reach it the whole topology.
+//! The admin HTTP server: liveness, readiness, Prometheus metrics, a JSON
+//! dump of what is served, and CSDS (gRPC). Reads the cache; changes nothing.
+//! Binds to loopback by default: it tells anyone who can reach it the whole
+//! topology and every client.
+//!
+//! CSDS shares this port rather than having one of its own: gRPC is HTTP/2,
+//! which the server speaks beside HTTP/1 (prior knowledge, as gRPC clients
+//! connect), and its requests are told apart by their path
+//! (`/envoy.service.status.v3.ClientStatusDiscoveryService/…`). One port
+//! means one address to keep on loopback and one flag (`--admin-listen`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +22,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 use crate::cache::{Cache, NamespaceState};
+use crate::server::csds::CsdsServer;
 use crate::server::registry::{Registry, ResourceState, StreamStatus};
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 
 #[derive(Clone)]
 struct AdminState {
@@ -32,8 +41,11 @@ pub fn router(
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
+    csds: CsdsServer,
 ) -> Router {
+    let csds = ClientStatusDiscoveryServiceServer::new(csds);
     Router::new()
+        .route_service("/envoy.service.status.v3.ClientStatusDiscoveryService/{*method}", csds)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
@@ -60,9 +72,10 @@ pub async fn serve(
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
+    csds: CsdsServer,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(cache, registry, metrics, staleness)).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(cache, registry, metrics, staleness, csds)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 

@@ -318,6 +318,7 @@ impl ServiceEntry {
         let (name, resource) = build();
         let encoded = Arc::new(Encoded::new(name, resource));
         self.encoded.insert(key, encoded.clone());
+        metrics::counter!("cloudmap_xds_shared_encodes_total").increment(1);
         encoded
     }
 
@@ -449,6 +450,8 @@ pub struct Snapshot {
     pub egress: Option<SocketAddr>,
     egress_listener: OnceLock<Arc<Encoded>>,
     egress_routes: OnceLock<Arc<Encoded>>,
+    /// The zones any service has endpoints in (built when first asked).
+    zones: OnceLock<BTreeSet<Zone>>,
 }
 
 impl Snapshot {
@@ -482,6 +485,27 @@ impl Snapshot {
         }
     }
 
+    /// Whether some service has endpoints in `zone`.
+    pub fn serves_zone(&self, zone: &Zone) -> bool {
+        self.zones
+            .get_or_init(|| {
+                self.services.values().flat_map(|e| e.endpoints.endpoints.iter().map(|ep| ep.zone.clone())).collect()
+            })
+            .contains(zone)
+    }
+
+    /// Whether the listener or route name `name` of `entry` is a variant worth
+    /// keeping in the shared memo: the dial name itself, or `NAME:PORT` with a
+    /// port the service's endpoints listen on. Any other port is encoded for
+    /// the asking stream alone, so clients naming arbitrary ports can neither
+    /// grow the memo nor push out what other streams share.
+    fn memoised_variant(entry: &ServiceEntry, name: &str) -> bool {
+        match name.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()) {
+            Some(port) => entry.endpoints.endpoints.iter().any(|e| e.port == port),
+            None => true,
+        }
+    }
+
     fn egress(&self, ty: ResourceType) -> Option<Arc<Encoded>> {
         let address = self.egress?;
         let encode = |resource: Any| Arc::new(Encoded::new(resources::EGRESS.to_string(), resource));
@@ -509,15 +533,17 @@ impl Snapshot {
             ResourceType::Listener => {
                 let entry = self.lookup(name)?;
                 let key = stable_hash(&(ty, name));
-                Some(entry.memo(key, || (name.to_string(), pack_any(resources::listener(name)))))
+                let build = || (name.to_string(), pack_any(resources::listener(name)));
+                Some(if Self::memoised_variant(entry, name) { entry.memo(key, build) } else { unshared(build) })
             }
             ResourceType::RouteConfiguration => {
                 let entry = self.lookup(name)?;
                 let dial = entry.name.dial_name();
                 let key = stable_hash(&(ty, name, &dial, &*entry.routing, client.kind));
-                Some(entry.memo(key, || {
+                let build = || {
                     (name.to_string(), pack_any(resources::service_routes(name, &dial, &entry.routing, client.kind)))
-                }))
+                };
+                Some(if Self::memoised_variant(entry, name) { entry.memo(key, build) } else { unshared(build) })
             }
             ResourceType::Cluster => {
                 let (entry, _) = self.cluster_entry(name)?;
@@ -558,6 +584,12 @@ impl Snapshot {
             ResourceType::RouteConfiguration | ResourceType::ClusterLoadAssignment => Vec::new(),
         }
     }
+}
+
+/// A resource encoded for one stream, kept in no memo.
+fn unshared(build: impl FnOnce() -> (String, Any)) -> Arc<Encoded> {
+    let (name, resource) = build();
+    Arc::new(Encoded::new(name, resource))
 }
 
 /// The right of one Cloud Map watcher to write one service (see
@@ -932,11 +964,44 @@ mod tests {
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::LocalFirst);
         assert_eq!(cache.snapshot().changed, keys(&["echo.demo", resources::EGRESS]), "new options");
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::ZoneAware);
-        cache.census().join("echo.demo", &Zone::new("a"));
+        cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         assert!(cache.apply_census());
         assert_eq!(cache.snapshot().changed, keys(&["echo.demo"]), "a census move");
         cache.remove_service(&other);
         assert_eq!(cache.snapshot().changed, keys(&["other.demo", resources::EGRESS]));
+    }
+
+    #[test]
+    fn arbitrary_port_variants_neither_grow_nor_flush_the_shared_memo() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a", "b"]), Policy::ZoneAware);
+        let snapshot = cache.snapshot();
+        let client = grpc("a");
+        let eds = snapshot.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client).expect("eds");
+        let entry = snapshot.services["echo.demo"].clone();
+        let before = entry.encoded.len();
+        for port in 1..=1000u16 {
+            for ty in [ResourceType::Listener, ResourceType::RouteConfiguration] {
+                let r = snapshot.resolve(ty, &format!("echo.demo:{port}"), &client).expect("a variant resolves");
+                assert_eq!(r.name, format!("echo.demo:{port}"));
+            }
+        }
+        assert_eq!(entry.encoded.len(), before, "no variant of an unused port is kept");
+        let again = snapshot.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client).expect("eds");
+        assert!(Arc::ptr_eq(&eds, &again), "the shared EDS was not flushed");
+        // The endpoints' own port is shared as before.
+        let first = snapshot.resolve(ResourceType::Listener, "echo.demo:8080", &client).expect("lds");
+        let second = snapshot.resolve(ResourceType::Listener, "echo.demo:8080", &client).expect("lds");
+        assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[test]
+    fn serves_zone_knows_the_zones_with_endpoints() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a", "b"]), Policy::ZoneAware);
+        let snapshot = cache.snapshot();
+        assert!(snapshot.serves_zone(&Zone::new("a")) && snapshot.serves_zone(&Zone::new("b")));
+        assert!(!snapshot.serves_zone(&Zone::new("mars")));
     }
 
     #[test]
@@ -980,7 +1045,7 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "a", "b", "b", "c", "c"]), Policy::ZoneAware);
         for zone in ["a", "b", "c"] {
-            cache.census().join("echo.demo", &Zone::new(zone));
+            cache.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
@@ -990,7 +1055,7 @@ mod tests {
 
         // Skew to 4/1/1: a spills half, b and c stay local — and b's resource is not re-encoded.
         for _ in 0..3 {
-            cache.census().join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
@@ -1007,17 +1072,17 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b"]), Policy::ZoneAware);
         for _ in 0..100 {
-            cache.census().join("echo.demo", &Zone::new("a"));
-            cache.census().join("echo.demo", &Zone::new("b"));
+            cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
+            cache.census().join("echo.demo", &Zone::new("b"), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         // 101 vs 100 clients: both zones stay local, nothing moves.
-        cache.census().join("echo.demo", &Zone::new("a"));
+        cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         assert!(!cache.apply_census());
         // Non zone-aware services ignore the census.
         cache.update_service(&name, endpoints(&["a", "b"]), Policy::LocalFirst);
         for _ in 0..50 {
-            cache.census().join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         }
         assert!(!cache.apply_census());
     }
@@ -1068,12 +1133,12 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b", "b", "b"]), Policy::ZoneAware);
         for zone in ["a", "a", "b", "b"] {
-            cache.census().join("echo.demo", &Zone::new(zone));
+            cache.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         // Clients in x spread by capacity whatever their number; nobody's shares move.
         for _ in 0..4 {
-            cache.census().join("echo.demo", &Zone::new("x"));
+            cache.census().join("echo.demo", &Zone::new("x"), &crate::census::Voter::unique());
         }
         assert!(!cache.apply_census());
         let a = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
@@ -1160,7 +1225,7 @@ mod tests {
         assert!(!cache.update_service(&name, service.clone(), options.clone()), "same routing: no change");
         for zone in ["a", "b", "c"] {
             for eds in ["echo.demo/stable", "echo.demo/canary"] {
-                cache.census().join(eds, &Zone::new(zone));
+                cache.census().join(eds, &Zone::new(zone), &crate::census::Voter::unique());
             }
         }
         assert!(cache.apply_census(), "the subsets' census moves their plans");
@@ -1228,7 +1293,7 @@ mod tests {
         cache.update_service(&name, service, options);
         for (zone, n) in [("a", 4), ("b", 1), ("c", 1)] {
             for _ in 0..n {
-                cache.census().join("echo.demo/canary", &Zone::new(zone));
+                cache.census().join("echo.demo/canary", &Zone::new(zone), &crate::census::Voter::unique());
             }
         }
         assert!(cache.apply_census());

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
-        Some(Command::Serve(args)) => args,
+        Some(Command::Serve(args)) => *args,
         Some(Command::Bootstrap(args)) => return cloudmap_xds::bootstrap::run(args).await,
         None => cli.serve,
     };
@@ -110,28 +110,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let registry = Arc::new(Registry::new(args.max_streams));
+    let registry = Arc::new(Registry::new(args.max_streams).with_max_per_connection(args.max_streams_per_connection));
+    let csds =
+        CsdsServer { cache: cache.clone(), registry: registry.clone(), max_response: args.csds_max_response_size };
     let admin = tokio::spawn(cloudmap_xds::admin::serve(
         admin_listener,
         cache.clone(),
         registry.clone(),
         metrics,
         args.ready_staleness,
+        csds.clone(),
         stopped(),
     ));
 
     let limits = Limits {
         max_resource_names: args.max_resource_names,
+        max_names_per_stream: args.max_names_per_stream,
+        census_per_address: args.census_per_address,
         send_timeout: args.stream_send_timeout,
         max_message_size: args.max_message_size,
     };
     let ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
-    let csds = ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry: registry.clone() })
-        .max_decoding_message_size(args.max_message_size);
+    // CSDS shows every client: on the admin address (above), on the xDS port only when asked.
+    let csds_on_xds = args.csds_on_xds_port.then(|| {
+        tracing::warn!("CSDS is served on the xDS port (--csds-on-xds-port): anyone who reaches it sees every client");
+        ClientStatusDiscoveryServiceServer::new(csds).max_decoding_message_size(args.max_message_size)
+    });
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads)
-        .add_service(csds);
+        .add_optional_service(csds_on_xds);
     let xds = match tls {
         Some(tls) => {
             tracing::info!(mtls = args.tls_client_ca.is_some(), "xDS port serves TLS");

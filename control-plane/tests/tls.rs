@@ -121,7 +121,11 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
     let port = listener.local_addr().expect("addr").port();
     let server = tonic::transport::Server::builder()
         .add_service(AdsServer::new(cache.clone(), registry.clone(), Limits::default()))
-        .add_service(ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry }))
+        .add_service(ClientStatusDiscoveryServiceServer::new(CsdsServer {
+            cache: cache.clone(),
+            registry,
+            max_response: 4 << 20,
+        }))
         .serve_with_incoming(tls::incoming(listener, reloading.clone()));
     let server = tokio::spawn(server);
 

@@ -65,6 +65,10 @@ impl Protocol for DeltaState {
             + request.initial_resource_versions.len()
     }
 
+    fn held_names(&self) -> usize {
+        self.types.values().map(|t| t.names.len()).sum()
+    }
+
     fn request_node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
     }

@@ -188,6 +188,10 @@ impl Protocol for SotwState {
         request.resource_names.len()
     }
 
+    fn held_names(&self) -> usize {
+        self.types.values().map(|t| t.subscription.names.len()).sum()
+    }
+
     fn request_node(request: &DiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
     }

@@ -1,0 +1,379 @@
+"""The xDS port under attack (issue 15): hostile clients written here, in raw ADS, against one
+control plane, while three honest grpcio clients (one per zone, servers 2/2/2) keep calling.
+
+Each test is one attack; it shows the attack refused or bounded (stream ended with the right
+code, stream slot freed, census within one vote, RSS growth stated in MB) and that the honest
+clients had 0 failed calls and >= 95 % same-zone calls while it ran — except under the
+zone-claiming attack, where the zone-b client keeps ~2/3 of its calls local: the hostile
+connection counts as one client of zone b, as an extra honest one would.
+
+One bed (module-scoped) serves every attack, to keep CI time low. Its control plane runs with
+--max-resource-names 500 (so over-limit requests fit in a stalled client's 64 KiB HTTP/2
+window) and --stream-send-timeout 3s; every other limit is at its default. Each attack cleans
+up after itself and the next one starts only when the honest clients are alone again.
+
+Measured numbers print as `SECURITY <test>: ...` lines (see them with -rA or -s).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+import conftest
+from ads_raw import EDS, LDS, AdsStream, StalledH2Connection, fetch_client_status, node, request
+from harness import (
+    ZONES,
+    CloudMap,
+    ControlPlane,
+    DemoServer,
+    ProcRegistry,
+    XdsClient,
+    binary,
+    wait_until,
+)
+from tcp_proxy import TcpProxy
+
+A, B, C = ZONES
+SERVICE = "echo.demo"
+MAX_RESOURCE_NAMES = 500
+MAX_NAMES_PER_STREAM = 20_000  # the default
+SEND_TIMEOUT = 3.0
+DELTA_ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+
+
+def report(test: str, **numbers) -> None:
+    print(f"SECURITY {test}: " + " ".join(f"{k}={v}" for k, v in numbers.items()), flush=True)
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+class Bed:
+    def __init__(self, procs: ProcRegistry, cp: ControlPlane, clients: dict[str, XdsClient]):
+        self.procs = procs
+        self.cp = cp
+        self.clients = clients
+
+    def honest_alone(self) -> None:
+        """Wait until only the three honest clients have streams (the previous attack is gone)."""
+
+        def alone():
+            ids = sorted(cl["node_id"] or "" for cl in self.cp.config_dump()["clients"])
+            return ids == ["client-a", "client-b", "client-c"]
+
+        wait_until(alone, 15, "only the three honest clients connected")
+        self.cp.wait_census({A: 1, B: 1, C: 1}, timeout=15)
+
+    def assert_honest(self, since: float, until: float, local: dict[str, tuple[float, float]] | None = None) -> dict:
+        """0 failed calls in [since, until); own-zone share within `local[zone]` (default >= 95 %)."""
+        local = local or {}
+        # At least 2 s of calls (~100 per client) to judge by, however quick the attack was.
+        until = max(until, since + 2.0)
+        if time.time() < until:
+            time.sleep(until - time.time())
+        shares, problems = {}, []
+        for zone, c in self.clients.items():
+            s = c.summary(c.calls(since=since, until=until))
+            lo, hi = local.get(zone, (0.95, 1.0))
+            shares[zone[-1]] = round(s.own_zone_share, 3)
+            if s.failed or s.ok < 20 or not lo <= s.own_zone_share <= hi:
+                problems.append(f"{c.node_id}: want 0 failed, >= 20 ok, own-zone share in [{lo}, {hi}]: {s}")
+        assert not problems, "honest clients during the attack:\n" + "\n".join(problems)
+        return shares
+
+
+@pytest.fixture(scope="module")
+def bed(moto, demo_stubs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("security")
+    procs = ProcRegistry()
+    moto.reset()
+    proxy = TcpProxy("127.0.0.1", moto.port)
+    proxy.start()
+    try:
+        cloudmap = CloudMap(moto.url)
+        cloudmap.setup()
+        demo = binary("DEMO_SERVER_BIN", "target/debug/demo-server")
+        for z in ZONES:
+            for n in (1, 2):
+                s = DemoServer(demo, z, f"i-{z[-1]}{n}", tmp, procs)
+                cloudmap.register(f"i-{z[-1]}{n}", s.host, s.port, z)
+        cp = ControlPlane(
+            binary("CLOUDMAP_XDS_BIN", "target/debug/cloudmap-xds"),
+            "demo",
+            proxy.url,
+            tmp,
+            procs,
+            extra_args=[
+                "--max-resource-names", str(MAX_RESOURCE_NAMES),
+                "--stream-send-timeout", f"{SEND_TIMEOUT:g}s",
+                "--census-debounce", "300ms",
+            ],
+        )  # fmt: skip
+        cp.wait_healthz()
+        cp.wait_ready()
+        clients = {z: XdsClient(demo_stubs, cp.xds_port, z, f"client-{z[-1]}", tmp, procs) for z in ZONES}
+        for c in clients.values():
+            c.wait_first_success(timeout=30)
+        b = Bed(procs, cp, clients)
+        b.honest_alone()
+        yield b
+    finally:
+        procs.stop_all()
+        proxy.close()
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request, bed):
+    """Process logs in the report of a failed test (conftest's hook reads this stash)."""
+    request.node.stash[conftest.PROCS_KEY] = bed.procs
+    yield
+    assert bed.cp.proc.alive(), f"the control plane died: {bed.cp.proc.exit_note()}"
+
+
+class DeltaStream:
+    """One hand-driven Delta ADS stream: send() queues a request; how the stream ended is kept."""
+
+    def __init__(self, port: int):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self._q: queue.Queue = queue.Queue()
+        self.received: list[discovery_pb2.DeltaDiscoveryResponse] = []
+        self.ended: tuple[grpc.StatusCode, str] | None = None
+        method = self.channel.stream_stream(
+            DELTA_ADS_METHOD,
+            request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+        )
+        self.call = method(iter(self._q.get, None))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for r in self.call:
+                self.received.append(r)
+            self.ended = (grpc.StatusCode.OK, "")
+        except grpc.RpcError as e:
+            self.ended = (e.code(), e.details() or "")
+
+    def send(self, r: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        self._q.put(r)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self.call.cancel()
+        self._reader.join(timeout=5)
+        self.channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. CSDS from an unauthenticated peer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_csds_is_not_served_on_the_xds_port_but_on_the_admin_address(bed):
+    t0 = time.time()
+    with pytest.raises(grpc.RpcError) as refused:
+        fetch_client_status(bed.cp.xds_port)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, f"CSDS on the xDS port: {refused.value}"
+    # The operator's CSDS: the admin address, over the same HTTP port as /metrics.
+    resp = fetch_client_status(bed.cp.admin_port)
+    listed = sorted(c.node.id for c in resp.config)
+    assert listed == ["client-a", "client-b", "client-c"], listed
+    assert all(c.generic_xds_configs for c in resp.config), "the admin CSDS shows what each client holds"
+    time.sleep(1.0)  # a window of honest calls to judge
+    shares = bed.assert_honest(t0, time.time())
+    report("csds", xds_port=refused.value.code().name, admin_clients=len(listed), own_zone=shares)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. 100,000 names over Delta requests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_names_accumulated_over_delta_requests_are_bounded_per_stream(bed):
+    bed.honest_alone()
+    pid = bed.cp.proc.popen.pid
+    rss_before = vm_rss_kib(pid)
+    t0 = time.time()
+    s = DeltaStream(bed.cp.xds_port)
+    sent = 0
+    try:
+        first = True
+        for batch in range(100_000 // MAX_RESOURCE_NAMES):
+            names = [f"svc-{batch}-{i}.demo" for i in range(MAX_RESOURCE_NAMES)]
+            r = discovery_pb2.DeltaDiscoveryRequest(type_url=EDS, resource_names_subscribe=names)
+            if first:
+                r.node.CopyFrom(node("hostile-delta", A))
+                first = False
+            s.send(r)
+            sent += len(names)
+            if s.ended is not None:
+                break
+        wait_until(lambda: s.ended is not None, 20, "the Delta stream holding too many names ended")
+        rss_peak = vm_rss_kib(pid)
+    finally:
+        s.close()
+    code, details = s.ended
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-names-per-stream" in details, (code, details)
+    bed.honest_alone()  # its stream slot and census entries are gone
+    t1 = time.time()
+    shares = bed.assert_honest(t0, t1)
+    growth_mb = (rss_peak - rss_before) / 1024
+    assert growth_mb < 64, f"RSS grew {growth_mb:.1f} MB for one stream's names"
+    report(
+        "delta_names",
+        names_sent_before_refusal=sent,
+        ended=code.name,
+        rss_growth_mb=f"{growth_mb:.1f}",
+        own_zone=shares,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. 100 zone-claiming streams
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_streams_claiming_a_zone_count_as_one_vote(bed):
+    bed.honest_alone()
+    channel = grpc.insecure_channel(f"127.0.0.1:{bed.cp.xds_port}")
+    streams = []
+    try:
+        for i in range(100):
+            s = AdsStream(bed.cp.xds_port, channel=channel)
+            s.subscribe(EDS, [SERVICE], first_node=node(f"hostile-zone-{i}", B))
+            streams.append(s)
+        for s in streams:
+            s.wait_response(EDS, timeout=20)
+        # One connection, 100 streams and node ids: one more client of zone b.
+        live = lambda: next(x for x in bed.cp.config_dump()["services"] if x["name"] == SERVICE)["live_census"]
+        wait_until(lambda: live() == {A: 1, B: 2, C: 1}, 10, f"live census a=1 b=2 c=1 (now {live()})")
+        bed.cp.wait_census({A: 1, B: 2, C: 1}, timeout=10)
+        time.sleep(1.0)  # the clients apply the new shares
+        t0 = time.time()
+        time.sleep(8.0)  # ~400 calls per client to judge the shares by
+        t1 = time.time()
+        # Zone b's demand is 2 of 4 against a third of the capacity: it keeps (1/3)/(1/2) = 2/3 local.
+        shares = bed.assert_honest(t0, t1, local={B: (0.55, 0.78)})
+        assert all(s.ended is None for s in streams), "the hostile streams are served, not refused"
+    finally:
+        for s in streams:
+            s.close()
+        channel.close()
+    bed.honest_alone()
+    report("zone_claim", hostile_streams=len(streams), census={"a": 1, "b": 2, "c": 1}, own_zone=shares)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. 10,000 NAME:PORT variants
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_name_port_variants_do_not_grow_or_flush_the_shared_encode_cache(bed):
+    bed.honest_alone()
+    encodes = lambda: sum(bed.cp.metric_values("cloudmap_xds_shared_encodes_total").values())
+    assert bed.cp.metric_values("cloudmap_xds_shared_encodes_total"), "no cloudmap_xds_shared_encodes_total metric"
+    before = encodes()
+    t0 = time.time()
+    s = AdsStream(bed.cp.xds_port)
+    variants = 0
+    try:
+        port = 1
+        for batch in range(10_000 // MAX_RESOURCE_NAMES):
+            names = [f"{SERVICE}:{port + i}" for i in range(MAX_RESOURCE_NAMES)]
+            port += MAX_RESOURCE_NAMES
+            nonce = s.responses(LDS)[-1].response.nonce if batch else ""
+            s.send(request(LDS, names, nonce=nonce, with_node=node("hostile-ports", A) if batch == 0 else None))
+            got = s.wait_response(LDS, n=batch + 1, timeout=20)
+            assert len(got.response.resources) == MAX_RESOURCE_NAMES, "each variant is a listener it is sent"
+            variants += len(names)
+        rss_peak = vm_rss_kib(bed.cp.proc.popen.pid)
+    finally:
+        s.close()
+    t1 = time.time()
+    grew = encodes() - before
+    assert grew < 50, f"{variants} NAME:PORT variants made {grew:.0f} encodes into the shared memo"
+    shares = bed.assert_honest(t0, t1)
+    report("name_port", variants=variants, shared_encodes=int(grew), rss_kib=rss_peak, own_zone=shares)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A client that stops reading, then sends an over-limit request
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_non_reading_client_sending_an_over_limit_request_loses_its_stream(bed):
+    bed.honest_alone()
+    t0 = time.time()
+    # Two LDS responses of ~100 KB each (500 listener variants) fill the HTTP/2 window and the
+    # one-frame channel; the third request names too many resources, so its refusal has nowhere to go.
+    first = [f"{SERVICE}:{20_000 + i}" for i in range(MAX_RESOURCE_NAMES)]
+    second = [f"{SERVICE}:{30_000 + i}" for i in range(MAX_RESOURCE_NAMES)]
+    over = [f"x{i}" for i in range(MAX_RESOURCE_NAMES + 1)]
+    conn = StalledH2Connection(
+        bed.cp.xds_port,
+        [[
+            request(LDS, first, with_node=node("stalled-over-limit", A)),
+            request(LDS, second, nonce="1"),
+            request(LDS, over, nonce="1"),
+        ]],
+    )  # fmt: skip
+    try:
+        listed = lambda: any(cl["node_id"] == "stalled-over-limit" for cl in bed.cp.config_dump()["clients"])
+        wait_until(listed, 10, "the stalled stream is listed")
+        t_listed = time.time()
+        # Refused, and the refusal's send times out like any push: the slot is freed.
+        wait_until(lambda: not listed(), SEND_TIMEOUT + 10, "the stalled stream's slot is freed")
+        freed_after = time.time() - t_listed
+    finally:
+        conn.close()
+    bed.honest_alone()
+    shares = bed.assert_honest(t0, time.time())
+    report("stalled_over_limit", freed_after_s=f"{freed_after:.1f}", own_zone=shares)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Nodes that would be labels, and streams per connection
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_invalid_zones_are_refused_and_unknown_ones_are_not_labels(bed):
+    bed.honest_alone()
+    t0 = time.time()
+    bad = AdsStream(bed.cp.xds_port)
+    odd = AdsStream(bed.cp.xds_port)
+    try:
+        bad.subscribe(EDS, [SERVICE], first_node=node("hostile-label", 'x"} evil{a="'))
+        end = bad.wait_ended(10)
+        assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "zone" in (end.details or ""), end
+        odd.subscribe(EDS, [SERVICE], first_node=node("no-such-zone", "mars-1a"))
+        odd.wait_response(EDS)
+        zones = {
+            labels.get("zone")
+            for name, labels, v in bed.cp.metrics()
+            if name == "cloudmap_xds_streams" and v > 0
+        }
+        assert "mars-1a" not in zones and "other" in zones, f"stream gauge zone labels: {zones}"
+    finally:
+        bad.close()
+        odd.close()
+    bed.honest_alone()
+    shares = bed.assert_honest(t0, time.time())
+    report("node_checks", refused=end.code.name, labels=sorted(z for z in zones if z is not None), own_zone=shares)
