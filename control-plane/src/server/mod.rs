@@ -704,7 +704,12 @@ fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
         Outcome::Ack => counters().acks[ty as usize].increment(1),
         Outcome::Nack(message) => {
             counters().nacks[ty as usize].increment(1);
-            tracing::warn!(stream = id, %type_url, %message, "client rejected (NACK)");
+            // A client can NACK every response: the counter says how often, the log samples.
+            static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
+            if let Some(left_out) = LOG.allow() {
+                let message: String = message.chars().take(500).collect();
+                tracing::warn!(stream = id, %type_url, %message, left_out, "client rejected (NACK)");
+            }
         }
         Outcome::UnknownType => {
             static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
