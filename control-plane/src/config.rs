@@ -45,9 +45,10 @@ pub enum Command {
     ///
     /// The client's zone comes from --zone, else ECS task metadata v4, else EC2
     /// instance metadata (IMDSv2); without one, same-zone routing does not apply
-    /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. Only
-    /// insecure channel credentials are written (no TLS yet).
-    Bootstrap(crate::bootstrap::BootstrapArgs),
+    /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. The
+    /// channel credentials are insecure unless --ca-file (TLS) and
+    /// --cert-file/--key-file (mTLS) are given.
+    Bootstrap(Box<crate::bootstrap::BootstrapArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

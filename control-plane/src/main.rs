@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
-        Some(Command::Bootstrap(args)) => return cloudmap_xds::bootstrap::run(args).await,
+        Some(Command::Bootstrap(args)) => return cloudmap_xds::bootstrap::run(*args).await,
         None => cli.serve,
     };
     init_logging(args.log_format);

@@ -12,6 +12,9 @@ One bed (module-scoped) serves every attack, to keep CI time low. Its control pl
 window) and --stream-send-timeout 3s; every other limit is at its default. Each attack cleans
 up after itself and the next one starts only when the honest clients are alone again.
 
+The last test starts a second control plane with mTLS and grpcio clients whose bootstrap
+`cloudmap-xds bootstrap` wrote (gRFC A65 `tls` channel credentials with a client certificate).
+
 Measured numbers print as `SECURITY <test>: ...` lines (see them with -rA or -s).
 """
 
@@ -60,8 +63,9 @@ def vm_rss_kib(pid: int) -> int:
 
 
 class Bed:
-    def __init__(self, procs: ProcRegistry, cp: ControlPlane, clients: dict[str, XdsClient]):
+    def __init__(self, procs: ProcRegistry, cp: ControlPlane, clients: dict[str, XdsClient], aws_url: str):
         self.procs = procs
+        self.aws_url = aws_url
         self.cp = cp
         self.clients = clients
 
@@ -125,7 +129,7 @@ def bed(moto, demo_stubs, tmp_path_factory):
         clients = {z: XdsClient(demo_stubs, cp.xds_port, z, f"client-{z[-1]}", tmp, procs) for z in ZONES}
         for c in clients.values():
             c.wait_first_success(timeout=30)
-        b = Bed(procs, cp, clients)
+        b = Bed(procs, cp, clients, proxy.url)
         b.honest_alone()
         yield b
     finally:
@@ -377,3 +381,116 @@ def test_invalid_zones_are_refused_and_unknown_ones_are_not_labels(bed):
     bed.honest_alone()
     shares = bed.assert_honest(t0, time.time())
     report("node_checks", refused=end.code.name, labels=sorted(z for z in zones if z is not None), own_zone=shares)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. mTLS end to end: grpcio clients with a bootstrap written by `cloudmap-xds bootstrap`
+# ---------------------------------------------------------------------------------------------
+
+
+def write_pki(d) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (SPIFFE URI), as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer_name, issuer_key, sans=None, ca=False):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "security test CA")])
+    ca = cert("security test CA", ca_key, ca_name, ca_key, ca=True)
+    out = {}
+
+    def save(stem, c, key):
+        out[f"{stem}.pem"] = str(d / f"{stem}.pem")
+        out[f"{stem}.key"] = str(d / f"{stem}.key")
+        (d / f"{stem}.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        (d / f"{stem}.key").write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["ca.pem"] = str(d / "ca.pem")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    save("server", cert("server", server_key, ca_name, ca_key,
+                        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), server_key)  # fmt: skip
+    for z in ZONES:  # one certificate per client: the census counts one vote per certificate
+        key = ec.generate_private_key(ec.SECP256R1())
+        uri = x509.UniformResourceIdentifier(f"spiffe://test/client-{z[-1]}")
+        save(f"client-{z[-1]}", cert(f"client-{z[-1]}", key, ca_name, ca_key, [uri]), key)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_grpcio_clients_reach_the_control_plane_over_mtls_with_its_bootstrap(bed, demo_stubs, tmp_path):
+    import json
+    import subprocess
+
+    pki = write_pki(tmp_path)
+    exe = binary("CLOUDMAP_XDS_BIN", "target/debug/cloudmap-xds")
+    cp = ControlPlane(
+        exe, "demo", bed.aws_url, tmp_path, bed.procs,
+        name="cloudmap-xds-mtls",
+        extra_args=["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--tls-client-ca", pki["ca.pem"]],
+    )  # fmt: skip
+    clients: dict[str, XdsClient] = {}
+    try:
+        cp.wait_healthz()
+        cp.wait_ready()
+        for z in ZONES:
+            path = tmp_path / f"bootstrap-mtls-{z[-1]}.json"
+            run = subprocess.run(
+                [str(exe), "bootstrap", "--server-uri", f"127.0.0.1:{cp.xds_port}", "--node-id", f"mtls-{z[-1]}",
+                 "--zone", z, "--ca-file", pki["ca.pem"], "--cert-file", pki[f"client-{z[-1]}.pem"],
+                 "--key-file", pki[f"client-{z[-1]}.key"], "--output", str(path)],
+                capture_output=True, text=True, timeout=30, env={"AWS_EC2_METADATA_DISABLED": "true", "PATH": "/usr/bin:/bin"},
+            )  # fmt: skip
+            assert run.returncode == 0, run.stderr
+            creds = json.loads(path.read_text())["xds_servers"][0]["channel_creds"]
+            assert creds[0]["type"] == "tls" and "certificate_file" in creds[0]["config"], creds
+            clients[z] = XdsClient(demo_stubs, cp.xds_port, z, f"mtls-{z[-1]}", tmp_path, bed.procs, bootstrap=path)
+        for c in clients.values():
+            c.wait_first_success(timeout=30)
+        cp.wait_census({A: 1, B: 1, C: 1}, timeout=15)
+        time.sleep(1.0)  # the clients apply the shares of the settled census
+        t0 = time.time()
+        time.sleep(2.0)
+        problems = []
+        for z, c in clients.items():
+            s = c.summary(c.calls(since=t0))
+            if s.failed or s.ok < 20 or s.own_zone_share < 0.95:
+                problems.append(f"{c.node_id}: {s}")
+        assert not problems, "mTLS clients:\n" + "\n".join(problems)
+        # Without a client certificate the control plane refuses the connection.
+        with open(pki["ca.pem"], "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with grpc.secure_channel(f"127.0.0.1:{cp.xds_port}", creds) as ch:
+            s = AdsStream(cp.xds_port, channel=ch)
+            s.subscribe(EDS, [SERVICE], first_node=node("no-cert", A))
+            end = s.wait_ended(15)
+            s.close()
+        assert end.code == grpc.StatusCode.UNAVAILABLE, f"a client without a certificate: {end}"
+        report("mtls_bootstrap", clients=sorted(c.node_id for c in clients.values()), no_cert=end.code.name)
+    finally:
+        for c in clients.values():
+            c.proc.stop()
+        cp.stop()
