@@ -99,6 +99,8 @@ pub struct Client {
     /// a stable hash of its node id); 0 for every other kind, whose
     /// resources do not depend on it.
     pub subset: u16,
+    /// What it may read (`[authz]`, mTLS); `None`: everything.
+    pub access: Option<Arc<crate::authz::Access>>,
 }
 
 impl Client {
@@ -108,7 +110,12 @@ impl Client {
         } else {
             0
         };
-        Client { zone, kind, subset }
+        Client { zone, kind, subset, access: None }
+    }
+
+    pub fn with_access(mut self, access: Option<Arc<crate::authz::Access>>) -> Client {
+        self.access = access;
+        self
     }
 }
 
@@ -524,8 +531,32 @@ impl Snapshot {
         })
     }
 
-    /// The encoded resource `name` of type `ty` for `client`, if it exists.
+    /// Whether `client` may read resource `name` of type `ty` (`[authz]`). A
+    /// name of no service is permitted: it is absent either way. `log` counts
+    /// and logs a refusal (a name the client asked for, not a wildcard member).
+    fn permits(&self, client: &Client, ty: ResourceType, name: &str, log: bool) -> bool {
+        let Some(access) = &client.access else { return true };
+        let permitted = if name == resources::EGRESS {
+            access.reads_all()
+        } else {
+            let entry = match ty {
+                ResourceType::Listener | ResourceType::RouteConfiguration => self.lookup(name),
+                ResourceType::Cluster | ResourceType::ClusterLoadAssignment => self.cluster_entry(name).map(|(e, _)| e),
+            };
+            entry.is_none_or(|e| access.allows(&e.name))
+        };
+        if !permitted && log {
+            access.denied(name);
+        }
+        permitted
+    }
+
+    /// The encoded resource `name` of type `ty` for `client`, if it exists
+    /// (and the client may read it: else it is answered as absent).
     pub fn resolve(&self, ty: ResourceType, name: &str, client: &Client) -> Option<Arc<Encoded>> {
+        if !self.permits(client, ty, name, true) {
+            return None;
+        }
         if name == resources::EGRESS {
             return self.egress(ty);
         }
@@ -575,6 +606,14 @@ impl Snapshot {
     /// wildcard LDS gets the egress listener only: the API listeners gRPC
     /// clients use mean nothing to a proxy.
     pub fn wildcard_names(&self, ty: ResourceType, client: &Client) -> Vec<String> {
+        let mut names = self.all_wildcard_names(ty, client);
+        if client.access.is_some() {
+            names.retain(|n| self.permits(client, ty, n, false));
+        }
+        names
+    }
+
+    fn all_wildcard_names(&self, ty: ResourceType, client: &Client) -> Vec<String> {
         match ty {
             ResourceType::Listener if client.kind == ClientKind::Envoy => {
                 self.egress.iter().map(|_| resources::EGRESS.to_string()).collect()
@@ -993,6 +1032,41 @@ mod tests {
         let first = snapshot.resolve(ResourceType::Listener, "echo.demo:8080", &client).expect("lds");
         let second = snapshot.resolve(ResourceType::Listener, "echo.demo:8080", &client).expect("lds");
         assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[test]
+    fn authz_answers_forbidden_names_as_absent_and_filters_wildcards() {
+        use crate::authz::{AllowRule, Authz, AuthzTable};
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        for svc in ["echo", "secret"] {
+            cache.update_service(&ServiceName::new("demo", svc), endpoints(&["a"]), Policy::ZoneAware);
+        }
+        let table = AuthzTable {
+            allow: vec![AllowRule {
+                identity: "spiffe://t/*".into(),
+                services: vec!["echo.demo".into()],
+                ..Default::default()
+            }],
+        };
+        let authz = Authz::new(&table).expect("valid");
+        let web = grpc("a").with_access(Some(Arc::new(authz.access(&["spiffe://t/web".into()]))));
+        let snapshot = cache.snapshot();
+        for ty in ResourceType::ALL {
+            let name = if ty.is_full_set() || ty == ResourceType::ClusterLoadAssignment {
+                "secret.demo"
+            } else {
+                "secret.demo:80"
+            };
+            assert!(snapshot.resolve(ty, name, &web).is_none(), "{ty:?} {name} is forbidden");
+            assert!(snapshot.resolve(ty, name, &grpc("a")).is_some(), "{ty:?} {name} without [authz]");
+        }
+        assert!(snapshot.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &web).is_some());
+        assert_eq!(snapshot.wildcard_names(ResourceType::Cluster, &web), vec!["echo.demo".to_string()]);
+        assert_eq!(snapshot.wildcard_names(ResourceType::Listener, &web), vec!["echo.demo".to_string()]);
+        let envoy = Client::new(None, ClientKind::Envoy, "e").with_access(web.access.clone());
+        assert!(snapshot.wildcard_names(ResourceType::Listener, &envoy).is_empty(), "egress names every service");
+        let everything = grpc("a");
+        assert_eq!(snapshot.wildcard_names(ResourceType::Cluster, &everything).len(), 2, "no [authz]: all");
     }
 
     #[test]

@@ -368,6 +368,8 @@ pub struct FileConfig {
     pub services: HashMap<String, ServiceTable>,
     #[serde(default)]
     pub clients: ClientsTable,
+    /// `[authz]`: what mTLS clients may read (see `authz`); absent: everything.
+    pub authz: Option<crate::authz::AuthzTable>,
 }
 
 /// `[clients]`: how user agents the built-in rules do not know are served.

@@ -7,6 +7,7 @@
 //! → [`server`] (the ADS protocol state machine). [`admin`] reads the cache; `main` only wires.
 
 pub mod admin;
+pub mod authz;
 pub mod aws_error;
 pub mod bootstrap;
 pub mod budget;

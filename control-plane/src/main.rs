@@ -77,6 +77,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"),
     };
 
+    // [authz] decides by client certificate: without mTLS there is none to decide by.
+    let authz = match &file.authz {
+        Some(_) if args.tls_client_ca.is_none() => {
+            anyhow::bail!(
+                "[authz] needs client certificates: serve mTLS with --tls-client-ca (and --tls-cert, --tls-key)"
+            )
+        }
+        Some(table) => Some(cloudmap_xds::authz::Authz::new(table)?),
+        None => None,
+    };
+
     let sdk = aws_config::load_from_env().await;
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
     if region.is_empty() {
@@ -130,7 +141,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         send_timeout: args.stream_send_timeout,
         max_message_size: args.max_message_size,
     };
-    let ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
+    let mut ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
+    if let Some(authz) = authz {
+        ads = ads.with_authz(authz);
+    }
     // CSDS shows every client: on the admin address (above), on the xDS port only when asked.
     let csds_on_xds = args.csds_on_xds_port.then(|| {
         tracing::warn!("CSDS is served on the xDS port (--csds-on-xds-port): anyone who reaches it sees every client");

@@ -12,8 +12,10 @@ One bed (module-scoped) serves every attack, to keep CI time low. Its control pl
 window) and --stream-send-timeout 3s; every other limit is at its default. Each attack cleans
 up after itself and the next one starts only when the honest clients are alone again.
 
-The last test starts a second control plane with mTLS and grpcio clients whose bootstrap
-`cloudmap-xds bootstrap` wrote (gRFC A65 `tls` channel credentials with a client certificate).
+The last test starts a second control plane with mTLS and [authz], and grpcio clients whose
+bootstrap `cloudmap-xds bootstrap` wrote (gRFC A65 `tls` channel credentials with a client
+certificate each); beside them, a client without a certificate is refused and an authenticated
+identity no [authz] rule names is answered as if nothing existed.
 
 Measured numbers print as `SECURITY <test>: ...` lines (see them with -rA or -s).
 """
@@ -29,7 +31,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 import conftest
-from ads_raw import EDS, LDS, AdsStream, StalledH2Connection, fetch_client_status, node, request
+from ads_raw import CDS, EDS, LDS, AdsStream, StalledH2Connection, fetch_client_status, node, request
 from harness import (
     ZONES,
     CloudMap,
@@ -38,6 +40,7 @@ from harness import (
     ProcRegistry,
     XdsClient,
     binary,
+    config_args,
     wait_until,
 )
 from tcp_proxy import TcpProxy
@@ -437,11 +440,24 @@ def write_pki(d) -> dict[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
         uri = x509.UniformResourceIdentifier(f"spiffe://test/client-{z[-1]}")
         save(f"client-{z[-1]}", cert(f"client-{z[-1]}", key, ca_name, ca_key, [uri]), key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    uri = x509.UniformResourceIdentifier("spiffe://test/intruder")
+    save("intruder", cert("intruder", key, ca_name, ca_key, [uri]), key)
     return out
 
 
+AUTHZ = """
+[[authz.allow]]
+identity = "spiffe://test/client-*"
+services = ["echo.demo"]
+"""
+
+
 @pytest.mark.timeout(120)
-def test_grpcio_clients_reach_the_control_plane_over_mtls_with_its_bootstrap(bed, demo_stubs, tmp_path):
+def test_mtls_clients_with_its_bootstrap_and_authz_refusing_a_forbidden_identity(bed, demo_stubs, tmp_path):
+    """grpcio clients reach the control plane over mTLS with bootstraps `cloudmap-xds bootstrap`
+    wrote; [authz] lets their identities (spiffe://test/client-*) read echo.demo, and an
+    authenticated identity no rule names (spiffe://test/intruder) is answered as if nothing existed."""
     import json
     import subprocess
 
@@ -450,7 +466,8 @@ def test_grpcio_clients_reach_the_control_plane_over_mtls_with_its_bootstrap(bed
     cp = ControlPlane(
         exe, "demo", bed.aws_url, tmp_path, bed.procs,
         name="cloudmap-xds-mtls",
-        extra_args=["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--tls-client-ca", pki["ca.pem"]],
+        extra_args=["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--tls-client-ca", pki["ca.pem"],
+                    *config_args(tmp_path, AUTHZ)],
     )  # fmt: skip
     clients: dict[str, XdsClient] = {}
     try:
@@ -489,7 +506,47 @@ def test_grpcio_clients_reach_the_control_plane_over_mtls_with_its_bootstrap(bed
             end = s.wait_ended(15)
             s.close()
         assert end.code == grpc.StatusCode.UNAVAILABLE, f"a client without a certificate: {end}"
-        report("mtls_bootstrap", clients=sorted(c.node_id for c in clients.values()), no_cert=end.code.name)
+
+        # An authenticated identity that [authz] does not name: everything is absent to it.
+        t_attack = time.time()
+        with open(pki["ca.pem"], "rb") as ca, open(pki["intruder.key"], "rb") as k, open(pki["intruder.pem"], "rb") as c:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca.read(), private_key=k.read(), certificate_chain=c.read())
+        with grpc.secure_channel(f"127.0.0.1:{cp.xds_port}", creds) as ch:
+            s = AdsStream(cp.xds_port, channel=ch)
+            try:
+                s.subscribe(LDS, [SERVICE], first_node=node("intruder", A))
+                lds = s.wait_response(LDS, timeout=10).response
+                s.subscribe(CDS, [])
+                cds = s.wait_response(CDS, timeout=10).response
+                s.subscribe(EDS, [SERVICE])
+                s.subscribe(LDS, [SERVICE])  # asked again: counted again, logged once
+                time.sleep(1.0)
+                eds = s.responses(EDS)
+                assert s.ended is None, f"the intruder's stream is answered, not ended: {s.ended}"
+            finally:
+                s.close()
+        assert len(lds.resources) == 0, f"the intruder was sent listeners: {lds}"
+        assert len(cds.resources) == 0, f"the intruder's wildcard CDS holds clusters: {cds}"
+        assert not eds, f"the intruder was sent endpoints: {eds}"
+        denied = sum(cp.metric_values("cloudmap_xds_authz_denied_total").values())
+        assert denied >= 2, f"cloudmap_xds_authz_denied_total = {denied}"
+        lines = [l for l in cp.log_text().splitlines() if "not authorized" in l and "spiffe://test/intruder" in l]
+        names = sorted(l.split("name=")[1].split()[0] for l in lines)
+        assert names == [SERVICE], f"one log line per denied identity and name, got: {lines}"
+        problems = []
+        for z, c in clients.items():
+            s = c.summary(c.calls(since=t_attack))
+            if s.failed or s.ok < 20 or s.own_zone_share < 0.95:
+                problems.append(f"{c.node_id}: {s}")
+        assert not problems, "mTLS clients during the forbidden identity's attempt:\n" + "\n".join(problems)
+        report(
+            "mtls_bootstrap_authz",
+            clients=sorted(c.node_id for c in clients.values()),
+            no_cert=end.code.name,
+            intruder_lds=len(lds.resources),
+            intruder_cds=len(cds.resources),
+            denied=int(denied),
+        )
     finally:
         for c in clients.values():
             c.proc.stop()

@@ -204,6 +204,8 @@ pub trait Protocol: Default + Send + 'static {
     fn take_changed(&mut self) -> bool;
     /// What the client holds, per type (for /config_dump and CSDS).
     fn status(&self) -> Vec<registry::TypeStatus>;
+    /// Limit what the stream is sent to what its client may read (`[authz]`).
+    fn set_access(&mut self, access: Arc<crate::authz::Access>);
 }
 
 /// The watch of a stream's subscriptions: per type, whether it is a
@@ -302,11 +304,19 @@ pub struct AdsServer {
     limits: Limits,
     next_stream: Arc<AtomicU64>,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    authz: Option<Arc<crate::authz::Authz>>,
 }
 
 impl AdsServer {
     pub fn new(cache: Arc<Cache>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
-        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)), shutdown: None }
+        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)), shutdown: None, authz: None }
+    }
+
+    /// Serve each client only what `[authz]` lets its certificate identities
+    /// read (a client without a certificate reads nothing).
+    pub fn with_authz(mut self, authz: Arc<crate::authz::Authz>) -> Self {
+        self.authz = Some(authz);
+        self
     }
 
     /// End every stream with UNAVAILABLE when `shutdown` turns true, so clients
@@ -338,9 +348,13 @@ impl AdsServer {
         let request = Request::from_http(request);
         let peer = request.remote_addr();
         let voter = voter_of(&request, self.limits.census_per_address);
+        let access = self.authz.as_ref().map(|authz| {
+            let leaf = request.peer_certs().and_then(|certs| certs.first().cloned());
+            Arc::new(authz.access(&leaf.map(|c| crate::authz::identities(c.as_ref())).unwrap_or_default()))
+        });
         let decoder = tonic_prost::ProstDecoder::<P::Request>::new(BufferSettings::new(REQUEST_BUFFER, 32 * 1024));
         let inbound = Streaming::new_request(decoder, request.into_inner(), None, Some(self.limits.max_message_size));
-        let body = self.start::<P>(peer, voter, inbound)?;
+        let body = self.start::<P>(peer, voter, access, inbound)?;
         let mut response = http::Response::new(tonic::body::Body::new(body));
         response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         Ok(response)
@@ -350,6 +364,7 @@ impl AdsServer {
         &self,
         peer: Option<std::net::SocketAddr>,
         voter: Voter,
+        access: Option<Arc<crate::authz::Access>>,
         inbound: Streaming<P::Request>,
     ) -> Result<PushBody, Status> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -365,6 +380,7 @@ impl AdsServer {
             id,
             peer,
             voter,
+            access,
             limits: self.limits,
             admission,
             shutdown: self.shutdown.clone(),
@@ -469,6 +485,7 @@ struct StreamTask {
     id: u64,
     peer: Option<std::net::SocketAddr>,
     voter: Voter,
+    access: Option<Arc<crate::authz::Access>>,
     limits: Limits,
     admission: registry::Admission,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
@@ -612,12 +629,16 @@ impl<P: Protocol> Drop for Session<P> {
 }
 
 async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, mut tx: mpsc::Sender<Push>) {
-    let StreamTask { cache, id, peer, voter, limits, admission, mut shutdown } = stream;
+    let StreamTask { cache, id, peer, voter, access, limits, admission, mut shutdown } = stream;
     let wake = Arc::new(Notify::new());
     let mut guard = StreamGuard { cache: cache.clone(), id, voter, zone: None, services: Vec::new(), watch: None };
     // Woken by readiness until the first request says what to watch.
     guard.watch(&wake, Watch::default());
-    let state = Arc::new(std::sync::Mutex::new(P::default()));
+    let mut protocol = P::default();
+    if let Some(access) = access {
+        protocol.set_access(access);
+    }
+    let state = Arc::new(std::sync::Mutex::new(protocol));
     let status_of = state.clone();
     admission.attach(Arc::new(move || status_of.lock().map(|s| s.status()).unwrap_or_default()));
     let mut session = Session { id, peer, limits, admission, guard, wake, state, labels: None, dirty: true };
