@@ -39,6 +39,9 @@ pub struct AllowRule {
     /// Services (`SERVICE.NAMESPACE`) that may be read.
     #[serde(default)]
     pub services: Vec<String>,
+    /// May ask CSDS on the xDS port (`--csds-on-xds-port`): it shows every client.
+    #[serde(default)]
+    pub csds: bool,
 }
 
 /// Most (identity, name) refusals remembered so each is logged once; beyond, refusals are only counted.
@@ -60,13 +63,18 @@ impl Authz {
                 i + 1
             );
             anyhow::ensure!(
-                !(rule.namespaces.is_empty() && rule.services.is_empty()),
+                !(rule.namespaces.is_empty() && rule.services.is_empty() && !rule.csds),
                 "[[authz.allow]] rule {} ({}): names no namespaces and no services",
                 i + 1,
                 rule.identity
             );
         }
         Ok(Arc::new(Authz { rules: table.allow.clone(), logged: Mutex::new(BTreeSet::new()) }))
+    }
+
+    /// Whether a client with these identities may ask CSDS on the xDS port.
+    pub fn allows_csds(&self, identities: &[String]) -> bool {
+        self.rules.iter().any(|r| r.csds && identities.iter().any(|id| glob(&r.identity, id)))
     }
 
     /// What a client with these certificate identities may read.
@@ -214,6 +222,10 @@ mod tests {
         assert!(ops.reads_all() && ops.allows(&ServiceName::new("any", "thing")));
         let nobody = authz.access(&[]);
         assert!(!nobody.allows(&ServiceName::new("demo", "echo")));
+        assert!(!authz.allows_csds(&["spiffe://t/orders/web".into()]));
+        let csds = AllowRule { identity: "*.ops.internal".into(), csds: true, ..Default::default() };
+        let with_csds = Authz::new(&AuthzTable { allow: vec![csds] }).expect("valid");
+        assert!(with_csds.allows_csds(&["admin.ops.internal".into()]) && !with_csds.allows_csds(&[]));
         let empty = AuthzTable { allow: vec![AllowRule { identity: "x".into(), ..Default::default() }] };
         assert!(Authz::new(&empty).expect_err("no grants").to_string().contains("names no namespaces"));
     }

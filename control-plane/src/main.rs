@@ -122,8 +122,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let registry = Arc::new(Registry::new(args.max_streams).with_max_per_connection(args.max_streams_per_connection));
-    let csds =
-        CsdsServer { cache: cache.clone(), registry: registry.clone(), max_response: args.csds_max_response_size };
+    // The admin address is the operator's: CSDS there answers everyone who reaches it.
+    let csds = CsdsServer {
+        cache: cache.clone(),
+        registry: registry.clone(),
+        max_response: args.csds_max_response_size,
+        authz: None,
+    };
     let admin = tokio::spawn(cloudmap_xds::admin::serve(
         admin_listener,
         cache.clone(),
@@ -142,12 +147,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_message_size: args.max_message_size,
     };
     let mut ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
-    if let Some(authz) = authz {
-        ads = ads.with_authz(authz);
+    if let Some(authz) = &authz {
+        ads = ads.with_authz(authz.clone());
     }
     // CSDS shows every client: on the admin address (above), on the xDS port only when asked.
     let csds_on_xds = args.csds_on_xds_port.then(|| {
-        tracing::warn!("CSDS is served on the xDS port (--csds-on-xds-port): anyone who reaches it sees every client");
+        if authz.is_none() {
+            tracing::warn!(
+                "CSDS is served on the xDS port (--csds-on-xds-port): anyone who reaches it sees every client"
+            );
+        }
+        let csds = CsdsServer { authz: authz.clone(), ..csds };
         ClientStatusDiscoveryServiceServer::new(csds).max_decoding_message_size(args.max_message_size)
     });
     let router = tonic::transport::Server::builder()

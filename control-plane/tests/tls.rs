@@ -137,6 +137,7 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
             cache: cache.clone(),
             registry,
             max_response: 4 << 20,
+            authz: None,
         }))
         .serve_with_incoming(tls::incoming(listener, reloading.clone()));
     let server = tokio::spawn(server);

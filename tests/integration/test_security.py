@@ -440,9 +440,10 @@ def write_pki(d) -> dict[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
         uri = x509.UniformResourceIdentifier(f"spiffe://test/client-{z[-1]}")
         save(f"client-{z[-1]}", cert(f"client-{z[-1]}", key, ca_name, ca_key, [uri]), key)
-    key = ec.generate_private_key(ec.SECP256R1())
-    uri = x509.UniformResourceIdentifier("spiffe://test/intruder")
-    save("intruder", cert("intruder", key, ca_name, ca_key, [uri]), key)
+    for who in ("intruder", "ops"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        uri = x509.UniformResourceIdentifier(f"spiffe://test/{who}")
+        save(who, cert(who, key, ca_name, ca_key, [uri]), key)
     return out
 
 
@@ -450,7 +451,26 @@ AUTHZ = """
 [[authz.allow]]
 identity = "spiffe://test/client-*"
 services = ["echo.demo"]
+
+[[authz.allow]]
+identity = "spiffe://test/ops"
+csds = true
 """
+
+
+def mtls_csds(port: int, pki: dict[str, str], who: str):
+    """FetchClientStatus over mTLS as `who` (a certificate of write_pki)."""
+    from envoy.service.status.v3 import csds_pb2
+
+    with open(pki["ca.pem"], "rb") as ca, open(pki[f"{who}.key"], "rb") as k, open(pki[f"{who}.pem"], "rb") as c:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.read(), private_key=k.read(), certificate_chain=c.read())
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+        fetch = ch.unary_unary(
+            "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus",
+            request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+            response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+        )
+        return fetch(csds_pb2.ClientStatusRequest(exclude_resource_contents=True), timeout=10)
 
 
 @pytest.mark.timeout(120)
@@ -467,7 +487,7 @@ def test_mtls_clients_with_its_bootstrap_and_authz_refusing_a_forbidden_identity
         exe, "demo", bed.aws_url, tmp_path, bed.procs,
         name="cloudmap-xds-mtls",
         extra_args=["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--tls-client-ca", pki["ca.pem"],
-                    *config_args(tmp_path, AUTHZ)],
+                    "--csds-on-xds-port", *config_args(tmp_path, AUTHZ)],
     )  # fmt: skip
     clients: dict[str, XdsClient] = {}
     try:
@@ -539,6 +559,13 @@ def test_mtls_clients_with_its_bootstrap_and_authz_refusing_a_forbidden_identity
             if s.failed or s.ok < 20 or s.own_zone_share < 0.95:
                 problems.append(f"{c.node_id}: {s}")
         assert not problems, "mTLS clients during the forbidden identity's attempt:\n" + "\n".join(problems)
+        # CSDS on the xDS port (--csds-on-xds-port) answers only identities with csds = true.
+        for who in ("intruder", "client-a"):
+            with pytest.raises(grpc.RpcError) as refused:
+                mtls_csds(cp.xds_port, pki, who)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, f"CSDS as {who}: {refused.value}"
+        listed = sorted(c.node.id for c in mtls_csds(cp.xds_port, pki, "ops").config)
+        assert listed == ["mtls-a", "mtls-b", "mtls-c"], f"CSDS as ops lists {listed}"
         report(
             "mtls_bootstrap_authz",
             clients=sorted(c.node_id for c in clients.values()),

@@ -30,6 +30,8 @@ pub struct CsdsServer {
     pub registry: Arc<Registry>,
     /// Largest response, in bytes (`--csds-max-response-size`).
     pub max_response: usize,
+    /// On the xDS port with `[authz]`: only identities whose rule says `csds = true` may ask.
+    pub authz: Option<Arc<crate::authz::Authz>>,
 }
 
 fn matches(matchers: &[NodeMatcher], node_id: &str) -> bool {
@@ -46,6 +48,18 @@ fn matches(matchers: &[NodeMatcher], node_id: &str) -> bool {
 }
 
 impl CsdsServer {
+    /// PERMISSION_DENIED unless `[authz]` is off here or lets the caller's certificate ask.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(authz) = &self.authz else { return Ok(()) };
+        let leaf = request.peer_certs().and_then(|certs| certs.first().cloned());
+        let identities = leaf.map(|c| crate::authz::identities(c.as_ref())).unwrap_or_default();
+        if authz.allows_csds(&identities) {
+            return Ok(());
+        }
+        metrics::counter!("cloudmap_xds_authz_denied_total").increment(1);
+        Err(Status::permission_denied("CSDS needs an [authz] rule with csds = true for this client certificate"))
+    }
+
     /// The status of every client the request's matchers select; an error
     /// once the response would exceed [`max_response`](Self::max_response).
     pub fn status(&self, request: &ClientStatusRequest) -> Result<ClientStatusResponse, Status> {
@@ -127,6 +141,7 @@ impl ClientStatusDiscoveryService for CsdsServer {
         &self,
         request: Request<Streaming<ClientStatusRequest>>,
     ) -> Result<Response<Self::StreamClientStatusStream>, Status> {
+        self.authorize(&request)?;
         let this = self.clone();
         let responses = request.into_inner().map(move |r| r.and_then(|r| this.status(&r)));
         Ok(Response::new(Box::pin(responses)))
@@ -136,6 +151,7 @@ impl ClientStatusDiscoveryService for CsdsServer {
         &self,
         request: Request<ClientStatusRequest>,
     ) -> Result<Response<ClientStatusResponse>, Status> {
+        self.authorize(&request)?;
         self.status(request.get_ref()).map(Response::new)
     }
 }
@@ -159,8 +175,12 @@ mod tests {
                 a
             })
             .collect();
-        let csds =
-            |max_response| CsdsServer { cache: Arc::new(Cache::default()), registry: registry.clone(), max_response };
+        let csds = |max_response| CsdsServer {
+            cache: Arc::new(Cache::default()),
+            registry: registry.clone(),
+            max_response,
+            authz: None,
+        };
         assert_eq!(csds(4096).status(&ClientStatusRequest::default()).expect("fits").config.len(), 3);
         let refused = csds(250).status(&ClientStatusRequest::default()).expect_err("three nodes of ~110 bytes");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
