@@ -242,7 +242,8 @@ def test_names_accumulated_over_delta_requests_are_bounded_per_stream(bed):
     assert growth_mb < 64, f"RSS grew {growth_mb:.1f} MB for one stream's names"
     report(
         "delta_names",
-        names_sent_before_refusal=sent,
+        names_queued_by_client=sent,
+        limit=MAX_NAMES_PER_STREAM,
         ended=code.name,
         rss_growth_mb=f"{growth_mb:.1f}",
         own_zone=shares,
