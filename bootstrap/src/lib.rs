@@ -34,7 +34,20 @@
 //!
 //! Every metadata request has the `--metadata-timeout` (default 1s), so a
 //! laptop without instance metadata is not held up; metadata failures are
-//! never fatal. Only insecure channel credentials are written for now.
+//! never fatal.
+//!
+//! Channel credentials: `insecure` by default; with `--ca-file`, `tls`
+//! (gRFC A65: the client verifies the control plane with that CA), and with
+//! `--cert-file` and `--key-file` as well, mTLS (the client presents that
+//! certificate). The files are read by the client, which re-reads them
+//! every `refresh_interval`, so rotated certificates are picked up:
+//!
+//! ```json
+//! "channel_creds": [{"type": "tls", "config": {
+//!     "ca_certificate_file": "/etc/xds/ca.pem",
+//!     "certificate_file": "/etc/xds/client.pem", "private_key_file": "/etc/xds/client.key",
+//!     "refresh_interval": "600s"}}]
+//! ```
 //!
 //! The pieces: [`Environment`] (what `main` reads from the process
 //! environment, passed in so tests need not touch it), [`resolve`] (the
@@ -56,8 +69,7 @@ pub use placement::{Environment, ZoneSource};
 const PREFIX: &str = "cloudmap-xds bootstrap";
 
 /// Flags of `cloudmap-xds bootstrap`. Each one can also be set by an
-/// environment variable `CLOUDMAP_XDS_BOOTSTRAP_<FLAG>`. Only insecure
-/// channel credentials are written (no `--tls` / `--ca-file` yet).
+/// environment variable `CLOUDMAP_XDS_BOOTSTRAP_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct BootstrapArgs {
     /// The control plane's xDS address as the client dials it, HOST:PORT
@@ -93,6 +105,47 @@ pub struct BootstrapArgs {
     /// Timeout of each ECS / EC2 metadata request (e.g. 500ms, 1s).
     #[arg(long, env = "CLOUDMAP_XDS_BOOTSTRAP_METADATA_TIMEOUT", default_value = "1s", value_parser = parse_timeout)]
     pub metadata_timeout: Duration,
+
+    /// Reach the control plane over TLS, verifying it with this PEM CA file (as
+    /// the client sees the path; absolute paths are safest) [default: insecure].
+    #[arg(long, env = "CLOUDMAP_XDS_BOOTSTRAP_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// mTLS: the client's PEM certificate chain (needs --ca-file and --key-file).
+    #[arg(long, env = "CLOUDMAP_XDS_BOOTSTRAP_CERT_FILE", requires_all = ["ca_file", "key_file"])]
+    pub cert_file: Option<PathBuf>,
+
+    /// mTLS: the PEM private key of --cert-file.
+    #[arg(long, env = "CLOUDMAP_XDS_BOOTSTRAP_KEY_FILE", requires_all = ["ca_file", "cert_file"])]
+    pub key_file: Option<PathBuf>,
+}
+
+/// The TLS channel credentials a bootstrap names (gRFC A65).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCreds {
+    pub ca_file: PathBuf,
+    /// The client certificate and key, for mTLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsCreds {
+    fn from_args(args: &BootstrapArgs) -> Option<TlsCreds> {
+        let ca_file = args.ca_file.clone()?;
+        let identity = args.cert_file.clone().zip(args.key_file.clone());
+        Some(TlsCreds { ca_file, identity })
+    }
+
+    fn json(&self) -> Value {
+        let mut config = json!({
+            "ca_certificate_file": self.ca_file.display().to_string(),
+            "refresh_interval": "600s",
+        });
+        if let Some((cert, key)) = &self.identity {
+            config["certificate_file"] = Value::String(cert.display().to_string());
+            config["private_key_file"] = Value::String(key.display().to_string());
+        }
+        json!({"type": "tls", "config": config})
+    }
 }
 
 /// A metadata timeout: `500ms`, `1s`, `1.5s` or plain seconds.
@@ -153,6 +206,8 @@ pub struct BootstrapInputs {
     pub cluster: String,
     pub zone: Option<String>,
     pub region: Option<String>,
+    /// TLS channel credentials; `None`: insecure.
+    pub tls: Option<TlsCreds>,
 }
 
 /// The outcome of [`resolve`]: the inputs, and warnings for stderr.
@@ -180,10 +235,16 @@ pub fn build_bootstrap(inputs: &BootstrapInputs) -> Value {
     if !locality.is_empty() {
         node["locality"] = Value::Object(locality);
     }
+    // Only the TLS entry when asked for: a client falls back along the list, and an
+    // insecure fallback would undo TLS.
+    let creds = match &inputs.tls {
+        Some(tls) => tls.json(),
+        None => json!({"type": "insecure"}),
+    };
     json!({
         "xds_servers": [{
             "server_uri": inputs.server_uri,
-            "channel_creds": [{"type": "insecure"}],
+            "channel_creds": [creds],
             "server_features": ["xds_v3"],
         }],
         "node": node,
@@ -233,6 +294,7 @@ pub async fn resolve(args: &BootstrapArgs, env: &Environment) -> anyhow::Result<
             cluster: args.cluster.clone(),
             zone: location.zone,
             region: location.region,
+            tls: TlsCreds::from_args(args),
         },
         zone_source: location.zone_source,
         warnings,
@@ -292,8 +354,13 @@ pub async fn run(args: BootstrapArgs) -> anyhow::Result<()> {
     write_output(&args.output, &text)?;
     let inputs = &resolution.inputs;
     let target = if args.output == Path::new("-") { "stdout".to_owned() } else { args.output.display().to_string() };
+    let creds = match &inputs.tls {
+        None => "insecure",
+        Some(TlsCreds { identity: None, .. }) => "tls",
+        Some(_) => "mtls",
+    };
     eprintln!(
-        "{PREFIX}: wrote {target}: server {}, node id {}, zone {} ({}), region {}",
+        "{PREFIX}: wrote {target}: server {} ({creds}), node id {}, zone {} ({}), region {}",
         inputs.server_uri,
         inputs.node_id,
         inputs.zone.as_deref().unwrap_or("-"),
@@ -328,6 +395,9 @@ mod tests {
             region: None,
             output: PathBuf::from("-"),
             metadata_timeout: Duration::from_secs(1),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 
@@ -535,6 +605,7 @@ mod tests {
             cluster: "cloudmap-xds-client".into(),
             zone: Some("us-east-1a".into()),
             region: Some("us-east-1".into()),
+            tls: None,
         });
         assert_eq!(
             doc,
@@ -558,8 +629,36 @@ mod tests {
             cluster: "c".into(),
             zone: None,
             region: Some("us-east-1".into()),
+            tls: None,
         });
         assert_eq!(doc["node"]["locality"], json!({"region": "us-east-1"}));
+    }
+
+    #[test]
+    fn builder_writes_a65_tls_and_mtls_channel_creds() {
+        let inputs = |identity| BootstrapInputs {
+            server_uri: "cloudmap-xds.internal:18000".into(),
+            node_id: "n".into(),
+            cluster: "c".into(),
+            zone: None,
+            region: None,
+            tls: Some(TlsCreds { ca_file: "/etc/xds/ca.pem".into(), identity }),
+        };
+        let tls = build_bootstrap(&inputs(None));
+        assert_eq!(
+            tls["xds_servers"][0]["channel_creds"],
+            json!([{"type": "tls", "config": {"ca_certificate_file": "/etc/xds/ca.pem", "refresh_interval": "600s"}}])
+        );
+        let mtls = build_bootstrap(&inputs(Some(("/etc/xds/c.pem".into(), "/etc/xds/c.key".into()))));
+        assert_eq!(
+            mtls["xds_servers"][0]["channel_creds"],
+            json!([{"type": "tls", "config": {
+                "ca_certificate_file": "/etc/xds/ca.pem",
+                "certificate_file": "/etc/xds/c.pem",
+                "private_key_file": "/etc/xds/c.key",
+                "refresh_interval": "600s",
+            }}])
+        );
     }
 
     #[test]
@@ -578,6 +677,7 @@ mod tests {
             cluster: "cloudmap-xds-client".into(),
             zone: Some("eu-west-1b".into()),
             region: Some("eu-west-1".into()),
+            tls: None,
         };
         let text = serde_json::to_string_pretty(&build_bootstrap(&inputs))?;
         write_output(&path, &text)?;

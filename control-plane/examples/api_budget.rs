@@ -155,7 +155,7 @@ async fn run(label: &'static str, services: usize, budget: Budget) -> Row {
     // One service in ten has clients.
     let subscribed: Vec<String> = (0..services).step_by(10).map(|i| format!("s{i}.{NAMESPACE}")).collect();
     for dial in &subscribed {
-        cache.census().join(dial, &Zone::new("us-east-1a"));
+        cache.census().join(dial, &Zone::new("us-east-1a"), &cloudmap_xds::census::Voter::unique());
     }
     // The defaults of `cloudmap-xds serve`.
     let timing = Timing {

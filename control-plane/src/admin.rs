@@ -1,6 +1,13 @@
-//! The admin HTTP server: liveness, readiness, Prometheus metrics and a JSON
-//! dump of what is served. Reads the cache; changes nothing. Binds to
-//! loopback by default: it tells anyone who can reach it the whole topology.
+//! The admin HTTP server: liveness, readiness, Prometheus metrics, a JSON
+//! dump of what is served, and CSDS (gRPC). Reads the cache; changes nothing.
+//! Binds to loopback by default: it tells anyone who can reach it the whole
+//! topology and every client.
+//!
+//! CSDS shares this port rather than having one of its own: gRPC is HTTP/2,
+//! which the server speaks beside HTTP/1 (prior knowledge, as gRPC clients
+//! connect), and its requests are told apart by their path
+//! (`/envoy.service.status.v3.ClientStatusDiscoveryService/…`). One port
+//! means one address to keep on loopback and one flag (`--admin-listen`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +23,10 @@ use serde_json::json;
 
 use crate::cache::{Cache, NamespaceState};
 use crate::peers::Peering;
+use crate::server::csds::CsdsServer;
 use crate::server::registry::{Registry, ResourceState, StreamStatus};
 use crate::ui;
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 
 #[derive(Clone)]
 struct AdminState {
@@ -36,8 +45,11 @@ pub fn router(
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
     peering: Arc<Peering>,
+    csds: CsdsServer,
 ) -> Router {
+    let csds = ClientStatusDiscoveryServiceServer::new(csds);
     Router::new()
+        .route_service("/envoy.service.status.v3.ClientStatusDiscoveryService/{*method}", csds)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
@@ -62,18 +74,13 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener>
     Ok(listener)
 }
 
+/// Serve `router` (from [`router`]) on the bound admin listener until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    cache: Arc<Cache>,
-    registry: Arc<Registry>,
-    metrics: PrometheusHandle,
-    staleness: Option<Duration>,
-    peering: Arc<Peering>,
+    router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(cache, registry, metrics, staleness, peering))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 

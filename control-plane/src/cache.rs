@@ -100,6 +100,8 @@ pub struct Client {
     /// a stable hash of its node id); 0 for every other kind, whose
     /// resources do not depend on it.
     pub subset: u16,
+    /// What it may read (`[authz]`, mTLS); `None`: everything.
+    pub access: Option<Arc<crate::authz::Access>>,
 }
 
 impl Client {
@@ -109,7 +111,12 @@ impl Client {
         } else {
             0
         };
-        Client { zone, kind, subset }
+        Client { zone, kind, subset, access: None }
+    }
+
+    pub fn with_access(mut self, access: Option<Arc<crate::authz::Access>>) -> Client {
+        self.access = access;
+        self
     }
 }
 
@@ -319,6 +326,7 @@ impl ServiceEntry {
         let (name, resource) = build();
         let encoded = Arc::new(Encoded::new(name, resource));
         self.encoded.insert(key, encoded.clone());
+        metrics::counter!("cloudmap_xds_shared_encodes_total").increment(1);
         encoded
     }
 
@@ -450,6 +458,8 @@ pub struct Snapshot {
     pub egress: Option<SocketAddr>,
     egress_listener: OnceLock<Arc<Encoded>>,
     egress_routes: OnceLock<Arc<Encoded>>,
+    /// The zones any service has endpoints in (built when first asked).
+    zones: OnceLock<BTreeSet<Zone>>,
 }
 
 impl Snapshot {
@@ -483,6 +493,27 @@ impl Snapshot {
         }
     }
 
+    /// Whether some service has endpoints in `zone`.
+    pub fn serves_zone(&self, zone: &Zone) -> bool {
+        self.zones
+            .get_or_init(|| {
+                self.services.values().flat_map(|e| e.endpoints.endpoints.iter().map(|ep| ep.zone.clone())).collect()
+            })
+            .contains(zone)
+    }
+
+    /// Whether the listener or route name `name` of `entry` is a variant worth
+    /// keeping in the shared memo: the dial name itself, or `NAME:PORT` with a
+    /// port the service's endpoints listen on. Any other port is encoded for
+    /// the asking stream alone, so clients naming arbitrary ports can neither
+    /// grow the memo nor push out what other streams share.
+    fn memoised_variant(entry: &ServiceEntry, name: &str) -> bool {
+        match name.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()) {
+            Some(port) => entry.endpoints.endpoints.iter().any(|e| e.port == port),
+            None => true,
+        }
+    }
+
     fn egress(&self, ty: ResourceType) -> Option<Arc<Encoded>> {
         let address = self.egress?;
         let encode = |resource: Any| Arc::new(Encoded::new(resources::EGRESS.to_string(), resource));
@@ -501,8 +532,32 @@ impl Snapshot {
         })
     }
 
-    /// The encoded resource `name` of type `ty` for `client`, if it exists.
+    /// Whether `client` may read resource `name` of type `ty` (`[authz]`). A
+    /// name of no service is permitted: it is absent either way. `log` counts
+    /// and logs a refusal (a name the client asked for, not a wildcard member).
+    fn permits(&self, client: &Client, ty: ResourceType, name: &str, log: bool) -> bool {
+        let Some(access) = &client.access else { return true };
+        let permitted = if name == resources::EGRESS {
+            access.reads_all()
+        } else {
+            let entry = match ty {
+                ResourceType::Listener | ResourceType::RouteConfiguration => self.lookup(name),
+                ResourceType::Cluster | ResourceType::ClusterLoadAssignment => self.cluster_entry(name).map(|(e, _)| e),
+            };
+            entry.is_none_or(|e| access.allows(&e.name))
+        };
+        if !permitted && log {
+            access.denied(name);
+        }
+        permitted
+    }
+
+    /// The encoded resource `name` of type `ty` for `client`, if it exists
+    /// (and the client may read it: else it is answered as absent).
     pub fn resolve(&self, ty: ResourceType, name: &str, client: &Client) -> Option<Arc<Encoded>> {
+        if !self.permits(client, ty, name, true) {
+            return None;
+        }
         if name == resources::EGRESS {
             return self.egress(ty);
         }
@@ -510,15 +565,17 @@ impl Snapshot {
             ResourceType::Listener => {
                 let entry = self.lookup(name)?;
                 let key = stable_hash(&(ty, name));
-                Some(entry.memo(key, || (name.to_string(), pack_any(resources::listener(name)))))
+                let build = || (name.to_string(), pack_any(resources::listener(name)));
+                Some(if Self::memoised_variant(entry, name) { entry.memo(key, build) } else { unshared(build) })
             }
             ResourceType::RouteConfiguration => {
                 let entry = self.lookup(name)?;
                 let dial = entry.name.dial_name();
                 let key = stable_hash(&(ty, name, &dial, &*entry.routing, client.kind));
-                Some(entry.memo(key, || {
+                let build = || {
                     (name.to_string(), pack_any(resources::service_routes(name, &dial, &entry.routing, client.kind)))
-                }))
+                };
+                Some(if Self::memoised_variant(entry, name) { entry.memo(key, build) } else { unshared(build) })
             }
             ResourceType::Cluster => {
                 let (entry, _) = self.cluster_entry(name)?;
@@ -550,6 +607,14 @@ impl Snapshot {
     /// wildcard LDS gets the egress listener only: the API listeners gRPC
     /// clients use mean nothing to a proxy.
     pub fn wildcard_names(&self, ty: ResourceType, client: &Client) -> Vec<String> {
+        let mut names = self.all_wildcard_names(ty, client);
+        if client.access.is_some() {
+            names.retain(|n| self.permits(client, ty, n, false));
+        }
+        names
+    }
+
+    fn all_wildcard_names(&self, ty: ResourceType, client: &Client) -> Vec<String> {
         match ty {
             ResourceType::Listener if client.kind == ClientKind::Envoy => {
                 self.egress.iter().map(|_| resources::EGRESS.to_string()).collect()
@@ -559,6 +624,12 @@ impl Snapshot {
             ResourceType::RouteConfiguration | ResourceType::ClusterLoadAssignment => Vec::new(),
         }
     }
+}
+
+/// A resource encoded for one stream, kept in no memo.
+fn unshared(build: impl FnOnce() -> (String, Any)) -> Arc<Encoded> {
+    let (name, resource) = build();
+    Arc::new(Encoded::new(name, resource))
 }
 
 /// The right of one Cloud Map watcher to write one service (see
@@ -951,11 +1022,79 @@ mod tests {
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::LocalFirst);
         assert_eq!(cache.snapshot().changed, keys(&["echo.demo", resources::EGRESS]), "new options");
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::ZoneAware);
-        cache.census().join("echo.demo", &Zone::new("a"));
+        cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         assert!(cache.apply_census());
         assert_eq!(cache.snapshot().changed, keys(&["echo.demo"]), "a census move");
         cache.remove_service(&other);
         assert_eq!(cache.snapshot().changed, keys(&["other.demo", resources::EGRESS]));
+    }
+
+    #[test]
+    fn arbitrary_port_variants_neither_grow_nor_flush_the_shared_memo() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a", "b"]), Policy::ZoneAware);
+        let snapshot = cache.snapshot();
+        let client = grpc("a");
+        let eds = snapshot.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client).expect("eds");
+        let entry = snapshot.services["echo.demo"].clone();
+        let before = entry.encoded.len();
+        for port in 1..=1000u16 {
+            for ty in [ResourceType::Listener, ResourceType::RouteConfiguration] {
+                let r = snapshot.resolve(ty, &format!("echo.demo:{port}"), &client).expect("a variant resolves");
+                assert_eq!(r.name, format!("echo.demo:{port}"));
+            }
+        }
+        assert_eq!(entry.encoded.len(), before, "no variant of an unused port is kept");
+        let again = snapshot.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client).expect("eds");
+        assert!(Arc::ptr_eq(&eds, &again), "the shared EDS was not flushed");
+        // The endpoints' own port is shared as before.
+        let first = snapshot.resolve(ResourceType::Listener, "echo.demo:8080", &client).expect("lds");
+        let second = snapshot.resolve(ResourceType::Listener, "echo.demo:8080", &client).expect("lds");
+        assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[test]
+    fn authz_answers_forbidden_names_as_absent_and_filters_wildcards() {
+        use crate::authz::{AllowRule, Authz, AuthzTable};
+        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        for svc in ["echo", "secret"] {
+            cache.update_service(&ServiceName::new("demo", svc), endpoints(&["a"]), Policy::ZoneAware);
+        }
+        let table = AuthzTable {
+            allow: vec![AllowRule {
+                identity: "spiffe://t/*".into(),
+                services: vec!["echo.demo".into()],
+                ..Default::default()
+            }],
+        };
+        let authz = Authz::new(&table).expect("valid");
+        let web = grpc("a").with_access(Some(Arc::new(authz.access(&["spiffe://t/web".into()]))));
+        let snapshot = cache.snapshot();
+        for ty in ResourceType::ALL {
+            let name = if ty.is_full_set() || ty == ResourceType::ClusterLoadAssignment {
+                "secret.demo"
+            } else {
+                "secret.demo:80"
+            };
+            assert!(snapshot.resolve(ty, name, &web).is_none(), "{ty:?} {name} is forbidden");
+            assert!(snapshot.resolve(ty, name, &grpc("a")).is_some(), "{ty:?} {name} without [authz]");
+        }
+        assert!(snapshot.resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &web).is_some());
+        assert_eq!(snapshot.wildcard_names(ResourceType::Cluster, &web), vec!["echo.demo".to_string()]);
+        assert_eq!(snapshot.wildcard_names(ResourceType::Listener, &web), vec!["echo.demo".to_string()]);
+        let envoy = Client::new(None, ClientKind::Envoy, "e").with_access(web.access.clone());
+        assert!(snapshot.wildcard_names(ResourceType::Listener, &envoy).is_empty(), "egress names every service");
+        let everything = grpc("a");
+        assert_eq!(snapshot.wildcard_names(ResourceType::Cluster, &everything).len(), 2, "no [authz]: all");
+    }
+
+    #[test]
+    fn serves_zone_knows_the_zones_with_endpoints() {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("demo", "echo"), endpoints(&["a", "b"]), Policy::ZoneAware);
+        let snapshot = cache.snapshot();
+        assert!(snapshot.serves_zone(&Zone::new("a")) && snapshot.serves_zone(&Zone::new("b")));
+        assert!(!snapshot.serves_zone(&Zone::new("mars")));
     }
 
     #[test]
@@ -999,7 +1138,7 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "a", "b", "b", "c", "c"]), Policy::ZoneAware);
         for zone in ["a", "b", "c"] {
-            cache.census().join("echo.demo", &Zone::new(zone));
+            cache.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
@@ -1009,7 +1148,7 @@ mod tests {
 
         // Skew to 4/1/1: a spills half, b and c stay local — and b's resource is not re-encoded.
         for _ in 0..3 {
-            cache.census().join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         let snap = cache.snapshot();
@@ -1026,17 +1165,17 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b"]), Policy::ZoneAware);
         for _ in 0..100 {
-            cache.census().join("echo.demo", &Zone::new("a"));
-            cache.census().join("echo.demo", &Zone::new("b"));
+            cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
+            cache.census().join("echo.demo", &Zone::new("b"), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         // 101 vs 100 clients: both zones stay local, nothing moves.
-        cache.census().join("echo.demo", &Zone::new("a"));
+        cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         assert!(!cache.apply_census());
         // Non zone-aware services ignore the census.
         cache.update_service(&name, endpoints(&["a", "b"]), Policy::LocalFirst);
         for _ in 0..50 {
-            cache.census().join("echo.demo", &Zone::new("a"));
+            cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         }
         assert!(!cache.apply_census());
     }
@@ -1087,12 +1226,12 @@ mod tests {
         let name = ServiceName::new("demo", "echo");
         cache.update_service(&name, endpoints(&["a", "b", "b", "b"]), Policy::ZoneAware);
         for zone in ["a", "a", "b", "b"] {
-            cache.census().join("echo.demo", &Zone::new(zone));
+            cache.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
         }
         assert!(cache.apply_census());
         // Clients in x spread by capacity whatever their number; nobody's shares move.
         for _ in 0..4 {
-            cache.census().join("echo.demo", &Zone::new("x"));
+            cache.census().join("echo.demo", &Zone::new("x"), &crate::census::Voter::unique());
         }
         assert!(!cache.apply_census());
         let a = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &grpc("a")).expect("eds");
@@ -1179,7 +1318,7 @@ mod tests {
         assert!(!cache.update_service(&name, service.clone(), options.clone()), "same routing: no change");
         for zone in ["a", "b", "c"] {
             for eds in ["echo.demo/stable", "echo.demo/canary"] {
-                cache.census().join(eds, &Zone::new(zone));
+                cache.census().join(eds, &Zone::new(zone), &crate::census::Voter::unique());
             }
         }
         assert!(cache.apply_census(), "the subsets' census moves their plans");
@@ -1247,7 +1386,7 @@ mod tests {
         cache.update_service(&name, service, options);
         for (zone, n) in [("a", 4), ("b", 1), ("c", 1)] {
             for _ in 0..n {
-                cache.census().join("echo.demo/canary", &Zone::new(zone));
+                cache.census().join("echo.demo/canary", &Zone::new(zone), &crate::census::Voter::unique());
             }
         }
         assert!(cache.apply_census());

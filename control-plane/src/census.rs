@@ -4,6 +4,12 @@
 //! it once bursts of connects settle. The binary and the load generator run
 //! the same [`follow`].
 //!
+//! The census counts **voters, not streams**: each stream joins on behalf of
+//! a [`Voter`] (its connection, its client certificate, or its source
+//! address — see `server::voter_of`), and a voter has one vote per service,
+//! in the zone of its first stream of that service. Opening more streams, or
+//! claiming other zones and node ids on them, buys a client nothing.
+//!
 //! Other replicas' counts come in through [`Census::set_peer`] (see
 //! [`crate::peers`]): [`Census::all`] and [`Census::live`], which the plans
 //! read, are this replica's own counts plus every live peer's, so every
@@ -11,10 +17,10 @@
 //! replica offers its peers; [`Census::has_subscribers`] stays local (it
 //! decides what this replica encodes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -24,13 +30,35 @@ use crate::cache::Cache;
 use crate::model::Zone;
 use crate::policy::PerZone;
 
+/// Who a census vote belongs to: a hash of the connection, client
+/// certificate or source address the streams came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Voter(u64);
+
+impl Voter {
+    /// The voter named by `identity` (e.g. `conn:10.0.0.1:53211`, `cert:…`).
+    pub fn new(identity: &str) -> Voter {
+        Voter(crate::cache::stable_hash(&identity))
+    }
+
+    /// A voter of its own, shared with no one (a stream whose connection is unknown; tests).
+    pub fn unique() -> Voter {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Voter::new(&format!("unique:{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+/// One voter's streams of one service: the zones they claimed, in the order
+/// first claimed, with a stream count each. The vote is in the first zone.
+type Ballot = Vec<(Zone, u32)>;
+
 /// Clients per zone per service (by dial name), and subscribers with or without a zone.
 #[derive(Debug, Default)]
 pub struct Census {
     /// Streams subscribed to each service's endpoints, with or without a zone.
     subscribers: DashMap<String, usize>,
-    /// Clients with a zone, per zone, per service.
-    zones: Mutex<BTreeMap<String, PerZone>>,
+    /// Votes: per service, per voter, its ballot. Behind the same lock as `zones`.
+    ballots: Mutex<Votes>,
     changed: Notify,
     new_zone: AtomicBool,
     /// Each live peer's own census, by peer (its address).
@@ -47,27 +75,65 @@ fn add_into(sum: &mut BTreeMap<String, PerZone>, other: &BTreeMap<String, PerZon
     }
 }
 
+#[derive(Debug, Default)]
+struct Votes {
+    ballots: HashMap<(String, Voter), Ballot>,
+    /// Voters per zone, per service: what `ballots` counts to, kept in step.
+    zones: BTreeMap<String, PerZone>,
+}
+
+impl Votes {
+    fn count(&mut self, dial: &str, zone: &Zone, up: bool) -> bool {
+        if up {
+            let count = self.zones.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0);
+            *count += 1;
+            return *count == 1;
+        }
+        if let Some(per_zone) = self.zones.get_mut(dial) {
+            if let Some(count) = per_zone.get_mut(zone) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    per_zone.remove(zone);
+                }
+            }
+            if per_zone.is_empty() {
+                self.zones.remove(dial);
+            }
+        }
+        false
+    }
+}
+
 impl Census {
-    /// A client in `zone` subscribed to service `dial`'s endpoints. Clients
-    /// without a zone count as subscribers but not in any zone.
-    pub fn join(&self, dial: &str, zone: &Zone) {
+    /// A stream of `voter` in `zone` subscribed to service `dial`'s endpoints.
+    /// Clients without a zone count as subscribers but not in any zone. The
+    /// voter's vote moves only when its first zone's streams are all gone.
+    pub fn join(&self, dial: &str, zone: &Zone, voter: &Voter) {
         *self.subscribers.entry(dial.to_string()).or_insert(0) += 1;
         if zone.is_unknown() {
             return;
         }
-        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
-        let count = zones.entry(dial.to_string()).or_default().entry(zone.clone()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
+        let mut votes = self.ballots.lock().unwrap_or_else(|e| e.into_inner());
+        let ballot = votes.ballots.entry((dial.to_string(), *voter)).or_default();
+        let new_vote = ballot.is_empty();
+        match ballot.iter_mut().find(|(z, _)| z == zone) {
+            Some((_, n)) => *n += 1,
+            None => ballot.push((zone.clone(), 1)),
+        }
+        let new_zone = new_vote && votes.count(dial, zone, true);
+        drop(votes);
+        if new_zone {
             // A zone new to this service changes its shares the most (from
             // "by capacity" to "local"); there are few zones, so apply soon.
             self.new_zone.store(true, Ordering::Release);
         }
-        drop(zones);
-        self.changed.notify_one();
+        if new_vote {
+            self.changed.notify_one();
+        }
     }
 
-    pub fn leave(&self, dial: &str, zone: &Zone) {
+    /// The stream of `voter` in `zone` left service `dial`.
+    pub fn leave(&self, dial: &str, zone: &Zone, voter: &Voter) {
         if let dashmap::Entry::Occupied(mut n) = self.subscribers.entry(dial.to_string()) {
             *n.get_mut() = n.get().saturating_sub(1);
             if *n.get() == 0 {
@@ -77,31 +143,40 @@ impl Census {
         if zone.is_unknown() {
             return;
         }
-        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(per_zone) = zones.get_mut(dial) {
-            if let Some(count) = per_zone.get_mut(zone) {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    per_zone.remove(zone);
-                }
-            }
-            if per_zone.is_empty() {
-                zones.remove(dial);
-            }
+        let mut votes = self.ballots.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (dial.to_string(), *voter);
+        let Some(ballot) = votes.ballots.get_mut(&key) else { return };
+        let Some(i) = ballot.iter().position(|(z, _)| z == zone) else { return };
+        ballot[i].1 -= 1;
+        if ballot[i].1 > 0 {
+            return;
         }
-        drop(zones);
+        ballot.remove(i);
+        let next = (i == 0).then(|| ballot.first().map(|(z, _)| z.clone()));
+        if ballot.is_empty() {
+            votes.ballots.remove(&key);
+        }
+        let Some(next) = next else { return };
+        // The vote was in this zone: it moves to the voter's next zone, or goes.
+        votes.count(dial, zone, false);
+        let new_zone = next.is_some_and(|z| votes.count(dial, &z, true));
+        drop(votes);
+        if new_zone {
+            self.new_zone.store(true, Ordering::Release);
+        }
         self.changed.notify_one();
     }
 
-    /// This replica's own counts (what the local streams joined).
+    /// This replica's own counts: voters per zone per service.
     fn local_counts(&self) -> BTreeMap<String, PerZone> {
-        self.zones.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.ballots.lock().unwrap_or_else(|e| e.into_inner()).zones.clone()
     }
 
     /// Clients per zone connected now for service `dial`: to this replica
     /// and to every live peer.
     pub fn live(&self, dial: &str) -> PerZone {
-        let mut per_zone = self.zones.lock().unwrap_or_else(|e| e.into_inner()).get(dial).cloned().unwrap_or_default();
+        let mut per_zone =
+            self.ballots.lock().unwrap_or_else(|e| e.into_inner()).zones.get(dial).cloned().unwrap_or_default();
         for census in self.peers.lock().unwrap_or_else(|e| e.into_inner()).values() {
             for (zone, count) in census.get(dial).into_iter().flatten() {
                 *per_zone.entry(zone.clone()).or_insert(0) += count;
@@ -200,52 +275,41 @@ mod tests {
     #[test]
     fn leave_forgets_empty_zones_and_counts_zoneless_subscribers() {
         let census = Census::default();
-        census.join("echo.demo", &Zone::new("a"));
-        census.join("echo.demo", &Zone::default());
+        let (v1, v2) = (Voter::unique(), Voter::unique());
+        census.join("echo.demo", &Zone::new("a"), &v1);
+        census.join("echo.demo", &Zone::default(), &v2);
         assert!(census.has_subscribers("echo.demo"));
         assert_eq!(census.live("echo.demo").len(), 1);
-        census.leave("echo.demo", &Zone::new("a"));
+        census.leave("echo.demo", &Zone::new("a"), &v1);
         assert!(census.live("echo.demo").is_empty());
         assert!(census.has_subscribers("echo.demo"), "the zoneless one is still there");
-        census.leave("echo.demo", &Zone::default());
+        census.leave("echo.demo", &Zone::default(), &v2);
         assert!(!census.has_subscribers("echo.demo"));
     }
 
-    fn one(dial: &str, zone: &str, n: u64) -> BTreeMap<String, PerZone> {
-        BTreeMap::from([(dial.to_string(), PerZone::from([(Zone::new(zone), n)]))])
-    }
-
     #[test]
-    fn plans_read_local_plus_peers_and_peers_read_local_only() {
+    fn a_voter_has_one_vote_per_service_however_many_streams_and_zones() {
         let census = Census::default();
-        census.join("echo.demo", &Zone::new("a"));
-        census.set_peer("10.0.0.2:18000", one("echo.demo", "b", 2));
-        census.set_peer("10.0.0.3:18000", one("echo.demo", "a", 3));
-        let live = census.live("echo.demo");
-        assert_eq!(live.get(&Zone::new("a")), Some(&4));
-        assert_eq!(live.get(&Zone::new("b")), Some(&2));
-        assert_eq!(census.all()["echo.demo"], live);
-        assert_eq!(census.local(), one("echo.demo", "a", 1), "peers are offered only our own clients");
-        assert!(!census.has_subscribers("other.demo"));
-        census.forget_peer("10.0.0.2:18000");
-        assert!(!census.live("echo.demo").contains_key(&Zone::new("b")));
-        assert_eq!(census.peers().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn set_peer_wakes_only_on_a_change_and_flags_new_zones() {
-        let census = Census::default();
-        census.set_peer("p", one("echo.demo", "b", 1));
-        assert!(census.changed().await, "zone b is new to echo.demo");
-        census.set_peer("p", one("echo.demo", "b", 2));
-        assert!(!census.changed().await, "a count moved, no zone is new");
-        // The same report again (a heartbeat) wakes no one.
-        census.set_peer("p", one("echo.demo", "b", 2));
-        let woken = tokio::time::timeout(Duration::from_millis(50), census.changed()).await;
-        assert!(woken.is_err(), "a heartbeat must not wake the debouncer");
-        census.forget_peer("p");
-        assert!(!census.changed().await);
-        assert!(census.all().is_empty());
+        let (honest, hostile) = (Voter::new("conn:honest"), Voter::new("conn:hostile"));
+        census.join("echo.demo", &Zone::new("b"), &honest);
+        for _ in 0..100 {
+            census.join("echo.demo", &Zone::new("b"), &hostile);
+        }
+        census.join("echo.demo", &Zone::new("a"), &hostile);
+        assert_eq!(census.live("echo.demo"), PerZone::from([(Zone::new("b"), 2)]), "one vote each, first zone");
+        // Other services are voted on separately.
+        census.join("other.demo", &Zone::new("c"), &hostile);
+        assert_eq!(census.live("other.demo"), PerZone::from([(Zone::new("c"), 1)]));
+        // The b streams leave: the hostile vote moves to its remaining zone.
+        for _ in 0..100 {
+            census.leave("echo.demo", &Zone::new("b"), &hostile);
+        }
+        assert_eq!(census.live("echo.demo"), PerZone::from([(Zone::new("a"), 1), (Zone::new("b"), 1)]));
+        census.leave("echo.demo", &Zone::new("a"), &hostile);
+        census.leave("echo.demo", &Zone::new("b"), &honest);
+        assert!(!census.all().contains_key("echo.demo"));
+        assert!(!census.has_subscribers("echo.demo"));
+        assert!(census.has_subscribers("other.demo"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -274,10 +338,47 @@ mod tests {
         cache.update_service(&ServiceName::new("demo", "echo"), endpoints, Policy::ZoneAware);
         let task = tokio::spawn(follow(cache.clone(), Duration::from_secs(1)));
         tokio::task::yield_now().await;
-        cache.census().join("echo.demo", &Zone::new("a"));
+        cache.census().join("echo.demo", &Zone::new("a"), &Voter::unique());
         // A new zone: applied within ~100 ms, not the full second.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(cache.snapshot().services["echo.demo"].census.get(&Zone::new("a")), Some(&1));
         task.abort();
+    }
+
+    fn one(dial: &str, zone: &str, n: u64) -> BTreeMap<String, PerZone> {
+        BTreeMap::from([(dial.to_string(), PerZone::from([(Zone::new(zone), n)]))])
+    }
+
+    #[test]
+    fn plans_read_local_plus_peers_and_peers_read_local_only() {
+        let census = Census::default();
+        census.join("echo.demo", &Zone::new("a"), &Voter::unique());
+        census.set_peer("10.0.0.2:18000", one("echo.demo", "b", 2));
+        census.set_peer("10.0.0.3:18000", one("echo.demo", "a", 3));
+        let live = census.live("echo.demo");
+        assert_eq!(live.get(&Zone::new("a")), Some(&4));
+        assert_eq!(live.get(&Zone::new("b")), Some(&2));
+        assert_eq!(census.all()["echo.demo"], live);
+        assert_eq!(census.local(), one("echo.demo", "a", 1), "peers are offered only our own clients");
+        assert!(!census.has_subscribers("other.demo"));
+        census.forget_peer("10.0.0.2:18000");
+        assert!(!census.live("echo.demo").contains_key(&Zone::new("b")));
+        assert_eq!(census.peers().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn set_peer_wakes_only_on_a_change_and_flags_new_zones() {
+        let census = Census::default();
+        census.set_peer("p", one("echo.demo", "b", 1));
+        assert!(census.changed().await, "zone b is new to echo.demo");
+        census.set_peer("p", one("echo.demo", "b", 2));
+        assert!(!census.changed().await, "a count moved, no zone is new");
+        // The same report again (a heartbeat) wakes no one.
+        census.set_peer("p", one("echo.demo", "b", 2));
+        let woken = tokio::time::timeout(Duration::from_millis(50), census.changed()).await;
+        assert!(woken.is_err(), "a heartbeat must not wake the debouncer");
+        census.forget_peer("p");
+        assert!(!census.changed().await);
+        assert!(census.all().is_empty());
     }
 }

@@ -41,15 +41,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a gRPC xDS bootstrap file (gRPC A27) that points a proxyless gRPC
     /// client at this control plane, then exit.
     ///
     /// The client's zone comes from --zone, else ECS task metadata v4, else EC2
     /// instance metadata (IMDSv2); without one, same-zone routing does not apply
-    /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. Only
-    /// insecure channel credentials are written (no TLS yet).
-    Bootstrap(cloudmap_xds_bootstrap::BootstrapArgs),
+    /// to that client. Flags also read CLOUDMAP_XDS_BOOTSTRAP_* variables. The
+    /// channel credentials are insecure unless --ca-file (TLS) and
+    /// --cert-file/--key-file (mTLS) are given.
+    Bootstrap(Box<cloudmap_xds_bootstrap::BootstrapArgs>),
     /// Run the start-up path once without serving and print what it found:
     /// region and credentials, each namespace and service, instances per zone
     /// and health, skipped instances with the reason, effective settings, the
@@ -145,6 +146,33 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    // -- The xDS port under attack (README, "Security") --------------------------------------
+    /// Most resource names one stream may hold subscribed, all types together
+    /// (SotW and Delta subscriptions add up across requests); more end the
+    /// stream with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_NAMES_PER_STREAM", default_value_t = 20_000)]
+    pub max_names_per_stream: usize,
+
+    /// Most ADS streams one connection may open; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_streams_per_connection: usize,
+
+    /// Count one census vote per source IP address instead of one per connection
+    /// (for estates where every task has its own address, as ECS awsvpc). With mTLS
+    /// the vote is per client certificate either way.
+    #[arg(long, env = "CLOUDMAP_XDS_CENSUS_PER_ADDRESS")]
+    pub census_per_address: bool,
+
+    /// Also serve CSDS (ClientStatusDiscoveryService) on the xDS port. By default it is
+    /// served on the admin address only: it shows every client's node and what it holds.
+    #[arg(long, env = "CLOUDMAP_XDS_CSDS_ON_XDS_PORT")]
+    pub csds_on_xds_port: bool,
+
+    /// Largest CSDS response, in bytes; larger ones are refused with RESOURCE_EXHAUSTED
+    /// (ask with exclude_resource_contents or node_matchers).
+    #[arg(long, env = "CLOUDMAP_XDS_CSDS_MAX_RESPONSE_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub csds_max_response_size: usize,
+    // -- end of the security block ------------------------------------------------------------
     /// `/ready` answers 503 when a service's last successful Cloud Map call is older
     /// than this (e.g. 60s). Off by default: serving the last good state is ready.
     #[arg(long, env = "CLOUDMAP_XDS_READY_STALENESS", value_parser = parse_duration)]
@@ -395,6 +423,8 @@ pub struct FileConfig {
     pub services: HashMap<String, ServiceTable>,
     #[serde(default)]
     pub clients: ClientsTable,
+    /// `[authz]`: what mTLS clients may read (see `authz`); absent: everything.
+    pub authz: Option<crate::authz::AuthzTable>,
 }
 
 /// `[clients]`: how user agents the built-in rules do not know are served.

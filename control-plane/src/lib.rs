@@ -9,6 +9,7 @@
 //! old connections so clients spread over the replicas.
 
 pub mod admin;
+pub mod authz;
 pub mod aws_error;
 pub mod budget;
 pub mod cache;

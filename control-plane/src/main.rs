@@ -22,8 +22,8 @@ use tokio::sync::watch;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
-        Some(Command::Serve(args)) => args,
-        Some(Command::Bootstrap(args)) => return cloudmap_xds_bootstrap::run(args).await,
+        Some(Command::Serve(args)) => *args,
+        Some(Command::Bootstrap(args)) => return cloudmap_xds_bootstrap::run(*args).await,
         Some(Command::Check(args)) => {
             init_logging(LogFormat::Text);
             let code = cloudmap_xds::check::run(args).await?;
@@ -84,6 +84,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"),
     };
 
+    // [authz] decides by client certificate: without mTLS there is none to decide by.
+    let authz = match &file.authz {
+        Some(_) if args.tls_client_ca.is_none() => {
+            anyhow::bail!(
+                "[authz] needs client certificates: serve mTLS with --tls-client-ca (and --tls-cert, --tls-key)"
+            )
+        }
+        Some(table) => Some(cloudmap_xds::authz::Authz::new(table)?),
+        None => None,
+    };
+
     let sdk = aws_config::load_from_env().await;
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
     if region.is_empty() {
@@ -121,7 +132,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let registry = Arc::new(Registry::new(args.max_streams));
+    let registry = Arc::new(Registry::new(args.max_streams).with_max_per_connection(args.max_streams_per_connection));
+    // The admin address is the operator's: CSDS there answers everyone who reaches it.
+    let csds = CsdsServer {
+        cache: cache.clone(),
+        registry: registry.clone(),
+        max_response: args.csds_max_response_size,
+        authz: None,
+    };
 
     // ---- replicas (issue 14): the census shared with peers ----
     let replica = peers::replica_id();
@@ -149,28 +167,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(peering.clone().run(source, api.clone(), budget.clone()));
     }
 
-    let admin = tokio::spawn(cloudmap_xds::admin::serve(
-        admin_listener,
+    let admin_router = cloudmap_xds::admin::router(
         cache.clone(),
         registry.clone(),
         metrics,
         args.ready_staleness,
         peering.clone(),
-        stopped(),
-    ));
+        csds.clone(),
+    );
+    let admin = tokio::spawn(cloudmap_xds::admin::serve(admin_listener, admin_router, stopped()));
 
     let limits = Limits {
         max_resource_names: args.max_resource_names,
+        max_names_per_stream: args.max_names_per_stream,
+        census_per_address: args.census_per_address,
         send_timeout: args.stream_send_timeout,
         max_message_size: args.max_message_size,
     };
-    let ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
-    let csds = ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry: registry.clone() })
-        .max_decoding_message_size(args.max_message_size);
+    let mut ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
+    if let Some(authz) = &authz {
+        ads = ads.with_authz(authz.clone());
+    }
+    // CSDS shows every client: on the admin address (above), on the xDS port only when asked.
+    let csds_on_xds = args.csds_on_xds_port.then(|| {
+        if authz.is_none() {
+            tracing::warn!(
+                "CSDS is served on the xDS port (--csds-on-xds-port): anyone who reaches it sees every client"
+            );
+        }
+        let csds = CsdsServer { authz: authz.clone(), ..csds };
+        ClientStatusDiscoveryServiceServer::new(csds).max_decoding_message_size(args.max_message_size)
+    });
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads)
-        .add_service(csds)
+        .add_optional_service(csds_on_xds)
         .add_service(peers::CensusService::new(cache.clone(), replica, streams_stop_peers));
     let age = ConnectionAge { max: args.max_connection_age, grace: args.max_connection_age_grace };
     let xds = match tls {

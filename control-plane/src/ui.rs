@@ -241,7 +241,7 @@ mod tests {
         // Servers 2/2/2; clients 4 in a, 1 in b, 1 in c: a keeps half (the zone-aware worked example).
         for (zone, n) in [("a", 4), ("b", 1), ("c", 1)] {
             for _ in 0..n {
-                cache.census().join("echo.demo", &Zone::new(zone));
+                cache.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
             }
         }
         let endpoints: Vec<Endpoint> = ["a", "b", "c"]

@@ -1,7 +1,9 @@
 //! Property-based fuzzing of the inputs that come from outside: DiscoveryRequests
 //! (SotW and Delta, as decoded messages and as raw bytes) and Cloud Map
 //! instance attributes. Each target runs `FUZZ_CASES` inputs (default 25,000;
-//! four targets, so CI covers 100k in total); 0 panics allowed, plus protocol invariants.
+//! five targets, so CI covers 125k in total); 0 panics allowed, plus protocol invariants,
+//! and SotW EDS subscriptions are checked against a model of the protocol (a server that
+//! never answers, or answers a name twice or not at all, fails it).
 //!
 //! Long run: `FUZZ_CASES=5000000 cargo test --release -p cloudmap-xds --test fuzz`.
 
@@ -150,6 +152,57 @@ fn sotw_requests_never_panic_and_nothing_is_resent_without_news() {
             Ok(())
         })
         .expect("SotW state machine");
+}
+
+/// SotW EDS against a model of the protocol: subscriptions change at random (names that exist
+/// and names that do not), each request carrying the newest nonce. After each, the responses
+/// carry exactly the subscribed names that exist and the client does not hold yet — each once
+/// (one resource per response); a name unsubscribed and named again is sent again.
+#[test]
+fn sotw_eds_answers_every_subscribed_known_name_once_per_version() {
+    let cache = cache();
+    let snapshot = cache.snapshot();
+    const POOL: [&str; 5] = ["echo.demo", "other.demo", "echo.grpc.demo", "ghost.demo", "echo.demo:1"];
+    let known: std::collections::BTreeSet<&str> = ["echo.demo", "other.demo", "echo.grpc.demo"].into();
+    let subsets = prop::collection::vec(prop::collection::btree_set(prop::sample::select(POOL.to_vec()), 0..5), 1..10);
+    runner()
+        .run(&subsets, |steps| {
+            let mut state = SotwState::default();
+            let mut held: std::collections::BTreeSet<&str> = Default::default();
+            let mut nonce = String::new();
+            for (i, names) in steps.iter().enumerate() {
+                let request = DiscoveryRequest {
+                    type_url: ResourceType::ClusterLoadAssignment.type_url().into(),
+                    resource_names: names.iter().map(|n| n.to_string()).collect(),
+                    response_nonce: nonce.clone(),
+                    node: (i == 0).then(|| Node {
+                        id: "model".into(),
+                        user_agent_name: "gRPC Go".into(),
+                        locality: Some(Locality { zone: "z0".into(), ..Default::default() }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                state.on_request(&request).map_err(|e| TestCaseError::fail(format!("refused: {e}")))?;
+                held.retain(|n| names.contains(n));
+                let replies = state.responses(&snapshot, &Changed::All);
+                let mut sent = Vec::new();
+                for reply in &replies {
+                    prop_assert_eq!(reply.resources.len(), 1, "one EDS resource per response");
+                    sent.push(reply.resources[0].name.clone());
+                    nonce = reply.nonce.to_string();
+                }
+                let want: Vec<String> =
+                    names.iter().filter(|n| known.contains(*n) && !held.contains(*n)).map(|n| n.to_string()).collect();
+                let mut got = sent.clone();
+                got.sort();
+                prop_assert_eq!(&got, &want, "step {}: subscribed {:?}, held {:?}", i, names, held);
+                held.extend(names.iter().filter(|n| known.contains(*n)));
+                prop_assert!(state.responses(&snapshot, &Changed::All).is_empty(), "nothing more without news");
+            }
+            Ok(())
+        })
+        .expect("SotW EDS model");
 }
 
 #[test]

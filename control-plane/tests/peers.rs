@@ -71,8 +71,8 @@ async fn replicas_share_their_census_over_mtls_and_forget_a_peer_that_is_gone() 
     let dir = tempfile::tempdir().expect("tempdir");
     let (files, ca) = pki(dir.path());
     let peer_cache = Arc::new(Cache::default());
-    peer_cache.census().join("echo.demo", &Zone::new("a"));
-    peer_cache.census().join("echo.demo", &Zone::new("a"));
+    peer_cache.census().join("echo.demo", &Zone::new("a"), &cloudmap_xds::census::Voter::unique());
+    peer_cache.census().join("echo.demo", &Zone::new("a"), &cloudmap_xds::census::Voter::unique());
     let (peer, server) = serve_replica(peer_cache.clone(), "replica-b", files.clone(), LONG).await;
 
     // With a certificate from the CA: the peer's clients join our census.
@@ -89,7 +89,7 @@ async fn replicas_share_their_census_over_mtls_and_forget_a_peer_that_is_gone() 
     assert!(status[&peer].connected && !status[&peer].is_self);
 
     // A change on the peer arrives without waiting for a heartbeat's worth of time twice.
-    peer_cache.census().join("echo.demo", &Zone::new("b"));
+    peer_cache.census().join("echo.demo", &Zone::new("b"), &cloudmap_xds::census::Voter::unique());
     eventually("the peer's new zone", || cache.census().live("echo.demo").get(&Zone::new("b")) == Some(&1)).await;
 
     // Without a client certificate the peer (mTLS) refuses: nothing joins, errors are counted.
@@ -132,7 +132,7 @@ async fn a_connection_past_its_age_ends_and_the_next_one_is_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (files, ca) = pki(dir.path());
     let cache = Arc::new(Cache::default());
-    cache.census().join("echo.demo", &Zone::new("a"));
+    cache.census().join("echo.demo", &Zone::new("a"), &cloudmap_xds::census::Voter::unique());
     let age = ConnectionAge { max: Duration::from_millis(400), grace: Duration::from_millis(300) };
     let (address, server) = serve_replica(cache, "replica-b", files.clone(), age).await;
 

@@ -1,7 +1,9 @@
 //! mTLS on the xDS port, end to end in process: a client without a
 //! certificate is rejected, one with a certificate from the client CA is
 //! served, and a certificate reload lets new clients in with the new
-//! certificates without dropping a stream opened before it.
+//! certificates without dropping a stream opened before it. The census
+//! counts one vote per client certificate, however many connections and
+//! streams it opens.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ struct Pki {
     ca_pem: String,
     server: (String, String),
     client: (String, String),
+    other_client: (String, String),
 }
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
@@ -47,6 +50,7 @@ fn pki(name: &str) -> Pki {
         ca_pem: ca_cert.pem(),
         server: leaf(vec!["localhost".into(), "127.0.0.1".into()]),
         client: leaf(vec!["client.test".into()]),
+        other_client: leaf(vec!["other.test".into()]),
     }
 }
 
@@ -58,9 +62,17 @@ fn write(dir: &Path, pki: &Pki) -> TlsFiles {
 }
 
 async fn channel(port: u16, pki: &Pki, with_cert: bool) -> Result<Channel, tonic::transport::Error> {
+    channel_as(port, pki, with_cert.then_some(&pki.client)).await
+}
+
+async fn channel_as(
+    port: u16,
+    pki: &Pki,
+    client: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca_pem)).domain_name("localhost");
-    if with_cert {
-        config = config.identity(Identity::from_pem(&pki.client.0, &pki.client.1));
+    if let Some((cert, key)) = client {
+        config = config.identity(Identity::from_pem(cert, key));
     }
     Channel::from_shared(format!("https://127.0.0.1:{port}"))
         .expect("uri")
@@ -121,7 +133,12 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
     let port = listener.local_addr().expect("addr").port();
     let server = tonic::transport::Server::builder()
         .add_service(AdsServer::new(cache.clone(), registry.clone(), Limits::default()))
-        .add_service(ClientStatusDiscoveryServiceServer::new(CsdsServer { cache: cache.clone(), registry }))
+        .add_service(ClientStatusDiscoveryServiceServer::new(CsdsServer {
+            cache: cache.clone(),
+            registry,
+            max_response: 4 << 20,
+            authz: None,
+        }))
         .serve_with_incoming(tls::incoming(listener, reloading.clone()));
     let server = tokio::spawn(server);
 
@@ -161,5 +178,49 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
     std::fs::write(dir.path().join("server.key"), "not a key").expect("write");
     assert!(!reloading.reload_if_changed());
     assert!(csds_ok(port, &second, true).await, "a bad reload keeps serving with the last good certificates");
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_census_counts_one_vote_per_client_certificate() {
+    use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki("votes");
+    let reloading = ReloadingTls::new(write(dir.path(), &pki)).expect("tls config");
+    let cache = Arc::new(Cache::default());
+    cache.update_service(&ServiceName::new("demo", "echo"), endpoints(1), Policy::ZoneAware);
+    cache.set_ready();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tonic::transport::Server::builder()
+        .add_service(AdsServer::new(cache.clone(), Arc::new(Registry::new(100)), Limits::default()))
+        .serve_with_incoming(tls::incoming(listener, reloading));
+    let server = tokio::spawn(server);
+
+    // Three connections with one certificate, two streams each; one connection with another.
+    let mut streams = Vec::new();
+    for (i, client) in [&pki.client, &pki.client, &pki.client, &pki.other_client].into_iter().enumerate() {
+        let channel = channel_as(port, &pki, Some(client)).await.expect("connect");
+        for j in 0..2 {
+            let mut ads = AggregatedDiscoveryServiceClient::new(channel.clone());
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let node = Node {
+                id: format!("node-{i}-{j}"),
+                locality: Some(Locality { zone: "us-east-1a".into(), ..Default::default() }),
+                ..Default::default()
+            };
+            tx.send(DiscoveryRequest { node: Some(node), ..eds_request("", "") }).await.expect("send");
+            let mut responses = ads
+                .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("stream")
+                .into_inner();
+            responses.message().await.expect("response").expect("some");
+            streams.push((tx, responses));
+        }
+    }
+    let live = cache.census().live("echo.demo");
+    assert_eq!(live.get(&Zone::new("us-east-1a")), Some(&2), "two certificates, two votes: {live:?}");
+    drop(streams);
     server.abort();
 }

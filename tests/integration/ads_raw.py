@@ -3,7 +3,8 @@
 - AdsStream: one ADS (State-of-the-World) bidi stream over grpcio that the test drives by hand:
   it sends exactly the DiscoveryRequests the test asks for (subscribe, ACK, NACK) and records
   every DiscoveryResponse with its arrival time, and how the stream ended (grpc status).
-- fetch_client_status: a CSDS FetchClientStatus unary call.
+- fetch_client_status: a CSDS FetchClientStatus unary call (to the admin port, where CSDS is
+  served by default, or to the xDS port with --csds-on-xds-port).
 - StalledH2Connection: an HTTP/2 connection written by hand on a plain socket that opens ADS
   streams, sends their requests and then never reads a single byte, so the control plane can
   only send what fits in the flow-control window (64 KiB by default) and the kernel buffers;
@@ -181,8 +182,8 @@ class AdsStream:
             self.channel.close()
 
 
-def fetch_client_status(xds_port: int, timeout: float = 5.0, **kw) -> csds_pb2.ClientStatusResponse:
-    with grpc.insecure_channel(f"127.0.0.1:{xds_port}") as ch:
+def fetch_client_status(port: int, timeout: float = 5.0, **kw) -> csds_pb2.ClientStatusResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         fetch = ch.unary_unary(
             CSDS_FETCH_METHOD,
             request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,

@@ -658,11 +658,13 @@ class XdsClient:
         interval: float = 0.02,
         deadline: float = 2.0,
         metadata: dict[str, str] | None = None,
+        bootstrap: Path | None = None,
     ):
         self.zone = zone
         self.node_id = node_id
         self.target = target
-        self.bootstrap = write_bootstrap(log_dir / f"bootstrap-{node_id}.json", xds_port, node_id, zone)
+        # A bootstrap written elsewhere (e.g. by `cloudmap-xds bootstrap`), else a plaintext one.
+        self.bootstrap = bootstrap or write_bootstrap(log_dir / f"bootstrap-{node_id}.json", xds_port, node_id, zone)
         self.stdout_path = log_dir / f"client-{node_id}.jsonl"
         self.stderr_path = log_dir / f"client-{node_id}.stderr"
         self._lock = threading.Lock()

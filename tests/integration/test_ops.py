@@ -723,7 +723,7 @@ def test_ops_csds_lists_connected_clients_with_acked_resources(deploy):
     want = {f"client-{z[-1]}": z for z in ZONES}
 
     def check():
-        resp = fetch_client_status(cp.xds_port)
+        resp = fetch_client_status(cp.admin_port)  # CSDS is on the admin address
         by_node = {c.node.id: c for c in resp.config}
         problems = []
         for node_id, zone in want.items():
@@ -756,7 +756,7 @@ def test_ops_csds_lists_connected_clients_with_acked_resources(deploy):
         raise AssertionError(f"{e}: {check()[1]}") from None
 
     only_b = fetch_client_status(
-        cp.xds_port, node_matchers=[node_pb2.NodeMatcher(node_id=string_pb2.StringMatcher(exact="client-b"))]
+        cp.admin_port, node_matchers=[node_pb2.NodeMatcher(node_id=string_pb2.StringMatcher(exact="client-b"))]
     )
     assert [c.node.id for c in only_b.config] == ["client-b"], f"node_matchers exact client-b: {[c.node.id for c in only_b.config]}"
     assert_no_failures(clients)

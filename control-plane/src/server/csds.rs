@@ -1,6 +1,11 @@
-//! CSDS (`envoy.service.status.v3.ClientStatusDiscoveryService`) on the xDS
-//! port: which client holds which resource at which version, and whether it
-//! ACKed or NACKed it — what `grpcdebug`-style tools ask.
+//! CSDS (`envoy.service.status.v3.ClientStatusDiscoveryService`): which
+//! client holds which resource at which version, and whether it ACKed or
+//! NACKed it — what `grpcdebug`-style tools ask. It tells whoever asks every
+//! client's node and what it holds, so it is served on the admin address
+//! (loopback by default; see `admin`), and on the xDS port only with
+//! `--csds-on-xds-port`. A response larger than [`CsdsServer::max_response`]
+//! is refused with RESOURCE_EXHAUSTED rather than built: asking without
+//! `exclude_resource_contents` copies every resource every client holds.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +17,7 @@ use envoy_types::pb::envoy::service::status::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher};
 use futures::{Stream, StreamExt};
+use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::registry::{Registry, ResourceState, StreamStatus};
@@ -22,6 +28,10 @@ use crate::resources::ResourceType;
 pub struct CsdsServer {
     pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
+    /// Largest response, in bytes (`--csds-max-response-size`).
+    pub max_response: usize,
+    /// On the xDS port with `[authz]`: only identities whose rule says `csds = true` may ask.
+    pub authz: Option<Arc<crate::authz::Authz>>,
 }
 
 fn matches(matchers: &[NodeMatcher], node_id: &str) -> bool {
@@ -38,16 +48,42 @@ fn matches(matchers: &[NodeMatcher], node_id: &str) -> bool {
 }
 
 impl CsdsServer {
-    pub fn status(&self, request: &ClientStatusRequest) -> ClientStatusResponse {
+    /// PERMISSION_DENIED unless `[authz]` is off here or lets the caller's certificate ask.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(authz) = &self.authz else { return Ok(()) };
+        let leaf = request.peer_certs().and_then(|certs| certs.first().cloned());
+        let identities = leaf.map(|c| crate::authz::identities(c.as_ref())).unwrap_or_default();
+        if authz.allows_csds(&identities) {
+            return Ok(());
+        }
+        metrics::counter!("cloudmap_xds_authz_denied_total").increment(1);
+        Err(Status::permission_denied("CSDS needs an [authz] rule with csds = true for this client certificate"))
+    }
+
+    /// The status of every client the request's matchers select; an error
+    /// once the response would exceed [`max_response`](Self::max_response).
+    pub fn status(&self, request: &ClientStatusRequest) -> Result<ClientStatusResponse, Status> {
         let snapshot = self.cache.snapshot();
-        let config = self
-            .registry
-            .list()
-            .into_iter()
-            .filter(|s| matches(&request.node_matchers, s.node.as_ref().map(|n| n.id.as_str()).unwrap_or("")))
-            .map(|stream| client_config(&stream, &snapshot, request.exclude_resource_contents))
-            .collect();
-        ClientStatusResponse { config }
+        let mut size = 0usize;
+        let mut config = Vec::new();
+        for stream in self.registry.list() {
+            if !matches(&request.node_matchers, stream.node.as_ref().map(|n| n.id.as_str()).unwrap_or("")) {
+                continue;
+            }
+            let client = client_config(&stream, &snapshot, request.exclude_resource_contents);
+            // The field's tag and length prefix are a few bytes more: the bound is approximate by that.
+            size += client.encoded_len();
+            if size > self.max_response {
+                metrics::counter!("cloudmap_xds_csds_refused_total").increment(1);
+                return Err(Status::resource_exhausted(format!(
+                    "the CSDS response would exceed {} bytes (--csds-max-response-size); ask for fewer \
+                     clients (node_matchers) or set exclude_resource_contents",
+                    self.max_response
+                )));
+            }
+            config.push(client);
+        }
+        Ok(ClientStatusResponse { config })
     }
 }
 
@@ -105,8 +141,9 @@ impl ClientStatusDiscoveryService for CsdsServer {
         &self,
         request: Request<Streaming<ClientStatusRequest>>,
     ) -> Result<Response<Self::StreamClientStatusStream>, Status> {
+        self.authorize(&request)?;
         let this = self.clone();
-        let responses = request.into_inner().map(move |r| r.map(|r| this.status(&r)));
+        let responses = request.into_inner().map(move |r| r.and_then(|r| this.status(&r)));
         Ok(Response::new(Box::pin(responses)))
     }
 
@@ -114,7 +151,8 @@ impl ClientStatusDiscoveryService for CsdsServer {
         &self,
         request: Request<ClientStatusRequest>,
     ) -> Result<Response<ClientStatusResponse>, Status> {
-        Ok(Response::new(self.status(request.get_ref())))
+        self.authorize(&request)?;
+        self.status(request.get_ref()).map(Response::new)
     }
 }
 
@@ -123,7 +161,32 @@ mod tests {
     use super::*;
     use crate::server::Nack;
     use crate::server::registry::TypeStatus;
+    use envoy_types::pb::envoy::config::core::v3::Node;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn responses_above_the_bound_are_refused() {
+        let registry = Arc::new(Registry::new(10));
+        let admissions: Vec<_> = (0..3)
+            .map(|i| {
+                let a = registry.admit(i, "sotw", None).expect("admit");
+                let node = Node { id: format!("client-{i}-{}", "x".repeat(100)), ..Default::default() };
+                a.identify(Some(&node), None);
+                a
+            })
+            .collect();
+        let csds = |max_response| CsdsServer {
+            cache: Arc::new(Cache::default()),
+            registry: registry.clone(),
+            max_response,
+            authz: None,
+        };
+        assert_eq!(csds(4096).status(&ClientStatusRequest::default()).expect("fits").config.len(), 3);
+        let refused = csds(250).status(&ClientStatusRequest::default()).expect_err("three nodes of ~110 bytes");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("--csds-max-response-size"), "{}", refused.message());
+        drop(admissions);
+    }
 
     #[test]
     fn per_resource_states_win_over_the_type_summary() {

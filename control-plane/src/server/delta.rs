@@ -41,6 +41,8 @@ pub struct DeltaTypeState {
 #[derive(Debug, Default)]
 pub struct DeltaState {
     pub client: Option<ClientInfo>,
+    /// What the client may read (`[authz]`); `None`: everything.
+    pub access: Option<std::sync::Arc<crate::authz::Access>>,
     pub types: PerType<DeltaTypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
@@ -63,6 +65,10 @@ impl Protocol for DeltaState {
         request.resource_names_subscribe.len()
             + request.resource_names_unsubscribe.len()
             + request.initial_resource_versions.len()
+    }
+
+    fn held_names(&self) -> usize {
+        self.types.values().map(|t| t.names.len()).sum()
     }
 
     fn request_node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
@@ -156,12 +162,16 @@ impl Protocol for DeltaState {
         Ok((ty, outcome))
     }
 
+    fn set_access(&mut self, access: std::sync::Arc<crate::authz::Access>) {
+        self.access = Some(access);
+    }
+
     fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
 
     fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
-        let Some(client) = self.client.as_ref().map(ClientInfo::client) else {
+        let Some(client) = self.client.as_ref().map(|c| c.client().with_access(self.access.clone())) else {
             return Vec::new();
         };
         let mut out = Vec::new();

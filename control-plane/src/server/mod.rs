@@ -20,6 +20,7 @@
 //! plane never tells clients their resources are gone. Responses of one
 //! moment go out make-before-break ([`ADD_ORDER`], then [`REMOVE_ORDER`]).
 
+pub mod checks;
 pub mod csds;
 pub mod delta;
 pub mod names;
@@ -42,6 +43,7 @@ use tonic::codegen::http;
 use tonic::{Request, Status};
 
 use crate::cache::{Cache, Client, Snapshot};
+use crate::census::Voter;
 use crate::model::{ClientKind, Zone};
 use crate::resources::ResourceType;
 use crate::wakeup::{Changed, Watch};
@@ -192,6 +194,8 @@ pub trait Protocol: Default + Send + 'static {
     fn request_type_url(request: &Self::Request) -> &str;
     /// How many resource names the request (un)subscribes, for the limit.
     fn request_names(request: &Self::Request) -> usize;
+    /// How many resource names the stream holds subscribed, all types together.
+    fn held_names(&self) -> usize;
     /// The Node the request carries, if any.
     fn request_node(request: &Self::Request) -> Option<&Node>;
     /// Whether a request since the last call may need an answer (a new or
@@ -200,6 +204,8 @@ pub trait Protocol: Default + Send + 'static {
     fn take_changed(&mut self) -> bool;
     /// What the client holds, per type (for /config_dump and CSDS).
     fn status(&self) -> Vec<registry::TypeStatus>;
+    /// Limit what the stream is sent to what its client may read (`[authz]`).
+    fn set_access(&mut self, access: Arc<crate::authz::Access>);
 }
 
 /// The watch of a stream's subscriptions: per type, whether it is a
@@ -222,6 +228,11 @@ where
 pub struct Limits {
     /// Resource names one request may (un)subscribe.
     pub max_resource_names: usize,
+    /// Resource names one stream may hold subscribed, all types together
+    /// (SotW and Delta subscriptions accumulate across requests).
+    pub max_names_per_stream: usize,
+    /// Census votes by source address rather than by connection.
+    pub census_per_address: bool,
     /// How long a push may wait for a client that is not reading before the
     /// stream is closed.
     pub send_timeout: std::time::Duration,
@@ -233,6 +244,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_resource_names: 10_000,
+            max_names_per_stream: 20_000,
+            census_per_address: false,
             send_timeout: std::time::Duration::from_secs(60),
             max_message_size: 4 * 1024 * 1024,
         }
@@ -271,6 +284,8 @@ pub fn register_metrics() {
     metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(0);
     // Exported from the start (0 without TLS) so dashboards and alerts always find it.
     metrics::counter!("cloudmap_xds_tls_handshake_failures_total").increment(0);
+    metrics::counter!("cloudmap_xds_shared_encodes_total").increment(0);
+    metrics::counter!("cloudmap_xds_requests_rejected_total").increment(0);
 }
 
 pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
@@ -291,11 +306,19 @@ pub struct AdsServer {
     limits: Limits,
     next_stream: Arc<AtomicU64>,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    authz: Option<Arc<crate::authz::Authz>>,
 }
 
 impl AdsServer {
     pub fn new(cache: Arc<Cache>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
-        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)), shutdown: None }
+        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)), shutdown: None, authz: None }
+    }
+
+    /// Serve each client only what `[authz]` lets its certificate identities
+    /// read (a client without a certificate reads nothing).
+    pub fn with_authz(mut self, authz: Arc<crate::authz::Authz>) -> Self {
+        self.authz = Some(authz);
+        self
     }
 
     /// End every stream with UNAVAILABLE when `shutdown` turns true, so clients
@@ -326,9 +349,14 @@ impl AdsServer {
         }
         let request = Request::from_http(request);
         let peer = request.remote_addr();
+        let voter = voter_of(&request, self.limits.census_per_address);
+        let access = self.authz.as_ref().map(|authz| {
+            let leaf = request.peer_certs().and_then(|certs| certs.first().cloned());
+            Arc::new(authz.access(&leaf.map(|c| crate::authz::identities(c.as_ref())).unwrap_or_default()))
+        });
         let decoder = tonic_prost::ProstDecoder::<P::Request>::new(BufferSettings::new(REQUEST_BUFFER, 32 * 1024));
         let inbound = Streaming::new_request(decoder, request.into_inner(), None, Some(self.limits.max_message_size));
-        let body = self.start::<P>(peer, inbound)?;
+        let body = self.start::<P>(peer, voter, access, inbound)?;
         let mut response = http::Response::new(tonic::body::Body::new(body));
         response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         Ok(response)
@@ -337,6 +365,8 @@ impl AdsServer {
     fn start<P: Protocol>(
         &self,
         peer: Option<std::net::SocketAddr>,
+        voter: Voter,
+        access: Option<Arc<crate::authz::Access>>,
         inbound: Streaming<P::Request>,
     ) -> Result<PushBody, Status> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +381,8 @@ impl AdsServer {
             cache: self.cache.clone(),
             id,
             peer,
+            voter,
+            access,
             limits: self.limits,
             admission,
             shutdown: self.shutdown.clone(),
@@ -375,6 +407,21 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for AdsServer {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         std::future::ready(Ok(self.handle(request)))
+    }
+}
+
+/// Whose census vote a stream is: with mTLS, the client certificate (one
+/// vote per client identity, however many connections it opens); else the
+/// source address when `per_address`; else the connection (its address and
+/// port). A stream whose connection is unknown votes alone.
+fn voter_of<T>(request: &Request<T>, per_address: bool) -> Voter {
+    if let Some(leaf) = request.peer_certs().and_then(|certs| certs.first().cloned()) {
+        return Voter::new(&format!("cert:{:016x}", crate::cache::stable_hash(&leaf.as_ref())));
+    }
+    match request.remote_addr() {
+        Some(addr) if per_address => Voter::new(&format!("ip:{}", addr.ip())),
+        Some(addr) => Voter::new(&format!("conn:{addr}")),
+        None => Voter::unique(),
     }
 }
 
@@ -439,6 +486,8 @@ struct StreamTask {
     cache: Arc<Cache>,
     id: u64,
     peer: Option<std::net::SocketAddr>,
+    voter: Voter,
+    access: Option<Arc<crate::authz::Access>>,
     limits: Limits,
     admission: registry::Admission,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
@@ -461,6 +510,8 @@ async fn shutting_down(shutdown: &mut Option<tokio::sync::watch::Receiver<bool>>
 struct StreamGuard {
     cache: Arc<Cache>,
     id: u64,
+    /// Whose census vote this stream's subscriptions are.
+    voter: Voter,
     /// Set once the client is known: its zone, for the census.
     zone: Option<Option<Zone>>,
     /// The services whose endpoints it watches, sorted.
@@ -474,10 +525,10 @@ impl StreamGuard {
         // A client without a zone still counts as a subscriber (it is in no zone's census).
         let zone = zone.clone().unwrap_or_default();
         for gone in self.services.iter().filter(|s| !services.contains(*s)) {
-            self.cache.census().leave(gone, &zone);
+            self.cache.census().leave(gone, &zone, &self.voter);
         }
         for new in services.iter().filter(|s| self.services.binary_search(s).is_err()) {
-            self.cache.census().join(new, &zone);
+            self.cache.census().join(new, &zone, &self.voter);
         }
         self.services = services.into_iter().collect();
         self.services.shrink_to_fit();
@@ -527,6 +578,15 @@ impl<P: Protocol> Session<P> {
         let (ty, outcome, news, client) = {
             let mut state = self.lock();
             let (ty, outcome) = state.on_request(request)?;
+            let held = state.held_names();
+            if held > self.limits.max_names_per_stream {
+                // The stream ends with this error, and its state with it.
+                return Err(Status::resource_exhausted(format!(
+                    "the stream subscribes {held} resource names; one stream may hold at most {} \
+                     (--max-names-per-stream)",
+                    self.limits.max_names_per_stream
+                )));
+            }
             let changed = state.take_changed();
             let news = changed.then(|| (state.eds_names(), state.watch()));
             let client = if self.guard.zone.is_none() { state.client().cloned() } else { None };
@@ -540,7 +600,13 @@ impl<P: Protocol> Session<P> {
                 stream = self.id, peer = ?self.peer, protocol = P::NAME, node = %c.node_id,
                 zone = ?c.zone.as_ref().map(Zone::as_str), agent = %c.user_agent, kind = ?c.kind, "client connected"
             );
-            let zone = c.zone.as_ref().map(|z| z.as_str().to_string()).unwrap_or_default();
+            // A label only for zones that have endpoints: any other string a client
+            // claims would be a series of its own, kept forever.
+            let zone = match &c.zone {
+                None => String::new(),
+                Some(z) if self.guard.cache.snapshot().serves_zone(z) => z.as_str().to_string(),
+                Some(_) => "other".to_string(),
+            };
             let kind = format!("{:?}", c.kind).to_ascii_lowercase();
             metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
             self.labels = Some((zone, kind));
@@ -565,12 +631,16 @@ impl<P: Protocol> Drop for Session<P> {
 }
 
 async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, mut tx: mpsc::Sender<Push>) {
-    let StreamTask { cache, id, peer, limits, admission, mut shutdown } = stream;
+    let StreamTask { cache, id, peer, voter, access, limits, admission, mut shutdown } = stream;
     let wake = Arc::new(Notify::new());
-    let mut guard = StreamGuard { cache: cache.clone(), id, zone: None, services: Vec::new(), watch: None };
+    let mut guard = StreamGuard { cache: cache.clone(), id, voter, zone: None, services: Vec::new(), watch: None };
     // Woken by readiness until the first request says what to watch.
     guard.watch(&wake, Watch::default());
-    let state = Arc::new(std::sync::Mutex::new(P::default()));
+    let mut protocol = P::default();
+    if let Some(access) = access {
+        protocol.set_access(access);
+    }
+    let state = Arc::new(std::sync::Mutex::new(protocol));
     let status_of = state.clone();
     admission.attach(Arc::new(move || status_of.lock().map(|s| s.status()).unwrap_or_default()));
     let mut session = Session { id, peer, limits, admission, guard, wake, state, labels: None, dirty: true };
@@ -580,7 +650,11 @@ async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::R
         let end: Option<Box<Status>> = tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(request)) => session.on_message(&request).err().map(|status| {
-                    tracing::warn!(stream = id, error = %status.message(), "rejecting malformed request");
+                    static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
+                    metrics::counter!("cloudmap_xds_requests_rejected_total").increment(1);
+                    if let Some(left_out) = LOG.allow() {
+                        tracing::warn!(stream = id, peer = ?peer, error = %status.message(), left_out, "rejecting request; closing the stream");
+                    }
                     Box::new(status)
                 }),
                 Ok(None) => break 'stream,
@@ -593,7 +667,11 @@ async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::R
             () = shutting_down(&mut shutdown) => Some(Box::new(Status::unavailable("control plane shutting down; reconnect"))),
         };
         if let Some(status) = end {
-            let _ = tx.send(Err(status)).await;
+            // Under the same timeout as every push: a client that stopped reading
+            // must not keep its stream slot by sending something refused.
+            if tokio::time::timeout(limits.send_timeout, tx.send(Err(status))).await.is_err() {
+                metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(1);
+            }
             break 'stream;
         }
         if !cache.is_ready() {
@@ -631,6 +709,9 @@ async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::R
 }
 
 fn checked<P: Protocol>(limits: &Limits, request: &P::Request) -> Result<(), Status> {
+    if let Some(node) = P::request_node(request) {
+        checks::node(node)?;
+    }
     let names = P::request_names(request);
     if names > limits.max_resource_names {
         return Err(Status::invalid_argument(format!(
@@ -646,10 +727,19 @@ fn record(id: u64, ty: ResourceType, type_url: &str, outcome: &Outcome) {
         Outcome::Ack => counters().acks[ty as usize].increment(1),
         Outcome::Nack(message) => {
             counters().nacks[ty as usize].increment(1);
-            tracing::warn!(stream = id, %type_url, %message, "client rejected (NACK)");
+            // A client can NACK every response: the counter says how often, the log samples.
+            static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
+            if let Some(left_out) = LOG.allow() {
+                let message: String = message.chars().take(500).collect();
+                tracing::warn!(stream = id, %type_url, %message, left_out, "client rejected (NACK)");
+            }
         }
         Outcome::UnknownType => {
-            tracing::warn!(stream = id, %type_url, "ignoring request for a type this server does not serve");
+            static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
+            if let Some(left_out) = LOG.allow() {
+                let type_url: String = type_url.chars().take(200).collect();
+                tracing::warn!(stream = id, %type_url, left_out, "ignoring request for a type this server does not serve");
+            }
         }
         Outcome::Stale => tracing::debug!(stream = id, ty = ty.short(), "stale nonce ignored"),
         Outcome::Subscribe => tracing::debug!(stream = id, ty = ty.short(), "subscribe"),

@@ -66,6 +66,9 @@ pub struct Registry {
     /// Boxed: the table then grows by a pointer per slot, not a whole entry.
     streams: DashMap<u64, Box<Entry>>,
     max_streams: usize,
+    /// Streams open per connection (by peer address and port).
+    per_connection: DashMap<std::net::SocketAddr, usize>,
+    max_per_connection: usize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -79,7 +82,18 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     pub fn new(max_streams: usize) -> Self {
-        Registry { streams: DashMap::new(), max_streams }
+        Registry {
+            streams: DashMap::new(),
+            max_streams,
+            per_connection: DashMap::new(),
+            max_per_connection: usize::MAX,
+        }
+    }
+
+    /// At most `max` streams on one connection; more are refused with RESOURCE_EXHAUSTED.
+    pub fn with_max_per_connection(mut self, max: usize) -> Self {
+        self.max_per_connection = max;
+        self
     }
 
     /// Admit a new stream, or refuse it when the limit is reached.
@@ -96,6 +110,19 @@ impl Registry {
                 self.max_streams
             )));
         }
+        if let Some(peer) = peer {
+            let mut open = self.per_connection.entry(peer).or_insert(0);
+            if *open >= self.max_per_connection {
+                drop(open);
+                metrics::counter!("cloudmap_xds_streams_refused_total").increment(1);
+                return Err(Status::resource_exhausted(format!(
+                    "this connection already has {} streams open; one connection may open at most {} \
+                     (--max-streams-per-connection)",
+                    self.max_per_connection, self.max_per_connection
+                )));
+            }
+            *open += 1;
+        }
         let summary = StreamStatus {
             id,
             protocol,
@@ -106,7 +133,7 @@ impl Registry {
             types: Vec::new(),
         };
         self.streams.insert(id, Box::new(Entry { summary, status: None }));
-        Ok(Admission { registry: self.clone(), id })
+        Ok(Admission { registry: self.clone(), id, peer })
     }
 
     /// Every stream's status, built now.
@@ -139,6 +166,7 @@ impl Registry {
 pub struct Admission {
     registry: Arc<Registry>,
     id: u64,
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Admission {
@@ -167,6 +195,12 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.registry.streams.remove(&self.id);
+        if let Some(peer) = self.peer {
+            self.registry.per_connection.remove_if_mut(&peer, |_, open| {
+                *open = open.saturating_sub(1);
+                *open == 0
+            });
+        }
     }
 }
 
@@ -187,5 +221,20 @@ mod tests {
         drop(a);
         assert_eq!(registry.len(), 1);
         assert!(registry.admit(4, "delta", None).is_ok());
+    }
+
+    #[test]
+    fn streams_per_connection_are_limited_and_freed() {
+        let registry = Arc::new(Registry::new(10).with_max_per_connection(2));
+        let (one, other): (std::net::SocketAddr, std::net::SocketAddr) =
+            ("10.0.0.1:1000".parse().expect("addr"), "10.0.0.1:1001".parse().expect("addr"));
+        let a = registry.admit(1, "sotw", Some(one)).expect("first");
+        let _b = registry.admit(2, "sotw", Some(one)).expect("second");
+        let refused = registry.admit(3, "sotw", Some(one)).expect_err("third on one connection");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("--max-streams-per-connection"), "{}", refused.message());
+        assert!(registry.admit(4, "sotw", Some(other)).is_ok(), "another connection is not limited by it");
+        drop(a);
+        assert!(registry.admit(5, "sotw", Some(one)).is_ok(), "a slot is freed when a stream ends");
     }
 }

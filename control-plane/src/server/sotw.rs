@@ -166,6 +166,8 @@ impl TypeState {
 #[derive(Debug, Default)]
 pub struct SotwState {
     pub client: Option<ClientInfo>,
+    /// What the client may read (`[authz]`); `None`: everything.
+    pub access: Option<std::sync::Arc<crate::authz::Access>>,
     pub types: PerType<TypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
@@ -186,6 +188,10 @@ impl Protocol for SotwState {
 
     fn request_names(request: &DiscoveryRequest) -> usize {
         request.resource_names.len()
+    }
+
+    fn held_names(&self) -> usize {
+        self.types.values().map(|t| t.subscription.names.len()).sum()
     }
 
     fn request_node(request: &DiscoveryRequest) -> Option<&Node> {
@@ -278,13 +284,17 @@ impl Protocol for SotwState {
         Ok((ty, outcome))
     }
 
+    fn set_access(&mut self, access: std::sync::Arc<crate::authz::Access>) {
+        self.access = Some(access);
+    }
+
     fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
 
     /// Empty until the first request has told us who the client is.
     fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
-        let Some(client) = self.client.as_ref().map(ClientInfo::client) else {
+        let Some(client) = self.client.as_ref().map(|c| c.client().with_access(self.access.clone())) else {
             return Vec::new();
         };
         let mut out = Vec::new();
