@@ -3,7 +3,10 @@
 //! instance attributes. Each target runs `FUZZ_CASES` inputs (default 25,000;
 //! five targets, so CI covers 125k in total); 0 panics allowed, plus protocol invariants,
 //! and SotW EDS subscriptions are checked against a model of the protocol (a server that
-//! never answers, or answers a name twice or not at all, fails it).
+//! never answers, or answers a name twice or not at all, fails it). Endpoint building is
+//! fuzzed too: ClusterLoadAssignments over random weights, health, zones, censuses, policies
+//! and client kinds must pass a gRPC client's checks (demo-client's `table_from_cla`, the
+//! rules in shared/notes/xds-rules.md) and reach every healthy endpoint.
 //!
 //! Long run: `FUZZ_CASES=5000000 cargo test --release -p cloudmap-xds --test fuzz`.
 
@@ -303,4 +306,109 @@ fn cloudmap_attributes_never_panic_and_yield_valid_endpoints() {
             Ok(())
         })
         .expect("attribute translation");
+}
+
+fn cla_endpoint(index: usize) -> impl Strategy<Value = Endpoint> {
+    let zone = prop::sample::select(vec!["us-east-1a", "us-east-1b", "us-east-1c", ""]);
+    let health = prop::sample::select(vec![Health::Healthy, Health::Unhealthy, Health::Unknown]);
+    // Small weights, and huge ones that stress gRPC's per-priority sum limit (u32::MAX).
+    let weight = prop_oneof![4 => 1u32..10, 1 => any::<u32>().prop_map(|w| w.max(1))];
+    (zone, health, weight).prop_map(move |(zone, health, weight)| Endpoint {
+        instance_id: format!("i-{index}"),
+        ip: std::net::IpAddr::from([10, 1, (index / 250) as u8, (index % 250) as u8 + 1]),
+        port: 50051,
+        zone: Zone::new(zone),
+        region: "us-east-1".into(),
+        health,
+        weight,
+        attributes: BTreeMap::new(),
+        metadata: Default::default(),
+    })
+}
+
+fn cla_policy() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::ZoneAware),
+        Just(Policy::LocalFirst),
+        Just(Policy::None),
+        (0.0f64..=1.0).prop_map(|local_share| Policy::FixedShare { local_share }),
+    ]
+}
+
+#[test]
+fn endpoint_assignments_pass_grpc_checks_and_reach_every_healthy_endpoint() {
+    use cloudmap_xds::cache::Client;
+    use cloudmap_xds::census::Voter;
+    use cloudmap_xds::model::ClientKind;
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+
+    let endpoints = (1usize..12).prop_flat_map(|n| (0..n).map(cla_endpoint).collect::<Vec<_>>());
+    let census = prop::collection::vec(0u32..4, 4);
+    let client_zone =
+        prop::option::of(prop::sample::select(vec!["us-east-1a", "us-east-1b", "us-east-1c", "us-west-2a"]));
+    let kind = prop::sample::select(vec![ClientKind::Grpc, ClientKind::Envoy, ClientKind::Flat]);
+    let cases = Config { cases: (cases() / 10).max(200), failure_persistence: None, ..Config::default() };
+    TestRunner::new(cases)
+        .run(
+            &(endpoints, census, client_zone, kind, cla_policy(), any::<u16>()),
+            |(endpoints, census, zone, kind, policy, node)| {
+                let cache = Cache::default();
+                for (zone, n) in ["us-east-1a", "us-east-1b", "us-east-1c", "us-west-2a"].iter().zip(&census) {
+                    for _ in 0..*n {
+                        cache.census().join("echo.demo", &Zone::new(*zone), &Voter::unique());
+                    }
+                }
+                cache.update_service(
+                    &ServiceName::new("demo", "echo"),
+                    ServiceEndpoints::new(endpoints.clone(), false),
+                    policy,
+                );
+                let client = Client::new(zone.map(Zone::new), kind, &format!("node-{node}"));
+                let encoded = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client);
+                let encoded = encoded.ok_or_else(|| TestCaseError::fail("no EDS for a served service"))?;
+                let cla = ClusterLoadAssignment::decode(encoded.resource().value.as_slice())
+                    .map_err(|e| TestCaseError::fail(format!("EDS does not decode: {e}")))?;
+                // What a gRPC client checks before it accepts the response (a NACK otherwise).
+                let table = demo_client::xds::table_from_cla(&cla)
+                    .map_err(|e| TestCaseError::fail(format!("a gRPC client NACKs: {e}")))?;
+                let mut per_priority: BTreeMap<u32, u64> = BTreeMap::new();
+                for group in &cla.endpoints {
+                    let weight = group.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+                    prop_assert!(weight >= 1, "locality {:?} has weight 0 (gRPC drops it)", group.locality);
+                    *per_priority.entry(group.priority).or_default() += u64::from(weight);
+                    for lb in &group.lb_endpoints {
+                        let health = HealthStatus::try_from(lb.health_status).unwrap_or(HealthStatus::Unknown);
+                        if kind != ClientKind::Envoy {
+                            prop_assert!(
+                                health != HealthStatus::Unhealthy,
+                                "an UNHEALTHY endpoint sent to a gRPC client"
+                            );
+                        }
+                        prop_assert!(matches!(lb.host_identifier, Some(HostIdentifier::Endpoint(_))));
+                    }
+                }
+                for (priority, sum) in &per_priority {
+                    prop_assert!(*sum <= u64::from(u32::MAX), "priority {priority}: weights sum to {sum} > u32::MAX");
+                }
+                // No blackhole: while any endpoint is healthy, the client reaches every healthy one
+                // (flat clients get a subset: at least one).
+                let healthy: std::collections::BTreeSet<std::net::SocketAddr> = endpoints
+                    .iter()
+                    .filter(|e| e.health != Health::Unhealthy)
+                    .map(|e| std::net::SocketAddr::new(e.ip, e.port))
+                    .collect();
+                let reached: std::collections::BTreeSet<std::net::SocketAddr> =
+                    table.priorities.iter().flatten().flat_map(|l| l.endpoints.iter().copied()).collect();
+                if kind == ClientKind::Flat {
+                    prop_assert!(healthy.is_empty() || !reached.is_empty(), "a flat client reaches no endpoint");
+                    prop_assert!(reached.is_subset(&healthy));
+                } else {
+                    prop_assert_eq!(&reached, &healthy, "the client does not reach exactly the healthy endpoints");
+                }
+                Ok(())
+            },
+        )
+        .expect("endpoint assignments");
 }
