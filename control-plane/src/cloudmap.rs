@@ -755,7 +755,8 @@ impl<C: CloudMap> Watcher<C> {
             // Clients of a service with subsets may subscribe only to its subset clusters.
             let subscribed = self.cache.census().has_subscribers(&dial)
                 || live.routing.subsets.keys().any(|s| self.cache.census().has_subscribers(&format!("{dial}/{s}")));
-            let priority = if subscribed { Priority::Subscribed } else { Priority::Background };
+            // A first read goes ahead of other services' steady polling: readiness waits for it.
+            let priority = if subscribed || first_read { Priority::Subscribed } else { Priority::Background };
             let revision_interval = self.budget.stretch(self.timing.revision_interval);
             let refresh_interval =
                 stretched_refresh(self.timing.refresh_interval, self.timing.revision_interval, revision_interval);
@@ -1378,9 +1379,18 @@ mod tests {
         let rate = 200.0;
         let w = watcher(&fake, &cache, Budget::new(rate));
         let _task = AbortOnDrop(tokio::spawn(w.run(vec!["demo".into()])));
-        // Start-up reads everything once, at the budget's pace: 1,000 reads ≈ 5 s.
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(cache.is_ready());
+        // Start-up reads everything once, at the budget's pace: per service a DiscoverInstances
+        // and a GetServiceAttributes (the routing is read before the first write, so clients
+        // never see a service without its routes) — 2,000 calls, less the 200-call burst, at
+        // 200/s ≈ 9 s of (paused, virtual) time; first reads go ahead of the services already
+        // read, whose polling would otherwise take budget from them (up to 13.6 s seen).
+        let start = tokio::time::Instant::now();
+        while !cache.is_ready() && start.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = start.elapsed();
+        assert!(cache.is_ready(), "not ready after {took:?}");
+        assert!(took <= Duration::from_secs(10), "first sync of 1,000 services took {took:?}, expected ≈ 9 s");
         assert_eq!(cache.snapshot().services.len(), 1_000);
         let before = fake.calls();
         tokio::time::sleep(Duration::from_secs(60)).await;
