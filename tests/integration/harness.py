@@ -825,3 +825,24 @@ class SlowPeer:
         m = SLOW_PEER_READY.search(line)
         if m and self.addr is None:
             self.addr = (m["host"], int(m["port"]))
+
+
+def window_calls(clients: list["XdsClient"], t0: float, t1: float) -> dict[str, list[dict]]:
+    """Every client's calls started in [t0, t1), once each has logged a call started at t1 or later."""
+    sleep_until(t1)  # let the measuring window pass
+    for c in clients:
+        c.wait_for(lambda x: any(r["t"] >= t1 for r in x.calls(since=t1)), 10, f"a call after {t1:.3f}")
+    return {c.node_id: c.calls(since=t0, until=t1) for c in clients}
+
+
+def share(calls: list[dict], zones: set[str]) -> float:
+    ok = [c for c in calls if c.get("ok")]
+    return sum(1 for c in ok if c.get("zone") in zones) / len(ok) if ok else 0.0
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")

@@ -36,7 +36,7 @@ from ads_raw import (
     request,
 )
 from fault_proxy import FaultProxy
-from harness import ZONES, ControlPlane, config_args, sleep_until, wait_until
+from harness import ZONES, ControlPlane, config_args, sleep_until, vm_rss_kib, wait_until
 
 A, B, C = ZONES
 SERVICE = "echo.demo"
@@ -88,14 +88,6 @@ def eds_versions(cp) -> dict[str, str | None]:
 
 def metric_sum(cp, name: str, **labels) -> float:
     return sum(v for n, l, v in cp.metrics() if n == name and all(l.get(k) == x for k, x in labels.items()))
-
-
-def vm_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 def standard_settled(deploy):

@@ -14,7 +14,7 @@ import collections
 import random
 import time
 
-from harness import ZONES, ControlPlane, XdsClient, free_port, sleep_until, wait_until
+from harness import ZONES, ControlPlane, XdsClient, free_port, share, wait_until, window_calls
 from tcp_proxy import TcpProxy
 
 A, B, C = ZONES
@@ -77,18 +77,6 @@ def converge(replicas_and_local: list[tuple[ControlPlane, dict[str, int]]], summ
     synced = time.time()
     starts = [c.wait_calls(STREAK, since=synced)[-1]["t"] for c in clients]
     return max(starts) + 1e-6
-
-
-def window_calls(clients, t0: float, t1: float) -> dict[str, list[dict]]:
-    sleep_until(t1)
-    for c in clients:
-        c.wait_for(lambda x: any(r["t"] >= t1 for r in x.calls(since=t1)), 10, f"a call after {t1:.3f}")
-    return {c.node_id: c.calls(since=t0, until=t1) for c in clients}
-
-
-def share(calls: list[dict], zones: set[str]) -> float:
-    ok = [c for c in calls if c.get("ok")]
-    return sum(1 for c in ok if c.get("zone") in zones) / len(ok) if ok else 0.0
 
 
 def kill_and_time_fallback(deploy, survivor: ControlPlane, dead: ControlPlane, own: dict[str, int]) -> float:

@@ -41,6 +41,7 @@ from harness import (
     XdsClient,
     binary,
     config_args,
+    vm_rss_kib,
     wait_until,
 )
 from tcp_proxy import TcpProxy
@@ -57,12 +58,20 @@ def report(test: str, **numbers) -> None:
     print(f"SECURITY {test}: " + " ".join(f"{k}={v}" for k, v in numbers.items()), flush=True)
 
 
-def vm_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+def zone_problems(
+    clients: dict[str, XdsClient], since: float, until: float | None = None, local: dict | None = None
+) -> tuple[dict[str, float], list[str]]:
+    """Each client's own-zone share of its calls in [since, until), and what is wrong with them:
+    any failed call, fewer than 20 ok, or an own-zone share outside `local[zone]` (default >= 95 %)."""
+    local = local or {}
+    shares, problems = {}, []
+    for zone, c in clients.items():
+        s = c.summary(c.calls(since=since, until=until))
+        lo, hi = local.get(zone, (0.95, 1.0))
+        shares[zone[-1]] = round(s.own_zone_share, 3)
+        if s.failed or s.ok < 20 or not lo <= s.own_zone_share <= hi:
+            problems.append(f"{c.node_id}: want 0 failed, >= 20 ok, own-zone share in [{lo}, {hi}]: {s}")
+    return shares, problems
 
 
 class Bed:
@@ -89,13 +98,7 @@ class Bed:
         until = max(until, since + 2.0)
         if time.time() < until:
             time.sleep(until - time.time())
-        shares, problems = {}, []
-        for zone, c in self.clients.items():
-            s = c.summary(c.calls(since=since, until=until))
-            lo, hi = local.get(zone, (0.95, 1.0))
-            shares[zone[-1]] = round(s.own_zone_share, 3)
-            if s.failed or s.ok < 20 or not lo <= s.own_zone_share <= hi:
-                problems.append(f"{c.node_id}: want 0 failed, >= 20 ok, own-zone share in [{lo}, {hi}]: {s}")
+        shares, problems = zone_problems(self.clients, since, until, local)
         assert not problems, "honest clients during the attack:\n" + "\n".join(problems)
         return shares
 
@@ -512,11 +515,7 @@ def test_mtls_clients_with_its_bootstrap_and_authz_refusing_a_forbidden_identity
         time.sleep(1.0)  # the clients apply the shares of the settled census
         t0 = time.time()
         time.sleep(2.0)
-        problems = []
-        for z, c in clients.items():
-            s = c.summary(c.calls(since=t0))
-            if s.failed or s.ok < 20 or s.own_zone_share < 0.95:
-                problems.append(f"{c.node_id}: {s}")
+        problems = zone_problems(clients, t0)[1]
         assert not problems, "mTLS clients:\n" + "\n".join(problems)
         # Without a client certificate the control plane refuses the connection.
         with open(pki["ca.pem"], "rb") as f:
@@ -554,11 +553,7 @@ def test_mtls_clients_with_its_bootstrap_and_authz_refusing_a_forbidden_identity
         lines = [l for l in cp.log_text().splitlines() if "not authorized" in l and "spiffe://test/intruder" in l]
         names = sorted(l.split("name=")[1].split()[0] for l in lines)
         assert names == [SERVICE], f"one log line per denied identity and name, got: {lines}"
-        problems = []
-        for z, c in clients.items():
-            s = c.summary(c.calls(since=t_attack))
-            if s.failed or s.ok < 20 or s.own_zone_share < 0.95:
-                problems.append(f"{c.node_id}: {s}")
+        problems = zone_problems(clients, t_attack)[1]
         assert not problems, "mTLS clients during the forbidden identity's attempt:\n" + "\n".join(problems)
         # CSDS on the xDS port (--csds-on-xds-port) answers only identities with csds = true.
         for who in ("intruder", "client-a"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import time
 
-from harness import ZONES, XdsClient, config_args, sleep_until, wait_until
+from harness import ZONES, XdsClient, config_args, share, wait_until, window_calls
 
 A, B, C = ZONES
 SERVICE = "echo.demo"
@@ -62,19 +62,6 @@ def converge(deploy, clients: dict[str, list[XdsClient]], census: dict[str, int]
     synced = time.time()
     starts = [c.wait_calls(STREAK, since=synced)[-1]["t"] for cs in clients.values() for c in cs]
     return max(starts) + 1e-6
-
-
-def window_calls(clients: list[XdsClient], t0: float, t1: float) -> dict[str, list[dict]]:
-    """Every client's calls started in [t0, t1), once each has logged a call started at t1 or later."""
-    sleep_until(t1)  # let the measuring window pass
-    for c in clients:
-        c.wait_for(lambda x: any(r["t"] >= t1 for r in x.calls(since=t1)), 10, f"a call after {t1:.3f}")
-    return {c.node_id: c.calls(since=t0, until=t1) for c in clients}
-
-
-def share(calls: list[dict], zones: set[str]) -> float:
-    ok = [c for c in calls if c.get("ok")]
-    return sum(1 for c in ok if c.get("zone") in zones) / len(ok) if ok else 0.0
 
 
 def all_clients(clients: dict[str, list[XdsClient]]) -> list[XdsClient]:
