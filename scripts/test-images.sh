@@ -112,7 +112,11 @@ if [[ -z $ready ]]; then
     podman logs "$cp_name" 2>&1 | tail -30 >&2
     exit 1
 fi
-curl -fsS "http://127.0.0.1:$ADMIN_PORT/config_dump" | grep -q '"echo.demo"' \
+# Outputs are captured before they are matched: `producer | grep -q` under pipefail fails when
+# grep exits before the producer's last write (SIGPIPE / curl's exit 23).
+config_dump="$(curl -fsS "http://127.0.0.1:$ADMIN_PORT/config_dump")" \
+    || { echo "test-images: the image's /config_dump did not answer" >&2; exit 1; }
+[[ $config_dump == *'"echo.demo"'* ]] \
     || { echo "test-images: the image's /config_dump does not serve echo.demo" >&2; exit 1; }
 # The image's HEALTHCHECK curls /healthz on the default admin port 9901; this run uses another
 # port, so the same command is run against it (curl is in the image, the user may run it).
@@ -137,6 +141,8 @@ echo "    demo-server listening on 127.0.0.1:$SERVER_PORT (its bash /dev/tcp hea
 
 echo "==> localhost/demo-client:ci: the binaries run"
 quiet_systemd podman run --rm --network host --entrypoint /usr/local/bin/demo-client localhost/demo-client:ci --help >/dev/null
-quiet_systemd podman run --rm --network host --entrypoint /usr/local/bin/cloudmap-xds localhost/demo-client:ci \
-    bootstrap --server-uri 127.0.0.1:18000 --zone us-east-1a --output - | grep -q '"zone": "us-east-1a"'
+bootstrap_json="$(quiet_systemd podman run --rm --network host --entrypoint /usr/local/bin/cloudmap-xds \
+    localhost/demo-client:ci bootstrap --server-uri 127.0.0.1:18000 --zone us-east-1a --output -)"
+[[ $bootstrap_json == *'"zone": "us-east-1a"'* ]] \
+    || { echo "test-images: 'cloudmap-xds bootstrap' in the image printed no us-east-1a zone:" >&2; echo "$bootstrap_json" >&2; exit 1; }
 echo "==> images OK"
