@@ -4,14 +4,42 @@
 //! wildcard subscription; a change to one service then wakes only its
 //! watchers, not every stream of the control plane.
 //!
-//! A wake-up is a [`Notify`] permit: a stream that is busy when woken finds
-//! the permit on its next wait, so no change is missed, and several changes
-//! while it is busy cost one wake-up.
+//! A wake-up is a [`Signal`]: a flag and the waker of whoever polls the
+//! stream (its response body, polled by hyper). A stream that is busy when
+//! woken finds the flag on its next poll, so no change is missed, and several
+//! changes while it is busy cost one wake-up.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures::task::AtomicWaker;
+
+/// One stream's wake-up: set by [`Wakeups::wake`], taken by the stream's poll.
+#[derive(Debug, Default)]
+pub struct Signal {
+    raised: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    pub fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready (and lowered) when raised since the last take; otherwise the
+    /// task polling `cx` is woken by the next raise.
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.raised.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A raise between the swap and the register would otherwise be missed.
+        if self.raised.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+    }
+}
 
 /// What a snapshot changed against the one before it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,7 +93,7 @@ impl Watch {
 
 #[derive(Debug, Default)]
 struct Inner {
-    streams: HashMap<u64, (Arc<Notify>, Watch)>,
+    streams: HashMap<u64, (Arc<Signal>, Watch)>,
     by_key: HashMap<String, HashSet<u64>>,
     all: HashSet<u64>,
 }
@@ -82,8 +110,8 @@ impl Wakeups {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Register stream `id` (or replace its watch); `notify` is what wakes it.
-    pub fn watch(&self, id: u64, notify: &Arc<Notify>, watch: Watch) {
+    /// Register stream `id` (or replace its watch); `signal` is what wakes it.
+    pub fn watch(&self, id: u64, signal: &Arc<Signal>, watch: Watch) {
         let mut inner = self.lock();
         let old = inner.streams.remove(&id).map(|(_, w)| w).unwrap_or_default();
         for key in old.keys.iter().filter(|k| !watch.has(k)) {
@@ -102,7 +130,7 @@ impl Wakeups {
         } else {
             inner.all.remove(&id);
         }
-        inner.streams.insert(id, (notify.clone(), watch));
+        inner.streams.insert(id, (signal.clone(), watch));
     }
 
     /// Stream `id` ended.
@@ -125,7 +153,7 @@ impl Wakeups {
         let inner = self.lock();
         match changed {
             Changed::All => {
-                inner.streams.values().for_each(|(n, _)| n.notify_one());
+                inner.streams.values().for_each(|(s, _)| s.raise());
                 inner.streams.len()
             }
             Changed::Keys(keys) => {
@@ -136,8 +164,8 @@ impl Wakeups {
                     }
                 }
                 for id in &woken {
-                    if let Some((n, _)) = inner.streams.get(id) {
-                        n.notify_one();
+                    if let Some((s, _)) = inner.streams.get(id) {
+                        s.raise();
                     }
                 }
                 woken.len()
@@ -163,21 +191,16 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
-    /// Whether `n` holds a permit (a wake-up), consuming it.
-    fn woken(n: &Notify) -> bool {
-        let fut = n.notified();
-        let mut fut = std::pin::pin!(fut);
+    /// Whether `s` was raised (a wake-up), lowering it.
+    fn woken(s: &Signal) -> bool {
         let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        fut.as_mut().poll(&mut cx).is_ready()
+        s.poll_take(&mut Context::from_waker(&waker)).is_ready()
     }
-
-    use std::future::Future;
 
     #[test]
     fn a_change_wakes_only_the_streams_that_watch_it() {
         let w = Wakeups::default();
-        let (a, b, envoy) = (Arc::new(Notify::new()), Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (a, b, envoy) = (Arc::new(Signal::default()), Arc::new(Signal::default()), Arc::new(Signal::default()));
         w.watch(1, &a, Watch::new(false, keys(&["echo.demo"])));
         w.watch(2, &b, Watch::new(false, keys(&["other.demo"])));
         w.watch(3, &envoy, Watch::new(true, Vec::new()));
@@ -199,9 +222,27 @@ mod tests {
     }
 
     #[test]
+    fn a_raise_wakes_the_task_that_polled() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(count.clone());
+        let signal = Signal::default();
+        assert!(signal.poll_take(&mut Context::from_waker(&waker)).is_pending());
+        signal.raise();
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "the poller is woken");
+        assert!(signal.poll_take(&mut Context::from_waker(&waker)).is_ready());
+        assert!(signal.poll_take(&mut Context::from_waker(&waker)).is_pending(), "taken once");
+    }
+
+    #[test]
     fn a_busy_stream_keeps_its_wake_up() {
         let w = Wakeups::default();
-        let n = Arc::new(Notify::new());
+        let n = Arc::new(Signal::default());
         w.watch(1, &n, Watch::new(false, keys(&["echo.demo"])));
         // Two changes while the stream is not waiting: one permit, not lost.
         w.wake(&Changed::Keys(keys(&["echo.demo"])));

@@ -31,7 +31,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 import conftest
-from ads_raw import CDS, EDS, LDS, AdsStream, StalledH2Connection, fetch_client_status, node, request
+from ads_raw import CDS, EDS, LDS, RDS, AdsStream, StalledH2Connection, fetch_client_status, node, request
 from harness import (
     ZONES,
     CloudMap,
@@ -328,15 +328,50 @@ def test_name_port_variants_do_not_grow_or_flush_the_shared_encode_cache(bed):
 # ---------------------------------------------------------------------------------------------
 
 
+def _timed_out(bed) -> float:
+    return sum(bed.cp.metric_values("cloudmap_xds_streams_timed_out_total").values())
+
+
+@pytest.mark.timeout(90)
+def test_a_client_that_stops_reading_loses_its_stream_after_the_send_timeout(bed):
+    bed.honest_alone()
+    t0 = time.time()
+    # 500 NAME:PORT variants of every type: ~0.5 MB of responses, more than the HTTP/2 window
+    # and hyper's per-stream send buffer (400 KiB) hold, so a push waits for a client that
+    # never reads, and the stream is released --stream-send-timeout later.
+    names = [f"{SERVICE}:{20_000 + i}" for i in range(MAX_RESOURCE_NAMES)]
+    timed_out_before = _timed_out(bed)
+    conn = StalledH2Connection(
+        bed.cp.xds_port,
+        [[request(LDS, names, with_node=node("stalled-reader", A))] + [request(t, names) for t in (RDS, CDS, EDS)]],
+    )
+    try:
+        listed = lambda: any(cl["node_id"] == "stalled-reader" for cl in bed.cp.config_dump()["clients"])
+        wait_until(listed, 10, "the stalled stream is listed")
+        t_listed = time.time()
+        wait_until(lambda: not listed(), SEND_TIMEOUT + 10, "the stalled stream's slot is freed")
+        freed_after = time.time() - t_listed
+    finally:
+        conn.close()
+    # Listed at most ~0.1 s after its push was handed over, freed once it waited SEND_TIMEOUT.
+    assert freed_after >= SEND_TIMEOUT - 1.0, f"freed {freed_after:.1f}s after it was listed: before the send timeout"
+    assert _timed_out(bed) - timed_out_before == 1, "cloudmap_xds_streams_timed_out_total counts the stream once"
+    bed.honest_alone()
+    shares = bed.assert_honest(t0, time.time())
+    report("stalled_reader", freed_after_s=f"{freed_after:.1f}", send_timeout_s=SEND_TIMEOUT, own_zone=shares)
+
+
 @pytest.mark.timeout(90)
 def test_a_non_reading_client_sending_an_over_limit_request_loses_its_stream(bed):
     bed.honest_alone()
     t0 = time.time()
-    # Two LDS responses of ~100 KB each (500 listener variants) fill the HTTP/2 window and the
-    # one-frame channel; the third request names too many resources, so its refusal has nowhere to go.
+    # As above, and the third request names too many resources: its refusal cannot go out
+    # behind the stalled pushes, but the request is read and refused, and the slot freed.
     first = [f"{SERVICE}:{20_000 + i}" for i in range(MAX_RESOURCE_NAMES)]
     second = [f"{SERVICE}:{30_000 + i}" for i in range(MAX_RESOURCE_NAMES)]
     over = [f"x{i}" for i in range(MAX_RESOURCE_NAMES + 1)]
+    rejected = lambda: sum(bed.cp.metric_values("cloudmap_xds_requests_rejected_total").values())
+    rejected_before = rejected()
     conn = StalledH2Connection(
         bed.cp.xds_port,
         [[
@@ -347,16 +382,16 @@ def test_a_non_reading_client_sending_an_over_limit_request_loses_its_stream(bed
     )  # fmt: skip
     try:
         listed = lambda: any(cl["node_id"] == "stalled-over-limit" for cl in bed.cp.config_dump()["clients"])
-        wait_until(listed, 10, "the stalled stream is listed")
-        t_listed = time.time()
-        # Refused, and the refusal's send times out like any push: the slot is freed.
+        wait_until(lambda: rejected() > rejected_before, 10, "the over-limit request is refused")
+        t_refused = time.time()
         wait_until(lambda: not listed(), SEND_TIMEOUT + 10, "the stalled stream's slot is freed")
-        freed_after = time.time() - t_listed
+        freed_after = time.time() - t_refused
     finally:
         conn.close()
+    assert "stalled-over-limit" in bed.cp.log_text(), "the stream never identified itself"
     bed.honest_alone()
     shares = bed.assert_honest(t0, time.time())
-    report("stalled_over_limit", freed_after_s=f"{freed_after:.1f}", own_zone=shares)
+    report("stalled_over_limit", freed_after_refusal_s=f"{freed_after:.1f}", own_zone=shares)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-//! The ADS server: one task per stream running a protocol state machine —
-//! State-of-the-World ([`sotw::SotwState`]) or Delta ([`delta::DeltaState`])
-//! — against the shared [`Cache`]. The state machines are pure (requests in,
-//! [`Reply`]s out) and share the cache and the resource builders; only the
-//! bookkeeping of what the client has differs.
+//! The ADS server: each stream is its HTTP response body ([`StreamBody`]),
+//! running a protocol state machine — State-of-the-World
+//! ([`sotw::SotwState`]) or Delta ([`delta::DeltaState`]) — against the
+//! shared [`Cache`]. The state machines are pure (requests in, [`Reply`]s
+//! out) and share the cache and the resource builders; only the bookkeeping
+//! of what the client has differs.
 //!
-//! The push path: a stream sleeps until a request arrives or the cache wakes
-//! it because a service it watches changed ([`crate::wakeup`]); it then
-//! looks again only at the resources of the services that changed, and a
-//! reply goes on the wire as a [`wire::Frame`] — the cache's encoded bytes
-//! shared, with this stream's version and nonce beside them. The service is
-//! written against HTTP ([`AdsServer`] implements the tower `Service` tonic
-//! mounts), so no per-stream encoder or encode buffer exists.
+//! The push path: hyper polls a stream's body in its own task for the
+//! stream; the body reads the requests that arrived and sleeps until one
+//! does or the cache raises the stream's [`Signal`] because a service it
+//! watches changed ([`crate::wakeup`]). It then looks again only at the
+//! resources of the services that changed, and a reply goes on the wire as
+//! a [`wire::Frame`] — the cache's encoded bytes shared, with this stream's
+//! version and nonce beside them. No task, channel, encoder or encode buffer
+//! per stream. The service is written against HTTP ([`AdsServer`]
+//! implements the tower `Service` tonic mounts). A client that stops reading
+//! stops being polled; the server's reaper ([`registry::Registry::reap`])
+//! gives up its census votes, watch and slot after `--stream-send-timeout`.
 //!
 //! Rules kept by both (see `shared/notes/xds-rules.md`): the Node is read
 //! from the first request and remembered; a NACK (a request with
@@ -31,13 +36,11 @@ pub mod wire;
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use futures::channel::mpsc;
-use futures::{SinkExt, StreamExt};
-use tokio::sync::Notify;
+use futures::Stream;
 use tonic::codec::{BufferSettings, Streaming};
 use tonic::codegen::http;
 use tonic::{Request, Status};
@@ -46,7 +49,7 @@ use crate::cache::{Cache, Client, Snapshot};
 use crate::census::Voter;
 use crate::model::{ClientKind, Zone};
 use crate::resources::ResourceType;
-use crate::wakeup::{Changed, Watch};
+use crate::wakeup::{Changed, Signal, Watch};
 pub use wire::{Frame, Reply};
 
 /// Make before break: a client is sent what a resource refers to before the
@@ -306,12 +309,25 @@ pub struct AdsServer {
     limits: Limits,
     next_stream: Arc<AtomicU64>,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Set when `shutdown` turned true: every stream ends at its next poll.
+    stopping: Arc<AtomicBool>,
+    /// The reaper and the shutdown watcher start with the first stream.
+    background: Arc<std::sync::Once>,
     authz: Option<Arc<crate::authz::Authz>>,
 }
 
 impl AdsServer {
     pub fn new(cache: Arc<Cache>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
-        AdsServer { cache, registry, limits, next_stream: Arc::new(AtomicU64::new(1)), shutdown: None, authz: None }
+        AdsServer {
+            cache,
+            registry,
+            limits,
+            next_stream: Arc::new(AtomicU64::new(1)),
+            shutdown: None,
+            stopping: Arc::new(AtomicBool::new(false)),
+            background: Arc::new(std::sync::Once::new()),
+            authz: None,
+        }
     }
 
     /// Serve each client only what `[authz]` lets its certificate identities
@@ -368,27 +384,81 @@ impl AdsServer {
         voter: Voter,
         access: Option<Arc<crate::authz::Access>>,
         inbound: Streaming<P::Request>,
-    ) -> Result<PushBody, Status> {
+    ) -> Result<StreamBody<P>, Status> {
+        self.start_background();
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let admission = self.registry.admit(id, P::NAME, peer)?;
-        // Small on purpose: a client that stops reading blocks only its own
-        // task, and when it reads again it gets the latest versions, not a
-        // backlog (responses are computed from the newest snapshot when sent).
-        // futures' channel, not tokio's: it allocates per message, not a
-        // 32-slot block per stream.
-        let (tx, rx) = mpsc::channel(0);
-        let stream = StreamTask {
-            cache: self.cache.clone(),
+        let signal = Arc::new(Signal::default());
+        let mut guard =
+            StreamGuard { cache: self.cache.clone(), id, voter, zone: None, services: Vec::new(), watch: None };
+        // Woken by readiness until the first request says what to watch.
+        guard.watch(&signal, Watch::default());
+        let mut protocol = P::default();
+        if let Some(access) = access {
+            protocol.set_access(access);
+        }
+        let shared = Arc::new(Shared {
+            state: std::sync::Mutex::new(protocol),
+            handed: AtomicU64::new(0),
+            released: AtomicBool::new(false),
+            signal,
+            held: std::sync::Mutex::new(None),
+        });
+        admission.attach(shared.clone());
+        *shared.lock_held() = Some(Held { id, guard, admission, labels: None });
+        Ok(StreamBody {
             id,
             peer,
-            voter,
-            access,
             limits: self.limits,
-            admission,
-            shutdown: self.shutdown.clone(),
-        };
-        tokio::spawn(run_stream::<P>(stream, inbound, tx));
-        Ok(PushBody { rx, chunks: Vec::new().into_iter(), done: false })
+            cache: self.cache.clone(),
+            stopping: self.stopping.clone(),
+            inbound,
+            shared,
+            identified: false,
+            dirty: true,
+            answered: None,
+            replies: Vec::new().into_iter(),
+            chunks: Vec::new().into_iter(),
+            done: false,
+        })
+    }
+
+    /// Once per server, from its first stream (inside the runtime): the
+    /// reaper of streams whose client stopped reading, and the watcher of
+    /// the shutdown signal, which wakes every stream to end it.
+    fn start_background(&self) {
+        self.background.call_once(|| {
+            let registry = Arc::downgrade(&self.registry);
+            let timeout = self.limits.send_timeout;
+            tokio::spawn(async move {
+                let period =
+                    (timeout / 4).clamp(std::time::Duration::from_millis(50), std::time::Duration::from_secs(1));
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(registry) = registry.upgrade() else { return };
+                    let reaped = registry.reap(timeout);
+                    if reaped > 0 {
+                        metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(reaped as u64);
+                        tracing::warn!(
+                            streams = reaped,
+                            ?timeout,
+                            "clients stopped reading; their streams were released"
+                        );
+                    }
+                }
+            });
+            if let Some(mut shutdown) = self.shutdown.clone() {
+                let (stopping, cache) = (self.stopping.clone(), self.cache.clone());
+                tokio::spawn(async move {
+                    if shutdown.wait_for(|stop| *stop).await.is_ok() {
+                        stopping.store(true, Ordering::Release);
+                        cache.wakeups().wake(&Changed::All);
+                    }
+                });
+            }
+        });
     }
 }
 
@@ -425,84 +495,12 @@ fn voter_of<T>(request: &Request<T>, per_address: bool) -> Voter {
     }
 }
 
-/// What the stream task hands the response body: a frame to write, or the
-/// status that ends the stream (boxed: a `Status` is large, a frame is not).
-type Push = Result<Frame, Box<Status>>;
-
-/// The response body of one stream: each frame's chunks as DATA, then the
-/// gRPC status as trailers. It holds no buffer of its own.
-struct PushBody {
-    rx: mpsc::Receiver<Push>,
-    chunks: std::vec::IntoIter<Bytes>,
-    done: bool,
-}
-
 fn trailers(status: &Status) -> http::HeaderMap {
     let mut trailers = http::HeaderMap::new();
     if status.add_header(&mut trailers).is_err() {
         trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
     }
     trailers
-}
-
-impl http_body::Body for PushBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        loop {
-            if let Some(chunk) = this.chunks.next() {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
-            }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match std::task::ready!(this.rx.poll_next_unpin(cx)) {
-                Some(Ok(frame)) => this.chunks = frame.chunks.into_iter(),
-                Some(Err(status)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(&status)))));
-                }
-                None => {
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(&Status::ok(""))))));
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.chunks.len() == 0
-    }
-}
-
-/// What a stream task owns besides its protocol state.
-struct StreamTask {
-    cache: Arc<Cache>,
-    id: u64,
-    peer: Option<std::net::SocketAddr>,
-    voter: Voter,
-    access: Option<Arc<crate::authz::Access>>,
-    limits: Limits,
-    admission: registry::Admission,
-    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
-}
-
-/// Resolves once shutdown was requested; never without a shutdown channel.
-async fn shutting_down(shutdown: &mut Option<tokio::sync::watch::Receiver<bool>>) {
-    match shutdown {
-        Some(rx) => {
-            if rx.wait_for(|stop| *stop).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending::<()>().await,
-    }
 }
 
 /// Keeps a stream's census entries and its watch, and removes them when the
@@ -534,9 +532,9 @@ impl StreamGuard {
         self.services.shrink_to_fit();
     }
 
-    fn watch(&mut self, notify: &Arc<Notify>, watch: Watch) {
+    fn watch(&mut self, signal: &Arc<Signal>, watch: Watch) {
         if self.watch.as_ref() != Some(&watch) {
-            self.cache.wakeups().watch(self.id, notify, watch.clone());
+            self.cache.wakeups().watch(self.id, signal, watch.clone());
             self.watch = Some(watch);
         }
     }
@@ -549,34 +547,108 @@ impl Drop for StreamGuard {
     }
 }
 
-/// One stream's bookkeeping around its protocol state: who the client is,
-/// its census entries and watch, and whether a request needs an answer.
-/// Requests are handled here synchronously, so nothing of a request is held
-/// in the stream task's future across an await.
-struct Session<P: Protocol> {
+/// What a stream holds in the control plane's shared tables — census votes,
+/// watch, registry slot, stream gauge — given up together, once: when the
+/// stream ends, or earlier when its client stopped reading.
+struct Held {
     id: u64,
-    peer: Option<std::net::SocketAddr>,
-    limits: Limits,
-    admission: registry::Admission,
     guard: StreamGuard,
-    wake: Arc<Notify>,
-    /// Shared with the registry, which locks it briefly when someone asks for status.
-    state: Arc<std::sync::Mutex<P>>,
+    admission: registry::Admission,
     /// The stream gauge's labels, once the client is known.
     labels: Option<(String, String)>,
-    /// A request since the responses were last computed may need an answer.
-    dirty: bool,
 }
 
-impl<P: Protocol> Session<P> {
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some((zone, kind)) = self.labels.take() {
+            metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
+        }
+        tracing::info!(stream = self.id, "stream ended");
+    }
+}
+
+/// The part of a stream that others reach: the registry (status, the
+/// reaper) and the wake-ups. One allocation per stream; nothing here is
+/// touched per push but one atomic store.
+struct Shared<P> {
+    /// Locked by the stream's own poll, and briefly by status requests.
+    state: std::sync::Mutex<P>,
+    /// [`registry::clock_ms`] + 1 when a frame was handed to hyper and hyper
+    /// has not come back for the next one (the client is not reading); 0 otherwise.
+    handed: AtomicU64,
+    /// [`Held`] was given up: the stream ends at its next poll.
+    released: AtomicBool,
+    signal: Arc<Signal>,
+    held: std::sync::Mutex<Option<Held>>,
+}
+
+impl<P> Shared<P> {
     fn lock(&self) -> std::sync::MutexGuard<'_, P> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn give_up(&self) {
+        self.released.store(true, Ordering::Release);
+        let held = self.lock_held().take();
+        // Dropped outside the lock: it removes the registry entry that holds this.
+        drop(held);
+        self.signal.raise();
+    }
+}
+
+impl<P: Protocol> registry::Handle for Shared<P> {
+    fn status(&self) -> Vec<registry::TypeStatus> {
+        self.lock().status()
+    }
+
+    fn waiting_since(&self) -> Option<u64> {
+        match self.handed.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
+        }
+    }
+
+    fn release(&self) {
+        self.give_up();
+    }
+}
+
+/// One stream, as its HTTP response body: hyper polls it, and each poll
+/// reads the requests that arrived, answers them, and pushes what changed
+/// since the stream was last woken — all in hyper's own task for the
+/// stream, with no task or channel of its own. Each frame's chunks go out as
+/// DATA, then the gRPC status as trailers; it holds no buffer of its own.
+struct StreamBody<P: Protocol> {
+    id: u64,
+    peer: Option<std::net::SocketAddr>,
+    limits: Limits,
+    cache: Arc<Cache>,
+    stopping: Arc<AtomicBool>,
+    inbound: Streaming<P::Request>,
+    shared: Arc<Shared<P>>,
+    /// The client's Node was read (from its first request).
+    identified: bool,
+    /// A request since the responses were last computed may need an answer.
+    dirty: bool,
+    /// The snapshot generation the responses were last computed against.
+    answered: Option<u64>,
+    /// Responses computed, not yet encoded: each is encoded when its turn comes.
+    replies: std::vec::IntoIter<Reply>,
+    /// The chunks of the frame being written.
+    chunks: std::vec::IntoIter<Bytes>,
+    /// The trailers went out.
+    done: bool,
+}
+
+impl<P: Protocol> StreamBody<P> {
     fn on_message(&mut self, request: &P::Request) -> Result<(), Status> {
         checked::<P>(&self.limits, request)?;
         let (ty, outcome, news, client) = {
-            let mut state = self.lock();
+            let mut state = self.shared.lock();
             let (ty, outcome) = state.on_request(request)?;
             let held = state.held_names();
             if held > self.limits.max_names_per_stream {
@@ -589,13 +661,21 @@ impl<P: Protocol> Session<P> {
             }
             let changed = state.take_changed();
             let news = changed.then(|| (state.eds_names(), state.watch()));
-            let client = if self.guard.zone.is_none() { state.client().cloned() } else { None };
+            let client = if self.identified { None } else { state.client().cloned() };
             (ty, outcome, news, client)
         };
         self.dirty |= news.is_some();
         record(self.id, ty, P::request_type_url(request), &outcome);
+        if client.is_none() && news.is_none() {
+            return Ok(());
+        }
+        let mut held = self.shared.lock_held();
+        let Some(held) = held.as_mut() else {
+            return Err(Status::unavailable("this stream was released; reconnect"));
+        };
         if let Some(c) = client {
-            self.admission.identify(P::request_node(request), Some(&c));
+            self.identified = true;
+            held.admission.identify(P::request_node(request), Some(&c));
             tracing::info!(
                 stream = self.id, peer = ?self.peer, protocol = P::NAME, node = %c.node_id,
                 zone = ?c.zone.as_ref().map(Zone::as_str), agent = %c.user_agent, kind = ?c.kind, "client connected"
@@ -604,107 +684,117 @@ impl<P: Protocol> Session<P> {
             // claims would be a series of its own, kept forever.
             let zone = match &c.zone {
                 None => String::new(),
-                Some(z) if self.guard.cache.snapshot().serves_zone(z) => z.as_str().to_string(),
+                Some(z) if self.cache.snapshot().serves_zone(z) => z.as_str().to_string(),
                 Some(_) => "other".to_string(),
             };
             let kind = format!("{:?}", c.kind).to_ascii_lowercase();
             metrics::gauge!("cloudmap_xds_streams", "zone" => zone.clone(), "kind" => kind.clone()).increment(1.0);
-            self.labels = Some((zone, kind));
-            self.guard.zone = Some(c.zone);
+            held.labels = Some((zone, kind));
+            held.guard.zone = Some(c.zone);
         }
         if let Some((eds_names, watch)) = news {
-            self.guard.census(eds_names);
+            held.guard.census(eds_names);
             // Before the snapshot is read: a change published after this wakes the stream again.
-            self.guard.watch(&self.wake, watch);
+            held.guard.watch(&self.shared.signal, watch);
         }
         Ok(())
     }
+
+    /// End the stream with `status` in the trailers.
+    fn end(&mut self, status: &Status) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        self.done = true;
+        self.shared.give_up();
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(status)))))
+    }
 }
 
-impl<P: Protocol> Drop for Session<P> {
+impl<P: Protocol> Drop for StreamBody<P> {
     fn drop(&mut self) {
-        if let Some((zone, kind)) = self.labels.take() {
-            metrics::gauge!("cloudmap_xds_streams", "zone" => zone, "kind" => kind).decrement(1.0);
-        }
-        tracing::info!(stream = self.id, "stream ended");
+        self.shared.give_up();
     }
 }
 
-async fn run_stream<P: Protocol>(stream: StreamTask, mut inbound: Streaming<P::Request>, mut tx: mpsc::Sender<Push>) {
-    let StreamTask { cache, id, peer, voter, access, limits, admission, mut shutdown } = stream;
-    let wake = Arc::new(Notify::new());
-    let mut guard = StreamGuard { cache: cache.clone(), id, voter, zone: None, services: Vec::new(), watch: None };
-    // Woken by readiness until the first request says what to watch.
-    guard.watch(&wake, Watch::default());
-    let mut protocol = P::default();
-    if let Some(access) = access {
-        protocol.set_access(access);
-    }
-    let state = Arc::new(std::sync::Mutex::new(protocol));
-    let status_of = state.clone();
-    admission.attach(Arc::new(move || status_of.lock().map(|s| s.status()).unwrap_or_default()));
-    let mut session = Session { id, peer, limits, admission, guard, wake, state, labels: None, dirty: true };
-    // The snapshot generation the responses were last computed against.
-    let mut answered: Option<u64> = None;
-    'stream: loop {
-        let end: Option<Box<Status>> = tokio::select! {
-            message = inbound.message() => match message {
-                Ok(Some(request)) => session.on_message(&request).err().map(|status| {
-                    static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
-                    metrics::counter!("cloudmap_xds_requests_rejected_total").increment(1);
-                    if let Some(left_out) = LOG.allow() {
-                        tracing::warn!(stream = id, peer = ?peer, error = %status.message(), left_out, "rejecting request; closing the stream");
+impl<P: Protocol> http_body::Body for StreamBody<P> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        // hyper came back: whatever was handed to it went out.
+        this.shared.handed.store(0, Ordering::Relaxed);
+        loop {
+            if let Some(chunk) = this.chunks.next() {
+                this.shared.handed.store(registry::clock_ms() + 1, Ordering::Relaxed);
+                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(reply) = this.replies.next() {
+                let frame = P::encode(&reply);
+                tracing::debug!(stream = this.id, ty = reply.ty.short(), bytes = frame.len(), "push");
+                counters().pushes[reply.ty as usize].increment(1);
+                this.chunks = frame.chunks.into_iter();
+                continue;
+            }
+            // Requests first, so an ACK or a new subscription is seen before a push.
+            match Pin::new(&mut this.inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(request))) => {
+                    if let Err(status) = this.on_message(&request) {
+                        static LOG: checks::LogLimit = checks::LogLimit::new(10, std::time::Duration::from_secs(10));
+                        metrics::counter!("cloudmap_xds_requests_rejected_total").increment(1);
+                        if let Some(left_out) = LOG.allow() {
+                            tracing::warn!(stream = this.id, peer = ?this.peer, error = %status.message(), left_out, "rejecting request; closing the stream");
+                        }
+                        return this.end(&status);
                     }
-                    Box::new(status)
-                }),
-                Ok(None) => break 'stream,
-                Err(status) => {
-                    tracing::debug!(stream = id, error = %status, "stream closed by transport error");
-                    break 'stream;
+                    continue;
                 }
-            },
-            () = session.wake.notified() => None,
-            () = shutting_down(&mut shutdown) => Some(Box::new(Status::unavailable("control plane shutting down; reconnect"))),
-        };
-        if let Some(status) = end {
-            // Under the same timeout as every push: a client that stopped reading
-            // must not keep its stream slot by sending something refused.
-            if tokio::time::timeout(limits.send_timeout, tx.send(Err(status))).await.is_err() {
-                metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(1);
-            }
-            break 'stream;
-        }
-        if !cache.is_ready() {
-            continue;
-        }
-        let snapshot = cache.snapshot();
-        if !session.dirty && answered == Some(snapshot.generation) {
-            continue;
-        }
-        // Only what moved since the snapshot last answered, when that was the previous one.
-        let all = Changed::All;
-        let changed = match answered {
-            Some(g) if !session.dirty && g + 1 == snapshot.generation => &snapshot.changed,
-            _ => &all,
-        };
-        let replies = session.lock().responses(&snapshot, changed);
-        answered = Some(snapshot.generation);
-        session.dirty = false;
-        for reply in replies {
-            let frame = P::encode(&reply);
-            tracing::debug!(stream = id, ty = reply.ty.short(), bytes = frame.len(), "push");
-            counters().pushes[reply.ty as usize].increment(1);
-            // Waits while the client is not reading; the channel holds one frame.
-            match tokio::time::timeout(limits.send_timeout, tx.send(Ok(frame))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break 'stream,
-                Err(_) => {
-                    metrics::counter!("cloudmap_xds_streams_timed_out_total").increment(1);
-                    tracing::warn!(stream = id, timeout = ?limits.send_timeout, "client stopped reading; closing its stream");
-                    break 'stream;
+                Poll::Ready(Some(Err(status))) => {
+                    tracing::debug!(stream = this.id, error = %status, "stream closed by transport error");
+                    return this.end(&status);
                 }
+                Poll::Ready(None) => return this.end(&Status::ok("")),
+                Poll::Pending => {}
             }
+            if this.stopping.load(Ordering::Acquire) {
+                return this.end(&Status::unavailable("control plane shutting down; reconnect"));
+            }
+            let woken = this.shared.signal.poll_take(cx).is_ready();
+            if this.shared.released.load(Ordering::Acquire) {
+                return this
+                    .end(&Status::unavailable("this stream was released (its client stopped reading); reconnect"));
+            }
+            if !(woken || this.dirty) || !this.cache.is_ready() {
+                if woken {
+                    // Poll the signal again, so that this task is woken by the next change.
+                    continue;
+                }
+                return Poll::Pending;
+            }
+            let snapshot = this.cache.snapshot();
+            if !this.dirty && this.answered == Some(snapshot.generation) {
+                continue;
+            }
+            // Only what moved since the snapshot last answered, when that was the previous one.
+            let all = Changed::All;
+            let changed = match this.answered {
+                Some(g) if !this.dirty && g + 1 == snapshot.generation => &snapshot.changed,
+                _ => &all,
+            };
+            let replies = this.shared.lock().responses(&snapshot, changed);
+            this.answered = Some(snapshot.generation);
+            this.dirty = false;
+            this.replies = replies.into_iter();
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.chunks.len() == 0
     }
 }
 

@@ -1,8 +1,8 @@
 //! Who is connected, and what each client was sent and accepted. Feeds
-//! `/config_dump`, CSDS and the stream limit. Off the hot path: a stream
-//! registers once and leaves a way to ask for its status ([`StatusFn`]);
-//! status is built only when the admin or CSDS handlers ask for it, never
-//! copied per request or push.
+//! `/config_dump`, CSDS, the stream limit and the reaper of streams whose
+//! client stopped reading. Off the hot path: a stream registers once and
+//! leaves a [`Handle`]; status is built only when the admin or CSDS handlers
+//! ask for it, never copied per request or push.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,13 +53,28 @@ pub struct StreamStatus {
     pub types: Vec<TypeStatus>,
 }
 
-/// Builds a stream's per-type status on demand (briefly locks its protocol state).
-pub type StatusFn = Arc<dyn Fn() -> Vec<TypeStatus> + Send + Sync>;
+/// What the registry may ask of a live stream.
+pub trait Handle: Send + Sync {
+    /// Its per-type status, built now (briefly locks its protocol state).
+    fn status(&self) -> Vec<TypeStatus>;
+    /// Since when (on [`clock_ms`]) the stream's last frame waits for the
+    /// client to read it; `None` when nothing waits.
+    fn waiting_since(&self) -> Option<u64>;
+    /// The client stopped reading: give up the stream's census votes, watch
+    /// and registry slot now (its connection holds the rest until it closes).
+    fn release(&self);
+}
+
+/// Milliseconds since the first call: the clock of [`Handle::waiting_since`].
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
 
 struct Entry {
-    /// Everything but `types`, which comes from `status` when asked.
+    /// Everything but `types`, which comes from `handle` when asked.
     summary: StreamStatus,
-    status: Option<StatusFn>,
+    handle: Option<Arc<dyn Handle>>,
 }
 
 pub struct Registry {
@@ -132,24 +147,45 @@ impl Registry {
             client: None,
             types: Vec::new(),
         };
-        self.streams.insert(id, Box::new(Entry { summary, status: None }));
+        self.streams.insert(id, Box::new(Entry { summary, handle: None }));
         Ok(Admission { registry: self.clone(), id, peer })
     }
 
     /// Every stream's status, built now.
     pub fn list(&self) -> Vec<StreamStatus> {
         // Take the handles first: no registry shard stays locked while streams are asked.
-        let entries: Vec<(StreamStatus, Option<StatusFn>)> =
-            self.streams.iter().map(|e| (e.summary.clone(), e.status.clone())).collect();
+        let entries: Vec<(StreamStatus, Option<Arc<dyn Handle>>)> =
+            self.streams.iter().map(|e| (e.summary.clone(), e.handle.clone())).collect();
         let mut all: Vec<StreamStatus> = entries
             .into_iter()
-            .map(|(mut summary, status)| {
-                summary.types = status.map(|f| f()).unwrap_or_default();
+            .map(|(mut summary, handle)| {
+                summary.types = handle.map(|h| h.status()).unwrap_or_default();
                 summary
             })
             .collect();
         all.sort_by_key(|s| s.id);
         all
+    }
+
+    /// Release every stream whose last frame has waited for its client
+    /// longer than `timeout`; returns how many.
+    pub fn reap(&self, timeout: std::time::Duration) -> usize {
+        self.reap_at(clock_ms(), timeout)
+    }
+
+    fn reap_at(&self, now: u64, timeout: std::time::Duration) -> usize {
+        let limit = timeout.as_millis() as u64;
+        // Collected first: releasing removes the entry, which must not happen under a shard lock.
+        let stalled: Vec<Arc<dyn Handle>> = self
+            .streams
+            .iter()
+            .filter_map(|e| e.handle.clone())
+            .filter(|h| h.waiting_since().is_some_and(|since| now.saturating_sub(since) > limit))
+            .collect();
+        for handle in &stalled {
+            handle.release();
+        }
+        stalled.len()
     }
 
     pub fn len(&self) -> usize {
@@ -184,10 +220,10 @@ impl Admission {
         }
     }
 
-    /// How to ask this stream for its status.
-    pub fn attach(&self, status: StatusFn) {
+    /// How to ask this stream for its status, and to release it.
+    pub fn attach(&self, handle: Arc<dyn Handle>) {
         if let Some(mut entry) = self.registry.streams.get_mut(&self.id) {
-            entry.status = Some(status);
+            entry.handle = Some(handle);
         }
     }
 }
@@ -208,12 +244,51 @@ impl Drop for Admission {
 mod tests {
     use super::*;
 
+    struct Fixed {
+        since: Option<u64>,
+        released: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Handle for Fixed {
+        fn status(&self) -> Vec<TypeStatus> {
+            vec![TypeStatus { type_url: "t".into(), ..Default::default() }]
+        }
+        fn waiting_since(&self) -> Option<u64> {
+            self.since
+        }
+        fn release(&self) {
+            self.released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn reap_releases_only_streams_waiting_longer_than_the_timeout() {
+        let registry = Arc::new(Registry::new(10));
+        let now = 10_000;
+        let handles: Vec<Arc<Fixed>> = [None, Some(now - 500), Some(now - 5_000)]
+            .into_iter()
+            .map(|since| Arc::new(Fixed { since, released: Default::default() }))
+            .collect();
+        let _admitted: Vec<Admission> = handles
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let a = registry.admit(i as u64, "sotw", None).expect("admitted");
+                a.attach(h.clone());
+                a
+            })
+            .collect();
+        assert_eq!(registry.reap_at(now, std::time::Duration::from_secs(1)), 1);
+        let released: Vec<usize> =
+            handles.iter().map(|h| h.released.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        assert_eq!(released, vec![0, 0, 1], "idle and just-handed streams stay");
+    }
+
     #[test]
     fn limit_and_removal_on_drop() {
         let registry = Arc::new(Registry::new(2));
         let a = registry.admit(1, "sotw", None).expect("first");
-        let types = vec![TypeStatus { type_url: "t".into(), ..Default::default() }];
-        a.attach(Arc::new(move || types.clone()));
+        a.attach(Arc::new(Fixed { since: None, released: Default::default() }));
         assert_eq!(registry.list()[0].types.len(), 1, "status is asked for when listed");
         let _b = registry.admit(2, "sotw", None).expect("second");
         let refused = registry.admit(3, "sotw", None).expect_err("over the limit");
