@@ -18,6 +18,12 @@ use cloudmap_xds::tls;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 use tokio::sync::watch;
 
+/// mimalloc: the push path allocates and frees small buffers per response and
+/// per request on both cores; glibc's malloc spent ~15 % of the control
+/// plane's CPU at 10,000 streams (BENCHMARKS.md, "Push path").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
