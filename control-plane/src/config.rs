@@ -125,8 +125,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_MAX_RESOURCE_NAMES", default_value_t = 10_000)]
     pub max_resource_names: usize,
 
-    /// A stream whose client has not taken a response for this long is closed
-    /// (the client reconnects and gets the current state).
+    /// A stream whose client has not taken a response for this long gives up
+    /// its census votes and slot, and ends with UNAVAILABLE when the client
+    /// reads again (it reconnects and gets the current state).
     #[arg(long, env = "CLOUDMAP_XDS_STREAM_SEND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub stream_send_timeout: Duration,
 
