@@ -216,12 +216,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(2)));
             tokio::spawn(connection_age::serve(router, tls::incoming(listener, tls), age, stopped))
         }
-        None => tokio::spawn(connection_age::serve(
-            router,
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            age,
-            stopped,
-        )),
+        None => tokio::spawn(connection_age::serve(router, connection_age::accepted(listener), age, stopped)),
     };
 
     shutdown_signal().await;

@@ -146,6 +146,7 @@ pub fn incoming(
                     continue;
                 }
             };
+            crate::connection_age::no_delay(&tcp);
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {

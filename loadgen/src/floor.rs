@@ -226,7 +226,8 @@ pub async fn serve(listen: SocketAddr, admin: SocketAddr, floor: Arc<Floor>) -> 
     let ads = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(floor.ads())
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(xds));
+        // TCP_NODELAY on every connection, as tonic's own `serve` sets by default.
+        .serve_with_incoming(cloudmap_xds::connection_age::accepted(xds));
     let admin = axum::serve(admin_listener, admin_router(floor));
     tokio::select! {
         r = ads => r.context("the floor's ADS server failed"),
