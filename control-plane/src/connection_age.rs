@@ -193,6 +193,16 @@ mod tests {
         assert!(spread > Duration::from_secs(10), "jitter spreads the ages: {spread:?}");
     }
 
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = std::pin::pin!(accepted(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let server = incoming.next().await.expect("a connection").expect("accepted");
+        assert!(server.nodelay().expect("readable option"), "TCP_NODELAY set on the accepted side");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_aged_connection_fails_at_its_deadline() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
