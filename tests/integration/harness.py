@@ -840,6 +840,18 @@ def share(calls: list[dict], zones: set[str]) -> float:
     return sum(1 for c in ok if c.get("zone") in zones) / len(ok) if ok else 0.0
 
 
+def large_anonymous_mappings(pid: int, min_mib: int = 512) -> list[tuple[int, str]]:
+    """(size in MiB, permissions) of each anonymous mapping of `min_mib` MiB or more of `pid`."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if len(fields) < 6 and end - start >= min_mib << 20:
+                out.append(((end - start) >> 20, fields[1]))
+    return out
+
+
 def vm_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
