@@ -32,7 +32,7 @@ use crate::model::{ClientKind, Routing, ServiceEndpoints, ServiceName, Zone};
 use crate::policy::{self, PerZone, Plan, Policy};
 use crate::resources::{self, ClusterLimits, ResourceType};
 use crate::translate::Skipped;
-use crate::wakeup::{Changed, Wakeups};
+use crate::wakeup::{Changed, Scope, Wakeups};
 
 /// Census changes that move no zone's share by this much or more are not pushed.
 pub const SHARE_THRESHOLD: f64 = 0.02;
@@ -414,34 +414,36 @@ fn shares_moved(policy: Policy, capacity: &PerZone, old: &PerZone, new: &PerZone
     })
 }
 
-/// The services whose entry differs between `old` and `new`, and the egress
-/// listener's key when the set of services or a service's options changed
-/// (the egress routes list every service).
+/// The services whose entry differs between `old` and `new`, each with what
+/// of it may have changed, and the egress listener's key when the set of
+/// services or a service's options changed (the egress routes list every
+/// service).
 fn changed_keys(
     old: &BTreeMap<String, Arc<ServiceEntry>>,
     new: &BTreeMap<String, Arc<ServiceEntry>>,
-) -> BTreeSet<String> {
-    let mut keys = BTreeSet::new();
+) -> BTreeMap<String, Scope> {
+    let mut keys = BTreeMap::new();
     let mut egress = old.len() != new.len();
     for (dial, entry) in new {
         match old.get(dial) {
             Some(before) if Arc::ptr_eq(before, entry) => {}
             Some(before) => {
-                egress |= before.options() != entry.options();
-                keys.insert(dial.clone());
+                let same_options = before.options() == entry.options();
+                egress |= !same_options;
+                keys.insert(dial.clone(), if same_options { Scope::Endpoints } else { Scope::All });
             }
             None => {
                 egress = true;
-                keys.insert(dial.clone());
+                keys.insert(dial.clone(), Scope::All);
             }
         }
     }
     for dial in old.keys().filter(|dial| !new.contains_key(*dial)) {
         egress = true;
-        keys.insert(dial.clone());
+        keys.insert(dial.clone(), Scope::All);
     }
     if egress {
-        keys.insert(resources::EGRESS.to_string());
+        keys.insert(resources::EGRESS.to_string(), Scope::All);
     }
     keys
 }
@@ -1012,21 +1014,26 @@ mod tests {
     #[test]
     fn each_snapshot_says_which_services_changed() {
         let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
-        let keys = |names: &[&str]| Changed::Keys(names.iter().map(|s| s.to_string()).collect());
+        let keys = |names: &[(&str, Scope)]| Changed::Keys(names.iter().map(|(k, s)| (k.to_string(), *s)).collect());
         let (echo, other) = (ServiceName::new("demo", "echo"), ServiceName::new("demo", "other"));
         cache.update_service(&echo, endpoints(&["a"]), Policy::ZoneAware);
-        assert_eq!(cache.snapshot().changed, keys(&["echo.demo", resources::EGRESS]), "a new service");
+        let (new, endpoints_only) = (Scope::All, Scope::Endpoints);
+        assert_eq!(cache.snapshot().changed, keys(&[("echo.demo", new), (resources::EGRESS, new)]), "a new service");
         cache.update_service(&other, endpoints(&["a"]), Policy::ZoneAware);
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::ZoneAware);
-        assert_eq!(cache.snapshot().changed, keys(&["echo.demo"]), "new endpoints touch one service");
+        assert_eq!(cache.snapshot().changed, keys(&[("echo.demo", endpoints_only)]), "new endpoints: its EDS");
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::LocalFirst);
-        assert_eq!(cache.snapshot().changed, keys(&["echo.demo", resources::EGRESS]), "new options");
+        assert_eq!(
+            cache.snapshot().changed,
+            keys(&[("echo.demo", Scope::All), (resources::EGRESS, Scope::All)]),
+            "new options"
+        );
         cache.update_service(&echo, endpoints(&["a", "b"]), Policy::ZoneAware);
         cache.census().join("echo.demo", &Zone::new("a"), &crate::census::Voter::unique());
         assert!(cache.apply_census());
-        assert_eq!(cache.snapshot().changed, keys(&["echo.demo"]), "a census move");
+        assert_eq!(cache.snapshot().changed, keys(&[("echo.demo", endpoints_only)]), "a census move: its EDS");
         cache.remove_service(&other);
-        assert_eq!(cache.snapshot().changed, keys(&["other.demo", resources::EGRESS]));
+        assert_eq!(cache.snapshot().changed, keys(&[("other.demo", Scope::All), (resources::EGRESS, Scope::All)]));
     }
 
     #[test]
@@ -1363,7 +1370,11 @@ mod tests {
         // A routing change wakes the service's streams and Envoy's egress routes.
         assert_eq!(
             snap.changed,
-            Changed::Keys(["echo.demo".to_string(), resources::EGRESS.to_string()].into_iter().collect())
+            Changed::Keys(
+                [("echo.demo".to_string(), Scope::All), (resources::EGRESS.to_string(), Scope::All)]
+                    .into_iter()
+                    .collect()
+            )
         );
         assert_ne!(
             snap.resolve(ResourceType::RouteConfiguration, "echo.demo", &client).expect("rds").version,

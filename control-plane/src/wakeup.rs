@@ -9,12 +9,14 @@
 //! woken finds the flag on its next poll, so no change is missed, and several
 //! changes while it is busy cost one wake-up.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
+
+use crate::resources::ResourceType;
 
 /// One stream's wake-up: set by [`Wakeups::wake`], taken by the stream's poll.
 #[derive(Debug, Default)]
@@ -41,26 +43,49 @@ impl Signal {
     }
 }
 
+/// What a change to one service (one change key) may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Its endpoints or their plans only (new endpoints, a census move): its
+    /// EDS resources. Its listener, routes and clusters are made from its
+    /// name and options, which stayed.
+    Endpoints,
+    /// Anything of it (new, removed, new options).
+    All,
+}
+
+impl Scope {
+    fn covers(self, ty: ResourceType) -> bool {
+        self == Scope::All || ty == ResourceType::ClusterLoadAssignment
+    }
+}
+
 /// What a snapshot changed against the one before it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Changed {
     /// Anything may have changed (readiness, the first snapshot).
     #[default]
     All,
-    /// Only the resources of these services (change keys).
-    Keys(BTreeSet<String>),
+    /// Only the resources of these services (change keys), each within its scope.
+    Keys(BTreeMap<String, Scope>),
 }
 
 impl Changed {
-    pub fn touches(&self, key: &str) -> bool {
+    /// Whether a resource of type `ty` under change key `key` may differ.
+    pub fn touches(&self, key: &str, ty: ResourceType) -> bool {
         match self {
             Changed::All => true,
-            Changed::Keys(keys) => keys.contains(key),
+            Changed::Keys(keys) => keys.get(key).is_some_and(|scope| scope.covers(ty)),
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        matches!(self, Changed::Keys(keys) if keys.is_empty())
+    /// Whether any resource of type `ty` may differ, or the set of them (what
+    /// a wildcard subscription to `ty` must look at again).
+    pub fn touches_type(&self, ty: ResourceType) -> bool {
+        match self {
+            Changed::All => true,
+            Changed::Keys(keys) => keys.values().any(|scope| scope.covers(ty)),
+        }
     }
 }
 
@@ -148,7 +173,9 @@ impl Wakeups {
         inner.all.remove(&id);
     }
 
-    /// Wake every stream that watches something in `changed`; returns how many.
+    /// Wake every stream that watches something in `changed`; returns how
+    /// many raises that took (a stream with a wildcard and named keys may be
+    /// raised twice: raising is idempotent, and cheaper than collecting ids).
     pub fn wake(&self, changed: &Changed) -> usize {
         let inner = self.lock();
         match changed {
@@ -157,18 +184,18 @@ impl Wakeups {
                 inner.streams.len()
             }
             Changed::Keys(keys) => {
-                let mut woken: HashSet<u64> = inner.all.clone();
-                for key in keys {
-                    if let Some(ids) = inner.by_key.get(key) {
-                        woken.extend(ids);
-                    }
-                }
-                for id in &woken {
+                let raise = |id: &u64| {
                     if let Some((s, _)) = inner.streams.get(id) {
                         s.raise();
                     }
+                };
+                inner.all.iter().for_each(raise);
+                let mut raised = inner.all.len();
+                for ids in keys.keys().filter_map(|key| inner.by_key.get(key)) {
+                    ids.iter().for_each(raise);
+                    raised += ids.len();
                 }
-                woken.len()
+                raised
             }
         }
     }
@@ -187,8 +214,31 @@ impl Wakeups {
 mod tests {
     use super::*;
 
-    fn keys(names: &[&str]) -> BTreeSet<String> {
+    fn keys(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn changed(names: &[&str]) -> Changed {
+        Changed::Keys(names.iter().map(|s| (s.to_string(), Scope::All)).collect())
+    }
+
+    #[test]
+    fn an_endpoints_change_touches_only_eds() {
+        use ResourceType::*;
+        let c = Changed::Keys(
+            [("echo.demo".to_string(), Scope::Endpoints), ("new.demo".to_string(), Scope::All)].into_iter().collect(),
+        );
+        assert!(c.touches("echo.demo", ClusterLoadAssignment));
+        for ty in [Listener, RouteConfiguration, Cluster] {
+            assert!(!c.touches("echo.demo", ty), "{ty:?} of echo.demo is made of its name and options");
+            assert!(c.touches("new.demo", ty));
+            assert!(c.touches_type(ty), "new.demo may join a wildcard set");
+        }
+        assert!(!c.touches("other.demo", ClusterLoadAssignment));
+        let endpoints_only = Changed::Keys([("echo.demo".to_string(), Scope::Endpoints)].into_iter().collect());
+        assert!(!endpoints_only.touches_type(Cluster), "no wildcard CDS set changes");
+        assert!(endpoints_only.touches_type(ClusterLoadAssignment));
+        assert!(Changed::All.touches("any", Listener) && Changed::All.touches_type(Cluster));
     }
 
     /// Whether `s` was raised (a wake-up), lowering it.
@@ -204,12 +254,12 @@ mod tests {
         w.watch(1, &a, Watch::new(false, keys(&["echo.demo"])));
         w.watch(2, &b, Watch::new(false, keys(&["other.demo"])));
         w.watch(3, &envoy, Watch::new(true, Vec::new()));
-        assert_eq!(w.wake(&Changed::Keys(keys(&["echo.demo"]))), 2);
+        assert_eq!(w.wake(&changed(&["echo.demo"])), 2);
         assert!(woken(&a) && woken(&envoy));
         assert!(!woken(&b), "a stream of another service sleeps");
         // A new watch replaces the old one.
         w.watch(1, &a, Watch::new(false, keys(&["other.demo"])));
-        w.wake(&Changed::Keys(keys(&["echo.demo"])));
+        w.wake(&changed(&["echo.demo"]));
         assert!(!woken(&a));
         assert!(woken(&envoy));
         w.wake(&Changed::All);
@@ -217,7 +267,7 @@ mod tests {
         w.forget(1);
         w.forget(3);
         assert_eq!(w.len(), 1);
-        assert_eq!(w.wake(&Changed::Keys(keys(&["other.demo"]))), 1);
+        assert_eq!(w.wake(&changed(&["other.demo"])), 1);
         assert!(!woken(&a) && woken(&b));
     }
 
@@ -245,8 +295,8 @@ mod tests {
         let n = Arc::new(Signal::default());
         w.watch(1, &n, Watch::new(false, keys(&["echo.demo"])));
         // Two changes while the stream is not waiting: one permit, not lost.
-        w.wake(&Changed::Keys(keys(&["echo.demo"])));
-        w.wake(&Changed::Keys(keys(&["echo.demo"])));
+        w.wake(&changed(&["echo.demo"]));
+        w.wake(&changed(&["echo.demo"]));
         assert!(woken(&n));
         assert!(!woken(&n));
     }

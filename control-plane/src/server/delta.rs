@@ -180,9 +180,9 @@ impl Protocol for DeltaState {
         for ty in ADD_ORDER {
             let Some(state) = self.types.get_mut(&ty) else { continue };
             let stale = state.must_respond
-                || (state.wildcard && !changed.is_empty())
-                || state.names.keys().any(|n| changed.touches(Snapshot::key_of(n)))
-                || state.known.keys().any(|n| changed.touches(Snapshot::key_of(n)));
+                || (state.wildcard && changed.touches_type(ty))
+                || state.names.keys().any(|n| changed.touches(Snapshot::key_of(n), ty))
+                || state.known.keys().any(|n| changed.touches(Snapshot::key_of(n), ty));
             if !stale {
                 continue;
             }

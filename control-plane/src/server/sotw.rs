@@ -307,11 +307,11 @@ impl Protocol for SotwState {
                 state.must_respond = false;
                 continue;
             }
-            let touched = |name: &String| changed.touches(Snapshot::key_of(name));
+            let touched = |name: &String| changed.touches(Snapshot::key_of(name), ty);
             if ty.is_full_set() {
                 // A wildcard set may gain or lose a member with any change.
                 let stale =
-                    state.must_respond || (sub.wildcard && !changed.is_empty()) || sub.names.keys().any(touched);
+                    state.must_respond || (sub.wildcard && changed.touches_type(ty)) || sub.names.keys().any(touched);
                 if !stale {
                     continue;
                 }
@@ -775,7 +775,7 @@ mod tests {
             Policy::LocalFirst,
         );
         let snapshot = cache.snapshot();
-        let other = Changed::Keys(BTreeSet::from(["other.demo".to_string()]));
+        let other = Changed::Keys([("other.demo".to_string(), crate::wakeup::Scope::All)].into_iter().collect());
         assert!(s.responses(&snapshot, &other).is_empty(), "echo.demo is not re-resolved for other.demo");
         let r = s.responses(&snapshot, &snapshot.changed);
         assert_eq!(r.len(), 1, "the change of echo.demo is sent");
