@@ -67,7 +67,7 @@ fn sotw(cache: &Cache, i: usize) -> Box<SotwState> {
             let ack = DiscoveryRequest {
                 type_url: reply.ty.type_url().into(),
                 resource_names: vec![name.into()],
-                version_info: reply.version.clone(),
+                version_info: reply.version.to_string(),
                 response_nonce: reply.nonce.to_string(),
                 ..Default::default()
             };

@@ -43,8 +43,9 @@ pub const SHARE_THRESHOLD: f64 = 0.02;
 #[derive(Debug)]
 pub struct Encoded {
     pub name: String,
-    /// Hash of the encoded bytes (type URL and value).
-    pub version: String,
+    /// Hash of the encoded bytes (type URL and value), as 16 hex digits;
+    /// shared, so that streams hold and send it without copying.
+    pub version: Arc<str>,
     /// The `google.protobuf.Any` as field 2 (`resources`) of a
     /// `DiscoveryResponse`: key, length, then the Any message.
     entry: Bytes,
@@ -67,7 +68,7 @@ impl Encoded {
         let any_at = entry.len();
         resource.encode_raw(&mut entry);
         let value_at = entry.len() - resource.value.len();
-        Encoded { name, version: format!("{:016x}", h.finish()), entry: entry.freeze(), any_at, value_at }
+        Encoded { name, version: format!("{:016x}", h.finish()).into(), entry: entry.freeze(), any_at, value_at }
     }
 
     /// The resource as field 2 of a `DiscoveryResponse` (shared, not copied).

@@ -108,7 +108,7 @@ fn client_config(stream: &StreamStatus, snapshot: &crate::cache::Snapshot, exclu
             };
             let contents = match (exclude, &client, ResourceType::from_type_url(&ty.type_url)) {
                 (false, Some(client), Some(rt)) => {
-                    snapshot.resolve(rt, name, client).filter(|r| &r.version == version).map(|r| r.resource())
+                    snapshot.resolve(rt, name, client).filter(|r| *r.version == **version).map(|r| r.resource())
                 }
                 _ => None,
             };

@@ -7,6 +7,7 @@
 //! across control-plane restarts.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
@@ -29,7 +30,7 @@ pub struct DeltaTypeState {
     pub names: NameSet,
     /// What the client holds: name → version (from `initial_resource_versions`
     /// and from what was sent).
-    pub known: NameMap<String>,
+    pub known: NameMap<Arc<str>>,
     /// Explicitly subscribed names already reported as not existing.
     absent_reported: NameSet,
     pub last_nonce: Option<String>,
@@ -89,7 +90,7 @@ impl Protocol for DeltaState {
                     sent: state.last_nonce.clone(),
                     acked: state.acked_nonce.clone(),
                     nack: state.nack.clone(),
-                    resources: state.known.to_btree(),
+                    resources: state.known.iter().map(|(name, v)| (name.clone(), v.to_string())).collect(),
                     states: BTreeMap::new(),
                 }
             })
@@ -127,7 +128,8 @@ impl Protocol for DeltaState {
 
         if first {
             state.must_respond = true;
-            state.known = request.initial_resource_versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            state.known =
+                request.initial_resource_versions.iter().map(|(k, v)| (k.clone(), Arc::from(v.as_str()))).collect();
             // Legacy wildcard: a first LDS/CDS request that names nothing.
             if ty.is_full_set() && request.resource_names_subscribe.is_empty() {
                 state.wildcard = true;
@@ -211,13 +213,14 @@ impl Protocol for DeltaState {
             if updated.is_empty() && removed.is_empty() && !state.must_respond {
                 continue;
             }
-            let system_version =
-                format!("{:016x}", stable_hash(&present.iter().map(|(n, r)| (n, &r.version)).collect::<Vec<_>>()));
+            let system_version: Arc<str> =
+                format!("{:016x}", stable_hash(&present.iter().map(|(n, r)| (n, &r.version)).collect::<Vec<_>>()))
+                    .into();
             if !updated.is_empty() || removed.is_empty() {
                 self.nonce += 1;
                 let resources: Vec<_> = updated.iter().map(|(_, r)| (*r).clone()).collect();
                 for (name, r) in &updated {
-                    state.known.insert((*name).clone(), r.version.clone());
+                    state.known.set(name, r.version.clone());
                 }
                 out.push(Reply {
                     ty,
@@ -461,13 +464,13 @@ mod tests {
         let mut first = request(CDS, &[], &[], "");
         first.node = Some(envoy_node());
         first.initial_resource_versions = HashMap::from([
-            ("echo.demo".to_string(), old.version.clone()),
-            ("other.demo".to_string(), other.version.clone()),
+            ("echo.demo".to_string(), old.version.to_string()),
+            ("other.demo".to_string(), other.version.to_string()),
         ]);
         s.on_request(&first).expect("ok");
         let r = sent(&mut s, &cache.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"], "the reshaped cluster is sent, the unchanged one is not");
-        assert_eq!(r[0].resources[0].version, now.version);
+        assert_eq!(*r[0].resources[0].version, *now.version);
     }
 
     #[test]

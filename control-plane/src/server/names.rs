@@ -46,6 +46,16 @@ impl<V> NameMap<V> {
         }
     }
 
+    /// Set `name` to `value`, copying the name only when it is new.
+    pub fn set(&mut self, name: &str, value: V) {
+        match self.find(name) {
+            Ok(i) => self.0[i].1 = value,
+            Err(_) => {
+                self.insert(name.to_string(), value);
+            }
+        }
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<V> {
         let i = self.find(name).ok()?;
         let (_, value) = self.0.remove(i);

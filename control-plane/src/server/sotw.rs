@@ -38,9 +38,10 @@ use super::names::{NameMap, NameSet};
 use super::registry::{ResourceState, TypeStatus};
 use super::wire::{self, Frame, Reply};
 use super::{ADD_ORDER, ClientInfo, Nack, Outcome, PerType, Protocol, remove_rank, watch_of};
-use crate::cache::{Snapshot, stable_hash};
+use crate::cache::{Encoded, Snapshot, stable_hash};
 use crate::resources::ResourceType;
 use crate::wakeup::{Changed, Watch};
+use std::sync::Arc;
 
 /// What a stream subscribed to for one type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,11 +52,11 @@ pub struct Subscription {
 }
 
 /// A response not yet ACKed or NACKed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct Outstanding {
-    version: String,
-    /// Name → version of each resource in it.
-    resources: NameMap<String>,
+    version: Arc<str>,
+    /// The resources in it (their names and versions; shared with the cache).
+    resources: Vec<Arc<Encoded>>,
 }
 
 /// Per-type protocol state of one stream.
@@ -63,16 +64,16 @@ struct Outstanding {
 pub struct TypeState {
     pub subscription: Subscription,
     /// `version_info` of the last response sent.
-    pub version: Option<String>,
+    pub version: Option<Arc<str>>,
     /// `version_info` of the last ACK.
     pub acked_version: Option<String>,
     /// The NACK in force: the latest one, while a version it rejected is
     /// still the last sent of its resource.
     pub nack: Option<Nack>,
     /// Name → the last version sent (ACKed or not). Never sent again as is.
-    pub sent: NameMap<String>,
+    pub sent: NameMap<Arc<str>>,
     /// Name → the last version the client ACKed.
-    pub acked: NameMap<String>,
+    pub acked: NameMap<Arc<str>>,
     /// Name → the last version the client rejected, and why.
     pub rejected: NameMap<Nack>,
     /// Responses sent and not yet answered, by nonce, oldest first.
@@ -96,26 +97,24 @@ impl TypeState {
         for (n, response) in answered {
             match &request.error_detail {
                 Some(error) if n == nonce => {
-                    let nack = Nack { version: response.version.clone(), message: error.message.clone() };
-                    for (name, version) in response.resources.iter() {
-                        if self.sent.contains_key(name) {
-                            self.rejected.insert(
-                                name.clone(),
-                                Nack { version: version.clone(), message: error.message.clone() },
-                            );
+                    let nack = Nack { version: response.version.to_string(), message: error.message.clone() };
+                    for r in &response.resources {
+                        if self.sent.contains_key(&r.name) {
+                            self.rejected
+                                .set(&r.name, Nack { version: r.version.to_string(), message: error.message.clone() });
                         }
                     }
                     self.nack = Some(nack);
                     outcome = Outcome::Nack(error.message.clone());
                 }
                 _ => {
-                    for (name, version) in response.resources.iter() {
-                        if self.sent.contains_key(name) {
+                    for r in &response.resources {
+                        if self.sent.contains_key(&r.name) {
                             // Accepted at this version: an earlier rejection no longer stands.
-                            if self.rejected.get(name).is_some_and(|n| &n.version == version) {
-                                self.rejected.remove(name);
+                            if self.rejected.get(&r.name).is_some_and(|n| *n.version == *r.version) {
+                                self.rejected.remove(&r.name);
                             }
-                            self.acked.insert(name.clone(), version.clone());
+                            self.acked.set(&r.name, r.version.clone());
                         }
                     }
                 }
@@ -131,7 +130,7 @@ impl TypeState {
     /// A rejection stops mattering once a newer version was sent in its place.
     fn forget_superseded_nack(&mut self) {
         let sent = &self.sent;
-        self.rejected.retain(|name, nack| sent.get(name) == Some(&nack.version));
+        self.rejected.retain(|name, nack| sent.get(name).is_some_and(|v| **v == *nack.version));
         if self.rejected.is_empty() {
             self.nack = None;
         }
@@ -140,19 +139,21 @@ impl TypeState {
     fn state_of(&self, name: &str, version: &str) -> ResourceState {
         match (self.rejected.get(name), self.acked.get(name)) {
             (Some(nack), _) if nack.version == version => ResourceState::Nacked(nack.clone()),
-            (_, Some(acked)) if acked == version => ResourceState::Acked,
+            (_, Some(acked)) if **acked == *version => ResourceState::Acked,
             _ => ResourceState::Requested,
         }
     }
 
     /// Record a response about to be sent with `nonce`.
-    fn record(&mut self, nonce: u64, version: String, resources: NameMap<String>, whole_set: bool) {
+    fn record(&mut self, nonce: u64, version: Arc<str>, resources: Vec<Arc<Encoded>>, whole_set: bool) {
         if whole_set {
-            self.sent = resources.clone();
+            self.sent = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
             let sent = &self.sent;
             self.acked.retain(|name, _| sent.contains_key(name));
         } else {
-            self.sent.extend(resources.iter().map(|(n, v)| (n.clone(), v.clone())));
+            for r in &resources {
+                self.sent.set(&r.name, r.version.clone());
+            }
         }
         self.version = Some(version.clone());
         self.outstanding.push((nonce, Outstanding { version, resources }));
@@ -209,10 +210,10 @@ impl Protocol for SotwState {
                 TypeStatus {
                     type_url: ty.type_url().to_string(),
                     subscribed,
-                    sent: state.version.clone(),
+                    sent: state.version.as_deref().map(str::to_string),
                     acked: state.acked_version.clone(),
                     nack: state.nack.clone(),
-                    resources: state.sent.to_btree(),
+                    resources: state.sent.iter().map(|(name, v)| (name.clone(), v.to_string())).collect(),
                     states: state.sent.iter().map(|(name, v)| (name.clone(), state.state_of(name, v))).collect(),
                 }
             })
@@ -320,10 +321,11 @@ impl Protocol for SotwState {
                 names.extend(wildcard_names.iter().filter(|n| !sub.names.contains(n)));
                 names.sort();
                 let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(ty, n, &client)).collect();
-                let version = format!(
+                let version: Arc<str> = format!(
                     "{:016x}",
-                    stable_hash(&resources.iter().map(|r| (&r.name, &r.version)).collect::<Vec<_>>())
-                );
+                    stable_hash(&resources.iter().map(|r| (&r.name, &*r.version)).collect::<Vec<_>>())
+                )
+                .into();
                 let unchanged = state.version.as_ref() == Some(&version);
                 if unchanged && !state.must_respond {
                     continue;
@@ -331,8 +333,7 @@ impl Protocol for SotwState {
                 let shrinks_only = resources.len() < state.sent.len()
                     && resources.iter().all(|r| state.sent.get(&r.name) == Some(&r.version));
                 self.nonce += 1;
-                let held = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
-                state.record(self.nonce, version.clone(), held, true);
+                state.record(self.nonce, version.clone(), resources.clone(), true);
                 let reply = Reply { ty, version, nonce: self.nonce, resources, removed: Vec::new() };
                 if shrinks_only { removals.push(reply) } else { out.push(reply) }
             } else {
@@ -346,15 +347,9 @@ impl Protocol for SotwState {
                 for r in due {
                     self.nonce += 1;
                     let version = r.version.clone();
-                    let held = NameMap::from_iter([(r.name.clone(), r.version.clone())]);
-                    out.push(Reply {
-                        ty,
-                        version: version.clone(),
-                        nonce: self.nonce,
-                        resources: vec![r],
-                        removed: Vec::new(),
-                    });
-                    state.record(self.nonce, version, held, false);
+                    let resources = vec![r];
+                    state.record(self.nonce, version.clone(), resources.clone(), false);
+                    out.push(Reply { ty, version, nonce: self.nonce, resources, removed: Vec::new() });
                 }
             }
             state.must_respond = false;

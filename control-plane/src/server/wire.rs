@@ -22,7 +22,7 @@ use crate::resources::ResourceType;
 pub struct Reply {
     pub ty: ResourceType,
     /// SotW `version_info`; Delta `system_version_info`.
-    pub version: String,
+    pub version: Arc<str>,
     pub nonce: u64,
     pub resources: Vec<Arc<Encoded>>,
     /// Delta `removed_resources`.
@@ -145,18 +145,34 @@ impl Builder {
     }
 }
 
+/// `n` in decimal, written into `digits` (no allocation per response).
+fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &str {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&digits[at..]).unwrap_or_default()
+}
+
 fn string_len(tag: u32, value: &str) -> usize {
     if value.is_empty() { 0 } else { key_len(tag) + encoded_len_varint(value.len() as u64) + value.len() }
 }
 
 /// `DiscoveryResponse { version_info = 1, resources = 2, type_url = 4, nonce = 5 }`.
 pub fn sotw(reply: &Reply) -> Frame {
-    let nonce = reply.nonce.to_string();
+    let mut digits = [0; 20];
+    let nonce = decimal(reply.nonce, &mut digits);
     let inline: usize = reply.resources.iter().map(|r| inlined(r.sotw_entry().len())).sum();
     let mut b = Builder::new(reply.version.len() + reply.ty.type_url().len() + nonce.len() + 8 + inline);
     b.string(1, &reply.version);
     b.string(4, reply.ty.type_url());
-    b.string(5, &nonce);
+    b.string(5, nonce);
     for r in &reply.resources {
         b.shared(r.sotw_entry());
     }
@@ -167,7 +183,8 @@ pub fn sotw(reply: &Reply) -> Frame {
 /// nonce = 5, removed_resources = 6 }`, each resource
 /// `Resource { version = 1, resource = 2 (Any), name = 3 }`.
 pub fn delta(reply: &Reply) -> Frame {
-    let nonce = reply.nonce.to_string();
+    let mut digits = [0; 20];
+    let nonce = decimal(reply.nonce, &mut digits);
     let per_resource: usize =
         reply.resources.iter().map(|r| r.name.len() + r.version.len() + 24 + inlined(r.any_bytes().len())).sum();
     let removed: usize = reply.removed.iter().map(|n| n.len() + 4).sum();
@@ -175,7 +192,7 @@ pub fn delta(reply: &Reply) -> Frame {
         Builder::new(reply.version.len() + reply.ty.type_url().len() + nonce.len() + per_resource + removed + 8);
     b.string(1, &reply.version);
     b.string(4, reply.ty.type_url());
-    b.string(5, &nonce);
+    b.string(5, nonce);
     for name in &reply.removed {
         // Repeated strings are written even when empty.
         b.header(6, name.len());
@@ -204,6 +221,13 @@ mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse, Resource};
     use envoy_types::util::pack_any;
     use prost::Message;
+
+    #[test]
+    fn nonces_are_written_in_decimal() {
+        for n in [0, 7, 10, 4_096, 1_000_000_007, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string());
+        }
+    }
 
     fn encoded(name: &str) -> Arc<Encoded> {
         let cluster = Cluster { name: name.into(), ..Default::default() };
@@ -257,7 +281,7 @@ mod tests {
         assert_eq!(len + 5, frame.len());
         let resource = |e: &Encoded| Resource {
             name: e.name.clone(),
-            version: e.version.clone(),
+            version: e.version.to_string(),
             resource: Some(e.resource()),
             ..Default::default()
         };
@@ -281,7 +305,7 @@ mod tests {
 
     #[test]
     fn an_empty_sotw_response_still_names_its_type() {
-        let frame = sotw(&Reply { version: String::new(), ..reply(Vec::new(), &[]) });
+        let frame = sotw(&Reply { version: "".into(), ..reply(Vec::new(), &[]) });
         let decoded = DiscoveryResponse::decode(frame.message().as_slice()).expect("decodes");
         assert_eq!(decoded.type_url, ResourceType::Cluster.type_url());
         assert!(decoded.resources.is_empty());
