@@ -44,6 +44,8 @@ pub struct DeltaState {
     pub client: Option<ClientInfo>,
     /// What the client may read (`[authz]`); `None`: everything.
     pub access: Option<std::sync::Arc<crate::authz::Access>>,
+    /// The cache's view of the client (zone, kind, access), made once.
+    view: Option<crate::cache::Client>,
     pub types: PerType<DeltaTypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
@@ -166,6 +168,7 @@ impl Protocol for DeltaState {
 
     fn set_access(&mut self, access: std::sync::Arc<crate::authz::Access>) {
         self.access = Some(access);
+        self.view = None;
     }
 
     fn take_changed(&mut self) -> bool {
@@ -173,7 +176,10 @@ impl Protocol for DeltaState {
     }
 
     fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
-        let Some(client) = self.client.as_ref().map(|c| c.client().with_access(self.access.clone())) else {
+        if self.view.is_none() {
+            self.view = self.client.as_ref().map(|c| c.client().with_access(self.access.clone()));
+        }
+        let Some(client) = self.view.as_ref() else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -190,11 +196,11 @@ impl Protocol for DeltaState {
             }
             let mut wanted: BTreeSet<String> = state.names.keys().cloned().collect();
             if state.wildcard {
-                wanted.extend(snapshot.wildcard_names(ty, &client));
+                wanted.extend(snapshot.wildcard_names(ty, client));
             }
             let present: BTreeMap<String, _> = wanted
                 .iter()
-                .filter_map(|name| snapshot.resolve(ty, name, &client).map(|r| (name.clone(), r)))
+                .filter_map(|name| snapshot.resolve(ty, name, client).map(|r| (name.clone(), r)))
                 .collect();
             let updated: Vec<_> =
                 present.iter().filter(|(name, r)| state.known.get(name) != Some(&r.version)).collect();

@@ -169,6 +169,8 @@ pub struct SotwState {
     pub client: Option<ClientInfo>,
     /// What the client may read (`[authz]`); `None`: everything.
     pub access: Option<std::sync::Arc<crate::authz::Access>>,
+    /// The cache's view of the client (zone, kind, access), made once.
+    view: Option<crate::cache::Client>,
     pub types: PerType<TypeState>,
     nonce: u64,
     /// A request since the last [`Protocol::take_changed`] may need an answer.
@@ -287,6 +289,7 @@ impl Protocol for SotwState {
 
     fn set_access(&mut self, access: std::sync::Arc<crate::authz::Access>) {
         self.access = Some(access);
+        self.view = None;
     }
 
     fn take_changed(&mut self) -> bool {
@@ -295,7 +298,10 @@ impl Protocol for SotwState {
 
     /// Empty until the first request has told us who the client is.
     fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
-        let Some(client) = self.client.as_ref().map(|c| c.client().with_access(self.access.clone())) else {
+        if self.view.is_none() {
+            self.view = self.client.as_ref().map(|c| c.client().with_access(self.access.clone()));
+        }
+        let Some(client) = self.view.as_ref() else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -317,10 +323,10 @@ impl Protocol for SotwState {
                     continue;
                 }
                 let mut names: Vec<&String> = sub.names.keys().collect();
-                let wildcard_names = if sub.wildcard { snapshot.wildcard_names(ty, &client) } else { Vec::new() };
+                let wildcard_names = if sub.wildcard { snapshot.wildcard_names(ty, client) } else { Vec::new() };
                 names.extend(wildcard_names.iter().filter(|n| !sub.names.contains(n)));
                 names.sort();
-                let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(ty, n, &client)).collect();
+                let resources: Vec<_> = names.iter().filter_map(|n| snapshot.resolve(ty, n, client)).collect();
                 let version: Arc<str> = format!(
                     "{:016x}",
                     stable_hash(&resources.iter().map(|r| (&r.name, &*r.version)).collect::<Vec<_>>())
@@ -341,7 +347,7 @@ impl Protocol for SotwState {
                     .names
                     .keys()
                     .filter(|n| touched(n))
-                    .filter_map(|n| snapshot.resolve(ty, n, &client))
+                    .filter_map(|n| snapshot.resolve(ty, n, client))
                     .filter(|r| state.sent.get(&r.name) != Some(&r.version))
                     .collect();
                 for r in due {
