@@ -8,7 +8,7 @@
 #                              ($CLOUDMAP_XDS_OLD_BIN, if set) and this tree's cloudmap-xds (new):
 #                              external SotW N = 1,000 and 10,000, K = 20 (propagation p50/p99/max,
 #                              RSS per idle stream, CPU per push per client); a 990-instance
-#                              service, N = 1,000, K = 5 (RSS per idle stream); 100,000 idle
+#                              service, N = 1,000 and 10,000, K = 5 (RSS per idle stream); 100,000 idle
 #                              streams and one change (time to reach all, RSS); then in-process
 #                              runs, Cloud Map API calls per minute and start to /ready.
 #                              compare.md holds the floor / old / new table with ratios.
@@ -19,7 +19,8 @@
 # BENCH_REPEAT=R repeats each comparison run R times (ranges in compare.md); BENCH_PROFILE=debug|release
 # overrides the build profile; BENCH_SECTIONS picks sections (default
 # "criterion compare large idle in-process api startup"); BENCH_COMPARE_CLIENTS (default "1000 10000")
-# and BENCH_IDLE_CLIENTS (default 100000) size the comparison and idle runs; BENCH_SERVERS (e.g.
+# BENCH_LARGE_CLIENTS (default "1000 10000") the large-service runs, and BENCH_IDLE_CLIENTS (default
+# 100000) the idle run; BENCH_SERVERS (e.g.
 # "floor old") limits the servers compared. BENCH_CLIENT_CPUS / BENCH_CP_CPUS (taskset -c lists, e.g. 2-3 and 0-1) pin the load
 # generator and the server under test apart on a machine with more cores; unset, both share all cores.
 # BENCH_PERF=1 records a CPU profile of cloudmap-xds during the first external N = 10,000 run
@@ -46,6 +47,7 @@ SECTIONS="${BENCH_SECTIONS:-criterion compare large idle in-process api startup}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 IDLE_CLIENTS="${BENCH_IDLE_CLIENTS:-100000}"
 read -r -a COMPARE_CLIENTS <<<"${BENCH_COMPARE_CLIENTS:-1000 10000}"
+read -r -a LARGE_CLIENTS <<<"${BENCH_LARGE_CLIENTS:-1000 10000}"
 OLD_BIN="${CLOUDMAP_XDS_OLD_BIN:-}"
 if [[ -n $OLD_BIN && ! -x $OLD_BIN ]]; then echo "bench: CLOUDMAP_XDS_OLD_BIN=$OLD_BIN is not executable" >&2; exit 2; fi
 
@@ -319,8 +321,10 @@ fi
 
 if want large; then
     for r in $(seq 1 "$REPEAT"); do
-        echo "==> a large service (990 instances), N = 1,000, K = 5: ${SERVERS[*]}, round $r"
-        for server in "${SERVERS[@]}"; do measure "$server" "$server-large-990-1000-r$r" 990 1000 5; done
+        for n in "${LARGE_CLIENTS[@]}"; do
+            echo "==> a large service (990 instances), N = $n, K = 5: ${SERVERS[*]}, round $r"
+            for server in "${SERVERS[@]}"; do measure "$server" "$server-large-990-$n-r$r" 990 "$n" 5; done
+        done
     done
 fi
 

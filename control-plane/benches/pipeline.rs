@@ -12,12 +12,18 @@
 //!   former path, copying the resource into a response and encoding it;
 //! - `index/1000x50`: the whole index of an estate of 1,000 services × 50
 //!   instances — every service written, and every resource resolved for gRPC
-//!   clients in three zones (all encodings done once).
+//!   clients in three zones (all encodings done once);
+//! - `census/one_zone/1000`: a census change that moves one zone's plan (zone
+//!   a's clients go from 2 to 5 and back, b and c keep one each: a spills
+//!   more or less, b and c stay local) applied, and the EDS resolved for all
+//!   three zones: only zone a's variant is encoded again (checked before
+//!   timing: the other two are the same `Arc`).
 //!
 //! Run: `cargo bench -p cloudmap-xds --bench pipeline`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::Arc;
 
 use cloudmap_xds::cache::{Cache, Client};
 use cloudmap_xds::model::{ClientKind, ServiceName, Zone};
@@ -158,5 +164,50 @@ fn stages(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, stages);
+/// A census change that touches one zone re-encodes only that zone's variant.
+fn census(c: &mut Criterion) {
+    let options = TranslateOptions {
+        default_region: "us-east-1".into(),
+        weight_attribute: None,
+        metadata_attributes: MetadataAttributes::All,
+    };
+    let endpoints = translate::translate(&instances(ENDPOINTS), &options).endpoints;
+    let clients: Vec<Client> =
+        ZONES.iter().map(|z| Client::new(Some(Zone::new(*z)), ClientKind::Grpc, "bench")).collect();
+    let eds = ResourceType::ClusterLoadAssignment;
+    let resolve_all = |cache: &Cache| -> Vec<_> {
+        let snapshot = cache.snapshot();
+        clients.iter().map(|client| snapshot.resolve(eds, "echo.prod", client).expect("served")).collect()
+    };
+    // Two clients in zone a, one in b and one in c (a spills, b and c are
+    // local), every variant encoded.
+    let setup = || {
+        let cache = Cache::default();
+        cache.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
+        cache.set_ready();
+        for zone in [ZONES[0], ZONES[0], ZONES[1], ZONES[2]] {
+            cache.census().join("echo.prod", &Zone::new(zone), &cloudmap_xds::census::Voter::unique());
+        }
+        assert!(cache.apply_census(), "the first census");
+        let encoded = resolve_all(&cache);
+        (cache, encoded)
+    };
+    // Three more clients in zone a: a spills more, b and c stay local.
+    let change = |cache: &Cache| {
+        for _ in 0..3 {
+            cache.census().join("echo.prod", &Zone::new(ZONES[0]), &cloudmap_xds::census::Voter::unique());
+        }
+        assert!(cache.apply_census(), "the census change moves zone a's plan");
+        resolve_all(cache)
+    };
+    let (cache, before) = setup();
+    let after = change(&cache);
+    assert!(!Arc::ptr_eq(&before[0], &after[0]), "zone a's EDS is encoded again");
+    assert!(Arc::ptr_eq(&before[1], &after[1]) && Arc::ptr_eq(&before[2], &after[2]), "b's and c's are not");
+    c.bench_function("census/one_zone/1000", |b| {
+        b.iter_batched(setup, |(cache, encoded)| (change(&cache), cache, encoded), BatchSize::LargeInput)
+    });
+}
+
+criterion_group!(benches, stages, census);
 criterion_main!(benches);
