@@ -238,7 +238,25 @@ pub struct ServiceEntry {
     /// Shared with later entries of the same endpoints, so a census change
     /// re-encodes only the zones whose plan changed.
     encoded: Arc<DashMap<u64, Arc<Encoded>>>,
+    /// The service's EDS as each kind of client (zone, kind, flat subset)
+    /// resolved it. This entry's plans never change, so after the first
+    /// stream of a kind the others find it here, without planning or hashing
+    /// the plan (every stream resolves it on every push). A new entry starts
+    /// empty.
+    variants: std::sync::RwLock<Vec<(Variant, Arc<Encoded>)>>,
 }
+
+/// Which EDS variant of a service a client gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Variant {
+    zone: Option<Zone>,
+    kind: ClientKind,
+    subset: u16,
+}
+
+/// Variants a service keeps for quick lookup; zones come from clients, so
+/// the list is bounded (beyond it, resolving takes the planning path).
+const MAX_VARIANTS: usize = 64;
 
 /// The census a service's plans read: the whole service's, and each subset's
 /// (the streams join the EDS name `SERVICE.NAMESPACE/SUBSET`).
@@ -275,6 +293,7 @@ impl ServiceEntry {
             endpoints_hash,
             plans: DashMap::new(),
             encoded: Arc::new(DashMap::new()),
+            variants: Default::default(),
         }
     }
 
@@ -300,6 +319,7 @@ impl ServiceEntry {
             endpoints_hash: self.endpoints_hash,
             plans: DashMap::new(),
             encoded: self.encoded.clone(),
+            variants: Default::default(),
         }
     }
 
@@ -332,8 +352,20 @@ impl ServiceEntry {
     }
 
     fn eds(&self, client: &Client) -> Arc<Encoded> {
+        let subset = flat_subset(client);
+        let is_variant = |v: &Variant| v.kind == client.kind && v.subset == subset && v.zone == client.zone;
+        let known = self.variants.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, hit)) = known.iter().find(|(v, _)| is_variant(v)) {
+            return hit.clone();
+        }
+        drop(known);
         let plan = self.plan(client.zone.as_ref());
-        self.eds_of(self.name.dial_name(), &self.endpoints, self.endpoints_hash, &plan, client)
+        let encoded = self.eds_of(self.name.dial_name(), &self.endpoints, self.endpoints_hash, &plan, client);
+        let mut known = self.variants.write().unwrap_or_else(|e| e.into_inner());
+        if known.len() < MAX_VARIANTS && !known.iter().any(|(v, _)| is_variant(v)) {
+            known.push((Variant { zone: client.zone.clone(), kind: client.kind, subset }, encoded.clone()));
+        }
+        encoded
     }
 
     /// The EDS of subset `subset` (named `SERVICE.NAMESPACE/SUBSET`), if the service has it.
@@ -352,8 +384,7 @@ impl ServiceEntry {
         plan: &Plan,
         client: &Client,
     ) -> Arc<Encoded> {
-        // Flat clients differ by subset; the others share one variant per plan.
-        let subset = if client.kind == ClientKind::Flat { client.subset % resources::FLAT_SUBSETS } else { 0 };
+        let subset = flat_subset(client);
         let key = stable_hash(&(ResourceType::ClusterLoadAssignment, &name, endpoints_hash, plan, client.kind, subset));
         self.memo(key, || {
             let cla = resources::cluster_load_assignment(&name, endpoints, plan, client.kind, subset);
@@ -366,6 +397,11 @@ impl ServiceEntry {
         let dial = self.name.dial_name();
         std::iter::once(dial.clone()).chain(self.subsets.keys().map(move |s| format!("{dial}/{s}")))
     }
+}
+
+/// Flat clients differ by subset; the others share one variant per plan.
+fn flat_subset(client: &Client) -> u16 {
+    if client.kind == ClientKind::Flat { client.subset % resources::FLAT_SUBSETS } else { 0 }
 }
 
 fn cached_plan(

@@ -187,10 +187,12 @@ impl Protocol for DeltaState {
         let mut removals = Vec::new();
         for ty in ADD_ORDER {
             let Some(state) = self.types.get_mut(&ty) else { continue };
+            // Nothing of this type moved: no name to look at.
             let stale = state.must_respond
-                || (state.wildcard && changed.touches_type(ty))
-                || state.names.keys().any(|n| changed.touches(Snapshot::key_of(n), ty))
-                || state.known.keys().any(|n| changed.touches(Snapshot::key_of(n), ty));
+                || (changed.touches_type(ty)
+                    && (state.wildcard
+                        || state.names.keys().any(|n| changed.touches(Snapshot::key_of(n), ty))
+                        || state.known.keys().any(|n| changed.touches(Snapshot::key_of(n), ty))));
             if !stale {
                 continue;
             }

@@ -314,6 +314,10 @@ impl Protocol for SotwState {
                 state.must_respond = false;
                 continue;
             }
+            // Nothing of this type moved (an endpoints change for LDS, RDS, CDS): no name to look at.
+            if !state.must_respond && !changed.touches_type(ty) {
+                continue;
+            }
             let touched = |name: &String| changed.touches(Snapshot::key_of(name), ty);
             if ty.is_full_set() {
                 // A wildcard set may gain or lose a member with any change.
