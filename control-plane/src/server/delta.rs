@@ -176,10 +176,7 @@ impl Protocol for DeltaState {
     }
 
     fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
-        if self.view.is_none() {
-            self.view = self.client.as_ref().map(|c| c.client().with_access(self.access.clone()));
-        }
-        let Some(client) = self.view.as_ref() else {
+        let Some(client) = super::client_view(&mut self.view, self.client.as_ref(), &self.access) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -187,7 +184,7 @@ impl Protocol for DeltaState {
         let mut removals = Vec::new();
         for ty in ADD_ORDER {
             let Some(state) = self.types.get_mut(&ty) else { continue };
-            // Nothing of this type moved: no name to look at.
+            // A type no change key's scope covers is not looked at, name by name.
             let stale = state.must_respond
                 || (changed.touches_type(ty)
                     && (state.wildcard

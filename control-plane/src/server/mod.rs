@@ -157,6 +157,20 @@ impl ClientInfo {
     }
 }
 
+/// A stream's cached view of its client (`view`), made from `client` and
+/// `access` the first time it is asked for after being reset to `None`; none
+/// before the first request has said who the client is.
+fn client_view<'a>(
+    view: &'a mut Option<Client>,
+    client: Option<&ClientInfo>,
+    access: &Option<std::sync::Arc<crate::authz::Access>>,
+) -> Option<&'a Client> {
+    if view.is_none() {
+        *view = client.map(|c| c.client().with_access(access.clone()));
+    }
+    view.as_ref()
+}
+
 /// What a request meant, for logs, metrics and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -298,10 +298,7 @@ impl Protocol for SotwState {
 
     /// Empty until the first request has told us who the client is.
     fn responses(&mut self, snapshot: &Snapshot, changed: &Changed) -> Vec<Reply> {
-        if self.view.is_none() {
-            self.view = self.client.as_ref().map(|c| c.client().with_access(self.access.clone()));
-        }
-        let Some(client) = self.view.as_ref() else {
+        let Some(client) = super::client_view(&mut self.view, self.client.as_ref(), &self.access) else {
             return Vec::new();
         };
         let mut out = Vec::new();
