@@ -25,7 +25,8 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
-use cloudmap_xds::cache::{Cache, Client};
+use cloudmap_xds::builder::Builder;
+use cloudmap_xds::cache::Client;
 use cloudmap_xds::model::{ClientKind, ServiceName, Zone};
 use cloudmap_xds::policy::{self, PerZone, Policy};
 use cloudmap_xds::resources::{self, ResourceType};
@@ -96,10 +97,10 @@ fn stages(c: &mut Criterion) {
     eprintln!("one CLA of {ENDPOINTS} endpoints encodes to {} bytes", cla.encoded_len());
     c.bench_function("encode/cla/1000", |b| b.iter_batched(|| cla.clone(), pack_any, BatchSize::LargeInput));
 
-    let cache = Cache::default();
-    cache.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
-    cache.set_ready();
-    let snapshot = cache.snapshot();
+    let mut builder = Builder::default();
+    builder.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
+    builder.set_ready();
+    let snapshot = builder.snapshot();
     let client = Client::new(Some(zone.clone()), ClientKind::Grpc, "bench");
     let eds = ResourceType::ClusterLoadAssignment;
     snapshot.resolve(eds, "echo.prod", &client).expect("served");
@@ -145,11 +146,11 @@ fn stages(c: &mut Criterion) {
         b.iter_batched(
             || estate.clone(),
             |estate| {
-                let cache = Cache::default();
+                let mut builder = Builder::default();
                 for (name, endpoints) in estate {
-                    cache.update_service(&name, endpoints, Policy::ZoneAware);
+                    builder.update_service(&name, endpoints, Policy::ZoneAware);
                 }
-                let snapshot = cache.snapshot();
+                let snapshot = builder.snapshot();
                 for name in snapshot.services.keys() {
                     for client in &clients {
                         for ty in ResourceType::ALL {
@@ -157,7 +158,7 @@ fn stages(c: &mut Criterion) {
                         }
                     }
                 }
-                cache
+                builder
             },
             BatchSize::LargeInput,
         )
@@ -175,37 +176,37 @@ fn census(c: &mut Criterion) {
     let clients: Vec<Client> =
         ZONES.iter().map(|z| Client::new(Some(Zone::new(*z)), ClientKind::Grpc, "bench")).collect();
     let eds = ResourceType::ClusterLoadAssignment;
-    let resolve_all = |cache: &Cache| -> Vec<_> {
-        let snapshot = cache.snapshot();
+    let resolve_all = |builder: &Builder| -> Vec<_> {
+        let snapshot = builder.snapshot();
         clients.iter().map(|client| snapshot.resolve(eds, "echo.prod", client).expect("served")).collect()
     };
     // Two clients in zone a, one in b and one in c (a spills, b and c are
     // local), every variant encoded.
     let setup = || {
-        let cache = Cache::default();
-        cache.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
-        cache.set_ready();
+        let mut builder = Builder::default();
+        builder.update_service(&ServiceName::new("prod", "echo"), endpoints.clone(), Policy::ZoneAware);
+        builder.set_ready();
         for zone in [ZONES[0], ZONES[0], ZONES[1], ZONES[2]] {
-            cache.census().join("echo.prod", &Zone::new(zone), &cloudmap_xds::census::Voter::unique());
+            builder.census().join("echo.prod", &Zone::new(zone), &cloudmap_xds::census::Voter::unique());
         }
-        assert!(cache.apply_census(), "the first census");
-        let encoded = resolve_all(&cache);
-        (cache, encoded)
+        assert!(builder.apply_census(), "the first census");
+        let encoded = resolve_all(&builder);
+        (builder, encoded)
     };
     // Three more clients in zone a: a spills more, b and c stay local.
-    let change = |cache: &Cache| {
+    let change = |builder: &mut Builder| {
         for _ in 0..3 {
-            cache.census().join("echo.prod", &Zone::new(ZONES[0]), &cloudmap_xds::census::Voter::unique());
+            builder.census().join("echo.prod", &Zone::new(ZONES[0]), &cloudmap_xds::census::Voter::unique());
         }
-        assert!(cache.apply_census(), "the census change moves zone a's plan");
-        resolve_all(cache)
+        assert!(builder.apply_census(), "the census change moves zone a's plan");
+        resolve_all(builder)
     };
-    let (cache, before) = setup();
-    let after = change(&cache);
+    let (mut builder, before) = setup();
+    let after = change(&mut builder);
     assert!(!Arc::ptr_eq(&before[0], &after[0]), "zone a's EDS is encoded again");
     assert!(Arc::ptr_eq(&before[1], &after[1]) && Arc::ptr_eq(&before[2], &after[2]), "b's and c's are not");
     c.bench_function("census/one_zone/1000", |b| {
-        b.iter_batched(setup, |(cache, encoded)| (change(&cache), cache, encoded), BatchSize::LargeInput)
+        b.iter_batched(setup, |(mut builder, encoded)| (change(&mut builder), builder, encoded), BatchSize::LargeInput)
     });
 }
 

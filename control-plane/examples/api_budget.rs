@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloudmap_xds::budget::Budget;
-use cloudmap_xds::cache::Cache;
+use cloudmap_xds::builder::Builder;
 use cloudmap_xds::cloudmap::{CloudMap, CloudMapError, DISCOVER_PAGE, Namespace, Paged, ServiceRef, Timing, Watcher};
 use cloudmap_xds::config::{FileConfig, ServiceSettings};
 use cloudmap_xds::model::Zone;
@@ -151,11 +151,12 @@ async fn run(label: &'static str, services: usize, budget: Budget) -> Row {
     for i in 0..services {
         api.add_service(&format!("s{i}"));
     }
-    let cache = Arc::new(Cache::default());
+    let builder = Builder::default();
+    let (cache, census, status) = (builder.cache().clone(), builder.census().clone(), builder.status().clone());
     // One service in ten has clients.
     let subscribed: Vec<String> = (0..services).step_by(10).map(|i| format!("s{i}.{NAMESPACE}")).collect();
     for dial in &subscribed {
-        cache.census().join(dial, &Zone::new("us-east-1a"), &cloudmap_xds::census::Voter::unique());
+        census.join(dial, &Zone::new("us-east-1a"), &cloudmap_xds::census::Voter::unique());
     }
     // The defaults of `cloudmap-xds serve`.
     let timing = Timing {
@@ -166,7 +167,9 @@ async fn run(label: &'static str, services: usize, budget: Budget) -> Row {
     };
     let watcher = Watcher {
         api: api.clone(),
-        cache: cache.clone(),
+        writer: builder.spawn(),
+        census,
+        status,
         config: Arc::new(FileConfig::default()),
         timing,
         default_region: "us-east-1".into(),

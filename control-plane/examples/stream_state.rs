@@ -8,6 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
+use cloudmap_xds::builder::Builder;
 use cloudmap_xds::cache::Cache;
 use cloudmap_xds::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
 use cloudmap_xds::policy::Policy;
@@ -109,7 +110,7 @@ fn measure<T>(what: &str, n: usize, make: impl Fn(usize) -> T) {
 }
 
 fn main() {
-    let cache = Cache::default();
+    let mut builder = Builder::default();
     let endpoints = (0..30)
         .map(|i| Endpoint {
             instance_id: format!("i-{i}"),
@@ -123,11 +124,16 @@ fn main() {
             metadata: Default::default(),
         })
         .collect();
-    cache.update_service(&ServiceName::new("demo", "echo"), ServiceEndpoints::new(endpoints, false), Policy::ZoneAware);
-    cache.set_ready();
+    builder.update_service(
+        &ServiceName::new("demo", "echo"),
+        ServiceEndpoints::new(endpoints, false),
+        Policy::ZoneAware,
+    );
+    builder.set_ready();
+    let cache = builder.cache();
     // Warm the cache's memo so only per-stream state is counted.
-    drop(sotw(&cache, 0));
-    drop(delta(&cache, 0));
-    measure("SotW", 1000, |i| sotw(&cache, i));
-    measure("Delta", 1000, |i| delta(&cache, i));
+    drop(sotw(cache, 0));
+    drop(delta(cache, 0));
+    measure("SotW", 1000, |i| sotw(cache, i));
+    measure("Delta", 1000, |i| delta(cache, i));
 }

@@ -1,5 +1,6 @@
 //! The admin HTTP server: liveness, readiness, Prometheus metrics, a JSON
-//! dump of what is served, and CSDS (gRPC). Reads the cache; changes nothing.
+//! dump of what is served, and CSDS (gRPC). Reads the cache, the census and
+//! the watchers' status; changes nothing.
 //! Binds to loopback by default: it tells anyone who can reach it the whole
 //! topology and every client.
 //!
@@ -21,16 +22,30 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-use crate::cache::{Cache, NamespaceState};
+use crate::cache::Cache;
+use crate::census::Census;
 use crate::peers::Peering;
 use crate::server::csds::CsdsServer;
 use crate::server::registry::{Registry, ResourceState, StreamStatus};
+use crate::status::{NamespaceState, Status};
 use crate::ui;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Sources {
+    pub cache: Arc<Cache>,
+    pub census: Arc<Census>,
+    pub status: Arc<Status>,
+    pub registry: Arc<Registry>,
+    pub peering: Arc<Peering>,
+}
 
 #[derive(Clone)]
 struct AdminState {
     cache: Arc<Cache>,
+    census: Arc<Census>,
+    status: Arc<Status>,
     registry: Arc<Registry>,
     metrics: PrometheusHandle,
     staleness: Option<Duration>,
@@ -39,14 +54,8 @@ struct AdminState {
 
 /// `staleness`: `/ready` answers 503 when a service's last successful Cloud
 /// Map call is older than this (`None`: never, serving the last good state is ready).
-pub fn router(
-    cache: Arc<Cache>,
-    registry: Arc<Registry>,
-    metrics: PrometheusHandle,
-    staleness: Option<Duration>,
-    peering: Arc<Peering>,
-    csds: CsdsServer,
-) -> Router {
+pub fn router(sources: Sources, metrics: PrometheusHandle, staleness: Option<Duration>, csds: CsdsServer) -> Router {
+    let Sources { cache, census, status, registry, peering } = sources;
     let csds = ClientStatusDiscoveryServiceServer::new(csds);
     Router::new()
         .route_service("/envoy.service.status.v3.ClientStatusDiscoveryService/{*method}", csds)
@@ -58,7 +67,7 @@ pub fn router(
         .route("/ui/ui.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], ui::SCRIPT) }))
         .route("/ui/ui.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], ui::STYLE) }))
         .route("/ui/state", get(ui_state))
-        .with_state(AdminState { cache, registry, metrics, staleness, peering })
+        .with_state(AdminState { cache, census, status, registry, metrics, staleness, peering })
 }
 
 /// Bind the admin address, before anything is served: a port already taken
@@ -85,8 +94,8 @@ pub async fn serve(
 }
 
 /// What `/ready` says about namespaces that are not served: one line each.
-fn namespace_lines(cache: &Cache) -> String {
-    cache
+fn namespace_lines(status: &Status) -> String {
+    status
         .namespace_states()
         .iter()
         .filter_map(|(name, state)| match state {
@@ -101,14 +110,14 @@ fn namespace_lines(cache: &Cache) -> String {
 }
 
 async fn ready(State(state): State<AdminState>) -> Response {
-    let namespaces = namespace_lines(&state.cache);
+    let namespaces = namespace_lines(&state.status);
     if !state.cache.is_ready() {
         let body = format!("waiting for the first Cloud Map sync\n{namespaces}");
         return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
     }
     if let Some(bound) = state.staleness {
         let stale: Vec<String> = state
-            .cache
+            .status
             .sync_ages()
             .into_iter()
             .filter(|(_, age)| *age > bound)
@@ -123,7 +132,7 @@ async fn ready(State(state): State<AdminState>) -> Response {
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> Response {
-    for (service, age) in state.cache.sync_ages() {
+    for (service, age) in state.status.sync_ages() {
         metrics::gauge!("cloudmap_xds_seconds_since_last_sync", "service" => service).set(age.as_secs_f64());
     }
     // The cross-zone share each service's plans give its zoned clients (what the alert reads).
@@ -144,11 +153,11 @@ async fn ui_state(State(state): State<AdminState>) -> Response {
     let inputs = ui::Inputs {
         snapshot: &snapshot,
         ready: state.cache.is_ready(),
-        namespaces: state.cache.namespace_states(),
-        sync_ages: state.cache.sync_ages(),
-        live_census: state.cache.census().all(),
-        skipped: dials.iter().map(|d| (d.clone(), state.cache.skipped(d))).collect(),
-        routing_errors: dials.iter().filter_map(|d| state.cache.routing_error(d).map(|e| (d.clone(), e))).collect(),
+        namespaces: state.status.namespace_states(),
+        sync_ages: state.status.sync_ages(),
+        live_census: state.census.all(),
+        skipped: dials.iter().map(|d| (d.clone(), state.status.skipped(d))).collect(),
+        routing_errors: dials.iter().filter_map(|d| state.status.routing_error(d).map(|e| (d.clone(), e))).collect(),
         streams: &streams,
     };
     axum::Json(ui::view(&inputs)).into_response()
@@ -180,8 +189,7 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
             let census: serde_json::Map<_, _> =
                 entry.census.iter().map(|(z, c)| (z.as_str().to_string(), json!(c))).collect();
             let live: serde_json::Map<_, _> = state
-                .cache
-                .census()
+                .census
                 .live(&entry.name.dial_name())
                 .iter()
                 .map(|(z, c)| (z.as_str().to_string(), json!(c)))
@@ -199,7 +207,7 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 })
                 .collect();
             let skipped: Vec<_> = state
-                .cache
+                .status
                 .skipped(&entry.name.dial_name())
                 .into_iter()
                 .map(|s| json!({"instance_id": s.instance_id, "reason": s.reason}))
@@ -209,7 +217,7 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
                 "subsets": subsets,
                 "routes": entry.routing.routes.len(),
                 // Set while the service's Cloud Map routing attributes are refused (the last good routing is served).
-                "routing_error": state.cache.routing_error(&entry.name.dial_name()),
+                "routing_error": state.status.routing_error(&entry.name.dial_name()),
                 "name": entry.name.dial_name(),
                 "namespace": entry.name.namespace,
                 "service": entry.name.service,
@@ -226,19 +234,19 @@ async fn config_dump(State(state): State<AdminState>) -> Response {
     let clients: Vec<_> = state.registry.list().iter().map(client_json).collect();
     axum::Json(json!({
         "ready": state.cache.is_ready(),
-        "namespaces": state.cache.namespace_states(),
+        "namespaces": state.status.namespace_states(),
         "generation": snapshot.generation,
         "services": services,
         "clients": clients,
-        "peering": peering_json(&state.peering, &state.cache),
+        "peering": peering_json(&state.peering, &state.census),
     }))
     .into_response()
 }
 
 /// This replica's id, and each peer: whether it is in the census now, its
 /// last contact and the census it reported (what the plans add to our own).
-fn peering_json(peering: &Peering, cache: &Cache) -> serde_json::Value {
-    let censuses = cache.census().peers();
+fn peering_json(peering: &Peering, census: &Census) -> serde_json::Value {
+    let censuses = census.peers();
     let peers: Vec<_> = peering
         .status()
         .into_iter()
@@ -316,22 +324,22 @@ fn client_json(stream: &StreamStatus) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::Builder;
     use crate::model::{ServiceEndpoints, ServiceName};
     use crate::policy::Policy;
 
-    fn state(staleness: Option<Duration>) -> AdminState {
-        AdminState {
-            cache: Arc::new(Cache::default()),
+    fn state(staleness: Option<Duration>) -> (AdminState, Builder) {
+        let builder = Builder::default();
+        let state = AdminState {
+            cache: builder.cache().clone(),
+            census: builder.census().clone(),
+            status: builder.status().clone(),
             registry: Arc::new(Registry::new(10)),
             metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
             staleness,
-            peering: Peering::new(
-                Arc::new(Cache::default()),
-                "test".into(),
-                Duration::from_secs(10),
-                Default::default(),
-            ),
-        }
+            peering: Peering::new(builder.census().clone(), "test".into(), Duration::from_secs(10), Default::default()),
+        };
+        (state, builder)
     }
 
     #[tokio::test]
@@ -344,21 +352,21 @@ mod tests {
 
     #[tokio::test]
     async fn ready_waits_for_the_first_sync_and_reports_staleness() {
-        let s = state(Some(Duration::from_millis(50)));
+        let (s, mut builder) = state(Some(Duration::from_millis(50)));
         assert_eq!(ready(State(s.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE);
         let name = ServiceName::new("demo", "echo");
-        s.cache.update_service(&name, ServiceEndpoints::default(), Policy::ZoneAware);
-        s.cache.mark_synced(&name);
-        s.cache.set_ready();
+        builder.update_service(&name, ServiceEndpoints::default(), Policy::ZoneAware);
+        s.status.mark_synced(&name.dial_name());
+        builder.set_ready();
         assert_eq!(ready(State(s.clone())).await.status(), StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(ready(State(s.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE, "stale");
-        s.cache.mark_synced(&name);
+        s.status.mark_synced(&name.dial_name());
         assert_eq!(ready(State(s.clone())).await.status(), StatusCode::OK, "recovered");
 
         // A missing namespace is listed, and does not make the others unready.
-        s.cache.set_namespace_state("demo", NamespaceState::Synced);
-        s.cache.set_namespace_state("typo", NamespaceState::Missing);
+        s.status.set_namespace_state("demo", NamespaceState::Synced);
+        s.status.set_namespace_state("typo", NamespaceState::Missing);
         let r = ready(State(s.clone())).await;
         assert_eq!(r.status(), StatusCode::OK);
         let body = axum::body::to_bytes(r.into_body(), 4096).await.expect("body");
@@ -366,8 +374,8 @@ mod tests {
         assert!(body.contains("namespace typo: not found") && !body.contains("namespace demo"), "{body}");
 
         // Without a bound, serving the last good state is ready.
-        let unbounded = state(None);
-        unbounded.cache.set_ready();
+        let (unbounded, builder) = state(None);
+        builder.set_ready();
         assert_eq!(ready(State(unbounded)).await.status(), StatusCode::OK);
     }
 }

@@ -1,7 +1,7 @@
 //! The census: which zones the connected clients of each service are in,
 //! written by the ADS streams as they subscribe to and leave a service's
-//! endpoints, and [`follow`], the debouncer that moves the cache's plans to
-//! it once bursts of connects settle. The binary and the load generator run
+//! endpoints, and [`follow`], the debouncer that tells the index's writer
+//! ([`crate::builder`]) to move the plans to it once bursts of connects settle. The binary and the load generator run
 //! the same [`follow`].
 //!
 //! The census counts **voters, not streams**: each stream joins on behalf of
@@ -26,7 +26,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::cache::Cache;
+use crate::builder::Writer;
 use crate::model::Zone;
 use crate::policy::PerZone;
 
@@ -252,19 +252,17 @@ impl Census {
     }
 }
 
-/// Move the cache's plans to the census after bursts of connects and
+/// Have `writer` move the plans to `census` after bursts of connects and
 /// disconnects settle: `debounce` after a change, at most 100 ms when a zone
 /// is new to a service. Runs until the task is dropped.
-pub async fn follow(cache: Arc<Cache>, debounce: Duration) {
+pub async fn follow(census: Arc<Census>, writer: Writer, debounce: Duration) {
     // Connects that arrive together (a deploy, a control-plane restart) are
     // gathered; a zone new to a service waits only a short moment.
     let new_zone_debounce = debounce.min(Duration::from_millis(100));
     loop {
-        let new_zone = cache.census().changed().await;
+        let new_zone = census.changed().await;
         tokio::time::sleep(if new_zone { new_zone_debounce } else { debounce }).await;
-        if cache.apply_census() {
-            tracing::debug!("census changed zone shares");
-        }
+        writer.apply_census();
     }
 }
 
@@ -316,7 +314,7 @@ mod tests {
     async fn follow_applies_after_the_debounce() {
         use crate::model::{Endpoint, Health, ServiceEndpoints, ServiceName};
         use crate::policy::Policy;
-        let cache = Arc::new(Cache::default());
+        let mut builder = crate::builder::Builder::default();
         let endpoints = ServiceEndpoints::new(
             ["a", "b"]
                 .iter()
@@ -335,10 +333,11 @@ mod tests {
                 .collect(),
             false,
         );
-        cache.update_service(&ServiceName::new("demo", "echo"), endpoints, Policy::ZoneAware);
-        let task = tokio::spawn(follow(cache.clone(), Duration::from_secs(1)));
+        builder.update_service(&ServiceName::new("demo", "echo"), endpoints, Policy::ZoneAware);
+        let (cache, census) = (builder.cache().clone(), builder.census().clone());
+        let task = tokio::spawn(follow(census.clone(), builder.spawn(), Duration::from_secs(1)));
         tokio::task::yield_now().await;
-        cache.census().join("echo.demo", &Zone::new("a"), &Voter::unique());
+        census.join("echo.demo", &Zone::new("a"), &Voter::unique());
         // A new zone: applied within ~100 ms, not the full second.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(cache.snapshot().services["echo.demo"].census.get(&Zone::new("a")), Some(&1));

@@ -36,11 +36,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::budget::{Budget, Priority, stretched_refresh};
-use crate::cache::{Cache, Claim, NamespaceState, ServiceOptions, Write};
+use crate::builder::{Claim, Write, Writer};
+use crate::cache::ServiceOptions;
+use crate::census::Census;
 use crate::config::{
     FileConfig, HealthFilter, ROUTES_ATTRIBUTE, SUBSETS_ATTRIBUTE, ServiceSettings, routing_with_attributes,
 };
 use crate::model::{Routing, ServiceName};
+use crate::status::{NamespaceState, Status};
 use crate::translate::{self, RawInstance, Skipped, TranslateOptions};
 
 /// A Cloud Map error, as text fit for an operator's log.
@@ -454,10 +457,13 @@ const MISSING_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// is removed (unless `GetService` confirms the deletion sooner).
 const ABSENT_LISTINGS: u32 = 2;
 
-/// Runs the watchers and feeds the cache.
+/// Runs the watchers and feeds the index's writer.
 pub struct Watcher<C> {
     pub api: Arc<C>,
-    pub cache: Arc<Cache>,
+    pub writer: Writer,
+    /// Who subscribes to what: subscribed services are polled first.
+    pub census: Arc<Census>,
+    pub status: Arc<Status>,
     pub config: Arc<FileConfig>,
     pub timing: Timing,
     pub default_region: String,
@@ -469,7 +475,9 @@ impl<C> Clone for Watcher<C> {
     fn clone(&self) -> Self {
         Watcher {
             api: self.api.clone(),
-            cache: self.cache.clone(),
+            writer: self.writer.clone(),
+            census: self.census.clone(),
+            status: self.status.clone(),
             config: self.config.clone(),
             timing: self.timing.clone(),
             default_region: self.default_region.clone(),
@@ -517,7 +525,7 @@ impl<C: CloudMap> Watcher<C> {
         let (report, mut reports) = mpsc::unbounded_channel::<(String, bool)>();
         let mut tasks = Vec::new();
         for name in &namespaces {
-            self.cache.set_namespace_state(name, NamespaceState::Pending);
+            self.status.set_namespace_state(name, NamespaceState::Pending);
             tasks.push(AbortOnDrop(tokio::spawn(self.clone().watch_namespace(name.clone(), report.clone()))));
         }
         drop(report);
@@ -530,7 +538,7 @@ impl<C: CloudMap> Watcher<C> {
                 ready = true;
                 let missing: Vec<&String> = settled.iter().filter(|(_, e)| !**e).map(|(n, _)| n).collect();
                 tracing::info!(?missing, "first Cloud Map sync complete; serving");
-                self.cache.set_ready();
+                self.writer.set_ready().await;
             }
         }
         // Every namespace task ended: only on shutdown.
@@ -555,7 +563,7 @@ impl<C: CloudMap> Watcher<C> {
                     let wait = match self.list_namespace(&name, &mut namespace).await {
                         Ok(None) => {
                             failures = 0;
-                            self.cache.set_namespace_state(&name, NamespaceState::Missing);
+                            self.status.set_namespace_state(&name, NamespaceState::Missing);
                             if missing_logged.is_none_or(|t| t.elapsed() >= MISSING_LOG_INTERVAL) {
                                 missing_logged = Some(Instant::now());
                                 tracing::error!(
@@ -582,7 +590,7 @@ impl<C: CloudMap> Watcher<C> {
                         Err(e) => {
                             failures += 1;
                             if !synced {
-                                self.cache.set_namespace_state(&name, NamespaceState::Error(e.to_string()));
+                                self.status.set_namespace_state(&name, NamespaceState::Error(e.to_string()));
                             }
                             tracing::warn!(namespace = %name, error = %e, "listing services failed; keeping the last known services");
                             backoff(failures, self.timing.revision_interval, self.timing.max_backoff)
@@ -613,7 +621,7 @@ impl<C: CloudMap> Watcher<C> {
             }
             if !synced && namespace.is_some() && first_reads.as_ref().is_some_and(BTreeSet::is_empty) {
                 synced = true;
-                self.cache.set_namespace_state(&name, NamespaceState::Synced);
+                self.status.set_namespace_state(&name, NamespaceState::Synced);
                 tracing::info!(namespace = %name, services = services.len(), "namespace synced");
                 let _ = report.send((name.clone(), true));
             }
@@ -703,7 +711,7 @@ impl<C: CloudMap> Watcher<C> {
                 tracing::info!(namespace = %name, %service, "new service found");
             }
             let service_name = ServiceName::new(name, &service);
-            let claim = self.cache.claim(&service_name);
+            let claim = self.writer.claim(&service_name);
             let task = self.clone().watch_service(
                 ns.clone(),
                 ServiceRef { id: id.clone(), name: service.clone() },
@@ -722,7 +730,7 @@ impl<C: CloudMap> Watcher<C> {
         let Some(watched) = services.remove(service) else { return };
         // Abort first; the claim check makes a write that races the abort harmless.
         drop(watched._task);
-        self.cache.retire(&watched.claim);
+        self.writer.retire(&watched.claim);
         self.budget.service_ended();
         metrics::gauge!("cloudmap_xds_endpoints", "service" => watched.claim.name.dial_name()).set(0.0);
         tracing::info!(%namespace, %service, %reason, "service deleted from Cloud Map; no longer served");
@@ -753,8 +761,8 @@ impl<C: CloudMap> Watcher<C> {
         let mut live = LiveRouting::new(settings.routing.clone());
         loop {
             // Clients of a service with subsets may subscribe only to its subset clusters.
-            let subscribed = self.cache.census().has_subscribers(&dial)
-                || live.routing.subsets.keys().any(|s| self.cache.census().has_subscribers(&format!("{dial}/{s}")));
+            let subscribed = self.census.has_subscribers(&dial)
+                || live.routing.subsets.keys().any(|s| self.census.has_subscribers(&format!("{dial}/{s}")));
             // A first read goes ahead of other services' steady polling: readiness waits for it.
             let priority = if subscribed || first_read { Priority::Subscribed } else { Priority::Background };
             let revision_interval = self.budget.stretch(self.timing.revision_interval);
@@ -796,7 +804,7 @@ impl<C: CloudMap> Watcher<C> {
                 if due {
                     self.budget.acquire(priority).await;
                     match self.api.service_attributes(&service.id).await {
-                        Ok(attributes) => live.apply(&name, &settings, &attributes, &self.cache),
+                        Ok(attributes) => live.apply(&name, &settings, &attributes, &self.status),
                         Err(e) => live.read_failed(&name, &e),
                     }
                 }
@@ -808,7 +816,7 @@ impl<C: CloudMap> Watcher<C> {
                 }
                 let skipped: HashSet<Skipped> = translation.skipped.iter().cloned().collect();
                 if skipped != warned {
-                    self.cache.set_skipped(&dial, translation.skipped.clone());
+                    self.status.set_skipped(&dial, translation.skipped.clone());
                     warned = skipped;
                 }
                 if let Some(bytes) = translation.metadata_dropped {
@@ -819,7 +827,7 @@ impl<C: CloudMap> Watcher<C> {
                 }
                 let count = translation.endpoints.endpoints.len();
                 let service_options = ServiceOptions { routing: live.routing.clone(), ..settings.options() };
-                match self.cache.write(&claim, translation.endpoints, service_options) {
+                match self.writer.write(&claim, translation.endpoints, service_options).await {
                     Write::Revoked => return Ok(Polled::Revoked),
                     Write::Unchanged => {}
                     Write::Changed => {
@@ -843,7 +851,7 @@ impl<C: CloudMap> Watcher<C> {
                 Ok(polled) => {
                     failures = 0;
                     // Any successful call means Cloud Map's view of this service is current.
-                    self.cache.mark_synced_by(&claim);
+                    self.writer.mark_synced_by(&claim);
                     metrics::gauge!("cloudmap_xds_last_sync_timestamp_seconds", "service" => dial.clone())
                         .set(unix_now());
                     if matches!(polled, Polled::Read) && first_read {
@@ -892,7 +900,7 @@ impl LiveRouting {
         name: &ServiceName,
         settings: &ServiceSettings,
         attributes: &BTreeMap<String, String>,
-        cache: &Cache,
+        status: &Status,
     ) {
         self.read_warned = false;
         let values = (attributes.get(ROUTES_ATTRIBUTE).cloned(), attributes.get(SUBSETS_ATTRIBUTE).cloned());
@@ -907,13 +915,13 @@ impl LiveRouting {
                     tracing::info!(service = %name, routes = routing.routes.len(), subsets = routing.subsets.len(), "routing from service attributes applied");
                 }
                 self.routing = Arc::new(routing);
-                cache.set_routing_error(&dial, None);
+                status.set_routing_error(&dial, None);
                 metrics::gauge!("cloudmap_xds_service_attributes_invalid", "service" => dial).set(0.0);
             }
             Err(e) => {
                 let error = format!("{e:#}");
                 tracing::warn!(service = %name, error = %error, "invalid routing in Cloud Map service attributes: keeping the last good routing");
-                cache.set_routing_error(&dial, Some(error));
+                status.set_routing_error(&dial, Some(error));
                 metrics::gauge!("cloudmap_xds_service_attributes_invalid", "service" => dial).set(1.0);
             }
         }
@@ -958,6 +966,7 @@ fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Cache;
     use crate::model::Zone;
     use crate::policy::Policy;
     use std::sync::Mutex;
@@ -1141,28 +1150,33 @@ mod tests {
         }
     }
 
-    fn watcher(fake: &Arc<Fake>, cache: &Arc<Cache>, budget: Budget) -> Watcher<Fake> {
-        Watcher {
+    /// A watcher writing to a builder task of its own, and the cache and status it fills.
+    fn watcher(fake: &Arc<Fake>, budget: Budget) -> (Watcher<Fake>, Arc<Cache>, Arc<Status>) {
+        let builder = crate::builder::Builder::default();
+        let (cache, census, status) = (builder.cache().clone(), builder.census().clone(), builder.status().clone());
+        let watcher = Watcher {
             api: fake.clone(),
-            cache: cache.clone(),
+            writer: builder.spawn(),
+            census,
+            status: status.clone(),
             config: Arc::new(FileConfig::default()),
             timing: timing(),
             default_region: "us-east-1".into(),
             budget: Arc::new(budget),
-        }
+        };
+        (watcher, cache, status)
     }
 
-    fn start(fake: &Arc<Fake>, namespaces: &[&str]) -> (Arc<Cache>, AbortOnDrop) {
-        let cache = Arc::new(Cache::default());
-        let w = watcher(fake, &cache, Budget::unlimited());
+    fn start(fake: &Arc<Fake>, namespaces: &[&str]) -> (Arc<Cache>, Arc<Status>, AbortOnDrop) {
+        let (w, cache, status) = watcher(fake, Budget::unlimited());
         let task = tokio::spawn(w.run(namespaces.iter().map(|n| n.to_string()).collect()));
-        (cache, AbortOnDrop(task))
+        (cache, status, AbortOnDrop(task))
     }
 
     #[tokio::test(start_paused = true)]
     async fn errors_keep_the_last_good_state_and_back_off() {
         let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
-        let (cache, _task) = start(&fake, &["demo"]);
+        let (cache, _, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(cache.is_ready());
         assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
@@ -1206,7 +1220,7 @@ mod tests {
         fake.edit("demo", "echo", |s| {
             s.attributes.insert(ROUTES_ATTRIBUTE.into(), r#"[{"split": {"other.demo": 1}}]"#.into());
         });
-        let (cache, _task) = start(&fake, &["demo"]);
+        let (cache, status, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Read on start, before the first write.
         assert_eq!(split(&cache), Some(vec![(crate::model::Target::Other("other.demo".into()), 1)]));
@@ -1217,7 +1231,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(split(&cache), Some(vec![(crate::model::Target::Other("other.demo".into()), 1)]));
-        let error = cache.routing_error("echo.demo").expect("error recorded");
+        let error = status.routing_error("echo.demo").expect("error recorded");
         assert!(error.contains(ROUTES_ATTRIBUTE) && error.contains("nope"), "{error}");
 
         // A good value again, within the refresh interval (1 s, jittered) and no revision change.
@@ -1226,7 +1240,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(split(&cache).map(|s| s.len()), Some(2));
-        assert_eq!(cache.routing_error("echo.demo"), None);
+        assert_eq!(status.routing_error("echo.demo"), None);
 
         // Removed: back to the file's routing (none here).
         fake.edit("demo", "echo", |s| s.attributes.clear());
@@ -1237,11 +1251,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_missing_namespace_does_not_hold_up_the_others() {
         let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
-        let (cache, _task) = start(&fake, &["demo", "no-such-namespace"]);
+        let (cache, status, _task) = start(&fake, &["demo", "no-such-namespace"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(cache.is_ready(), "the namespace that exists is served");
         assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
-        let states = cache.namespace_states();
+        let states = status.namespace_states();
         assert_eq!(states["demo"], NamespaceState::Synced);
         assert_eq!(states["no-such-namespace"], NamespaceState::Missing);
 
@@ -1249,16 +1263,16 @@ mod tests {
         fake.add("no-such-namespace", "late", vec![instance("i-9", "10.0.9.1")]);
         tokio::time::sleep(Duration::from_secs(12)).await;
         assert_eq!(endpoint_count(&cache, "late.no-such-namespace"), Some(1));
-        assert_eq!(cache.namespace_states()["no-such-namespace"], NamespaceState::Synced);
+        assert_eq!(status.namespace_states()["no-such-namespace"], NamespaceState::Synced);
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_namespace_at_all_is_not_ready() {
         let fake = Arc::new(Fake::default());
-        let (cache, _task) = start(&fake, &["typo"]);
+        let (cache, status, _task) = start(&fake, &["typo"]);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!cache.is_ready(), "nothing to serve: not ready, so a rollout with a typo stops");
-        assert_eq!(cache.namespace_states()["typo"], NamespaceState::Missing);
+        assert_eq!(status.namespace_states()["typo"], NamespaceState::Missing);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1270,7 +1284,7 @@ mod tests {
             s.not_found = true;
             s.exists = false;
         });
-        let (cache, _task) = start(&fake, &["demo"]);
+        let (cache, _, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(cache.is_ready());
         assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
@@ -1290,7 +1304,7 @@ mod tests {
         fake.add("demo", "flaky", vec![instance("i-2", "10.0.0.2")]);
         // Its reads fail (not "not found"), then it disappears from the listings.
         fake.edit("demo", "flaky", |s| s.failing = true);
-        let (cache, _task) = start(&fake, &["demo"]);
+        let (cache, _, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!cache.is_ready(), "an existing service's first read is waited for");
         fake.edit("demo", "flaky", |s| s.listed = false);
@@ -1302,7 +1316,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deletion_is_confirmed_before_a_service_is_removed() {
         let fake = Arc::new(Fake::with("demo", "echo", vec![instance("i-1", "10.0.0.1")]));
-        let (cache, _task) = start(&fake, &["demo"]);
+        let (cache, _, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(endpoint_count(&cache, "echo.demo"), Some(1));
 
@@ -1338,7 +1352,7 @@ mod tests {
         let mut instances = many(1_500);
         instances[7].health = Some("UNHEALTHY".into());
         let fake = Arc::new(Fake::with("demo", "big", instances));
-        let (cache, _task) = start(&fake, &["demo"]);
+        let (cache, _, _task) = start(&fake, &["demo"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(cache.is_ready());
         // 1,500 listed, one unhealthy left out by HEALTHY_OR_ELSE_ALL.
@@ -1375,9 +1389,8 @@ mod tests {
         for i in 0..1_000 {
             fake.add("demo", &format!("s{i}"), vec![instance("i-1", "10.0.0.1")]);
         }
-        let cache = Arc::new(Cache::default());
         let rate = 200.0;
-        let w = watcher(&fake, &cache, Budget::new(rate));
+        let (w, cache, _) = watcher(&fake, Budget::new(rate));
         let _task = AbortOnDrop(tokio::spawn(w.run(vec!["demo".into()])));
         // Start-up reads everything once, at the budget's pace: per service a DiscoverInstances
         // and a GetServiceAttributes (the routing is read before the first write, so clients

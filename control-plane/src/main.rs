@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use cloudmap_xds::budget::Budget;
+use cloudmap_xds::builder::Builder;
 use cloudmap_xds::cache::Cache;
 use cloudmap_xds::cloudmap::{AwsCloudMap, Timing, Watcher};
 use cloudmap_xds::config::{Cli, Command, FileConfig, LogFormat, ServeArgs};
@@ -143,12 +144,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("no AWS region configured (set AWS_REGION); Cloud Map calls will fail");
     }
     let egress = args.envoy_egress_port.map(|port| std::net::SocketAddr::new(args.envoy_egress_address, port));
-    let cache = Arc::new(Cache::new(egress));
+    let builder = Builder::new(Arc::new(Cache::new(egress)), Arc::default(), Arc::default());
+    let (cache, census, status) = (builder.cache().clone(), builder.census().clone(), builder.status().clone());
+    // The only writer of what is served: the watchers and the census debouncer feed it.
+    let writer = builder.spawn();
     let api = Arc::new(AwsCloudMap::new(&sdk));
     let budget = Arc::new(Budget::new(args.api_rate));
     let watcher = Watcher {
         api: api.clone(),
-        cache: cache.clone(),
+        writer: writer.clone(),
+        census: census.clone(),
+        status: status.clone(),
         config: Arc::new(file),
         timing: Timing {
             revision_interval: args.revision_interval,
@@ -163,7 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics::gauge!("cloudmap_xds_max_streams").set(args.max_streams as f64);
     tracing::info!(namespaces = ?args.namespaces, api_rate = args.api_rate, "watching Cloud Map");
     let watching = tokio::spawn(watcher.run(args.namespaces.clone()));
-    let census = tokio::spawn(cloudmap_xds::census::follow(cache.clone(), args.census_debounce));
+    let following = tokio::spawn(cloudmap_xds::census::follow(census.clone(), writer, args.census_debounce));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let streams_stop = stop_rx.clone();
@@ -186,7 +192,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // ---- replicas (issue 14): the census shared with peers ----
     let replica = peers::replica_id();
     let peering = peers::Peering::new(
-        cache.clone(),
+        census.clone(),
         replica.clone(),
         args.peer_timeout,
         peers::PeerTls {
@@ -209,14 +215,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(peering.clone().run(source, api.clone(), budget.clone()));
     }
 
-    let admin_router = cloudmap_xds::admin::router(
-        cache.clone(),
-        registry.clone(),
-        metrics,
-        args.ready_staleness,
-        peering.clone(),
-        csds.clone(),
-    );
+    let sources = cloudmap_xds::admin::Sources {
+        cache: cache.clone(),
+        census: census.clone(),
+        status,
+        registry: registry.clone(),
+        peering: peering.clone(),
+    };
+    let admin_router = cloudmap_xds::admin::router(sources, metrics, args.ready_staleness, csds.clone());
     let admin = tokio::spawn(cloudmap_xds::admin::serve(admin_listener, admin_router, stopped()));
 
     let limits = Limits {
@@ -226,7 +232,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         send_timeout: args.stream_send_timeout,
         max_message_size: args.max_message_size,
     };
-    let mut ads = AdsServer::new(cache.clone(), registry.clone(), limits).with_shutdown(streams_stop);
+    let mut ads = AdsServer::new(cache.clone(), census.clone(), registry.clone(), limits).with_shutdown(streams_stop);
     if let Some(authz) = &authz {
         ads = ads.with_authz(authz.clone());
     }
@@ -244,7 +250,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads)
         .add_optional_service(csds_on_xds)
-        .add_service(peers::CensusService::new(cache.clone(), replica, streams_stop_peers));
+        .add_service(peers::CensusService::new(census, replica, streams_stop_peers));
     let age = ConnectionAge { max: args.max_connection_age, grace: args.max_connection_age_grace };
     let xds = match tls {
         Some(tls) => {
@@ -259,7 +265,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     watching.abort();
-    census.abort();
+    following.abort();
     // Streams end when the server stops; give them a moment, then go.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let _ = xds.await;

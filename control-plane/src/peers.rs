@@ -27,7 +27,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Response, Status};
 
 use crate::budget::{Budget, Priority};
-use crate::cache::Cache;
+use crate::census::Census;
 use crate::cloudmap::CloudMap;
 use crate::config::{FileConfig, HealthFilter};
 use crate::model::{ServiceName, Zone};
@@ -105,14 +105,14 @@ fn from_report(report: &CensusReport) -> BTreeMap<String, PerZone> {
 /// The server half: this replica's own census, to every replica that watches it.
 #[derive(Debug, Clone)]
 pub struct CensusService {
-    cache: Arc<Cache>,
+    census: Arc<Census>,
     replica: String,
     stop: watch::Receiver<bool>,
 }
 
 impl CensusService {
-    pub fn new(cache: Arc<Cache>, replica: String, stop: watch::Receiver<bool>) -> CensusServer<Self> {
-        CensusServer::new(CensusService { cache, replica, stop })
+    pub fn new(census: Arc<Census>, replica: String, stop: watch::Receiver<bool>) -> CensusServer<Self> {
+        CensusServer::new(CensusService { census, replica, stop })
     }
 }
 
@@ -130,14 +130,14 @@ impl CensusRpc for CensusService {
         };
         tracing::debug!(watcher = %request.replica, ?heartbeat, "a peer watches this replica's census");
         let (tx, rx) = mpsc::channel(2);
-        let cache = self.cache.clone();
+        let census = self.census.clone();
         let replica = self.replica.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut sent: Option<BTreeMap<String, PerZone>> = None;
             let mut last_sent = Instant::now();
             loop {
-                let now = cache.census().local();
+                let now = census.local();
                 if sent.as_ref() != Some(&now) || last_sent.elapsed() >= heartbeat {
                     if tx.send(Ok(to_report(&replica, &now))).await.is_err() {
                         return; // the watcher went away
@@ -215,7 +215,7 @@ pub enum PeerSource {
 /// peers, and what `/config_dump` shows of them.
 #[derive(Debug)]
 pub struct Peering {
-    cache: Arc<Cache>,
+    census: Arc<Census>,
     replica: String,
     timeout: Duration,
     tls: PeerTls,
@@ -223,10 +223,10 @@ pub struct Peering {
 }
 
 impl Peering {
-    pub fn new(cache: Arc<Cache>, replica: String, timeout: Duration, tls: PeerTls) -> Arc<Self> {
+    pub fn new(census: Arc<Census>, replica: String, timeout: Duration, tls: PeerTls) -> Arc<Self> {
         metrics::gauge!("cloudmap_xds_peers").set(0.0);
         metrics::counter!("cloudmap_xds_peer_errors_total").increment(0);
-        Arc::new(Peering { cache, replica, timeout, tls, status: Mutex::new(BTreeMap::new()) })
+        Arc::new(Peering { census, replica, timeout, tls, status: Mutex::new(BTreeMap::new()) })
     }
 
     pub fn replica(&self) -> &str {
@@ -287,7 +287,7 @@ impl Peering {
             let keep = addresses.contains(address);
             if !keep {
                 // Dropping the entry aborts the watch task.
-                self.cache.census().forget_peer(address);
+                self.census.forget_peer(address);
                 self.status.lock().unwrap_or_else(|e| e.into_inner()).remove(address);
                 tracing::info!(peer = %address, "peer left; its clients leave the census");
             }
@@ -305,7 +305,7 @@ impl Peering {
     }
 
     fn count_live(&self) {
-        let live = self.cache.census().peers().len();
+        let live = self.census.peers().len();
         metrics::gauge!("cloudmap_xds_peers").set(live as f64);
     }
 
@@ -316,7 +316,7 @@ impl Peering {
             tokio::time::sleep(every).await;
             let stale: Vec<String> = {
                 let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-                let live = self.cache.census().peers();
+                let live = self.census.peers();
                 live.keys()
                     .filter(|peer| {
                         status.get(*peer).is_none_or(|s| s.last_contact.is_none_or(|t| t.elapsed() >= self.timeout))
@@ -330,7 +330,7 @@ impl Peering {
                     timeout = ?self.timeout,
                     "no census from the peer for the peer timeout; its clients leave the census"
                 );
-                self.cache.census().forget_peer(&peer);
+                self.census.forget_peer(&peer);
             }
             self.count_live();
         }
@@ -346,7 +346,7 @@ impl Peering {
             match result {
                 Ok(Session::IsSelf) => {
                     tracing::info!(peer = %peer, "this address is this replica; not watching it");
-                    self.cache.census().forget_peer(&peer);
+                    self.census.forget_peer(&peer);
                     self.update(&peer, |s| s.is_self = true);
                     self.count_live();
                     return;
@@ -424,7 +424,7 @@ impl Peering {
                         s.last_contact = Some(Instant::now());
                         s.last_error = None;
                     });
-                    self.cache.census().set_peer(peer, census);
+                    self.census.set_peer(peer, census);
                     self.count_live();
                 }
                 Ok(None) => return Ok(Session::Ended { reported }),

@@ -193,6 +193,41 @@ pub fn plan(shares: &Shares, capacity: &PerZone) -> Plan {
     Plan { priorities }
 }
 
+/// Census changes that move no zone's share by this much or more are not pushed.
+pub const SHARE_THRESHOLD: f64 = 0.02;
+
+/// The plan for a client in `zone`. The census counts the asking zone at
+/// least once, so a client is planned for as one of the clients it joins.
+pub fn plan_for(policy: Policy, zone: Option<&Zone>, capacity: &PerZone, census: &PerZone) -> Plan {
+    let census = with_self(census, zone);
+    plan(&shares(policy, zone, capacity, &census), capacity)
+}
+
+fn with_self(census: &PerZone, zone: Option<&Zone>) -> PerZone {
+    let mut census = census.clone();
+    if let Some(zone) = zone.filter(|z| !z.is_unknown()) {
+        let count = census.entry(zone.clone()).or_insert(0);
+        *count = (*count).max(1);
+    }
+    census
+}
+
+/// Whether moving from census `old` to `new` shifts any zone's share by
+/// [`SHARE_THRESHOLD`] or more, for a client in any zone.
+pub fn shares_moved(policy: Policy, capacity: &PerZone, old: &PerZone, new: &PerZone) -> bool {
+    let zones: std::collections::BTreeSet<&Zone> = capacity.keys().chain(old.keys()).chain(new.keys()).collect();
+    zones.into_iter().any(|zone| {
+        let before = shares(policy, Some(zone), capacity, &with_self(old, Some(zone)));
+        let after = shares(policy, Some(zone), capacity, &with_self(new, Some(zone)));
+        let destinations: std::collections::BTreeSet<&Zone> = before.keys().chain(after.keys()).collect();
+        destinations.into_iter().any(|d| {
+            let b = before.get(d).copied().unwrap_or(0.0);
+            let a = after.get(d).copied().unwrap_or(0.0);
+            (a - b).abs() >= SHARE_THRESHOLD
+        })
+    })
+}
+
 /// The most the weights of one priority (localities) or of one locality
 /// (endpoints) may sum to: gRPC (grpc-go `parseEDSRespProto`, C-core
 /// `EdsResourceParse`) and Envoy (`normalizeLocalityWeights`,

@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cache::{NamespaceState, ServiceEntry, Snapshot};
+use crate::cache::{ServiceEntry, Snapshot};
 use crate::model::{Health, Zone};
 use crate::policy::{PerZone, Shares};
 use crate::server::registry::StreamStatus;
+use crate::status::NamespaceState;
 use crate::translate::Skipped;
 
 pub const PAGE: &str = include_str!("../ui/index.html");
@@ -223,7 +224,7 @@ mod tests {
 
     #[test]
     fn the_matrix_reads_the_plans_clients_were_sent() {
-        use crate::cache::Cache;
+        use crate::builder::Builder;
         use crate::model::{Endpoint, ServiceEndpoints, ServiceName};
         use crate::policy::Policy;
         let endpoint = |id: &str, zone: &str| Endpoint {
@@ -237,23 +238,23 @@ mod tests {
             attributes: Default::default(),
             metadata: Default::default(),
         };
-        let cache = Cache::default();
+        let mut builder = Builder::default();
         // Servers 2/2/2; clients 4 in a, 1 in b, 1 in c: a keeps half (the zone-aware worked example).
         for (zone, n) in [("a", 4), ("b", 1), ("c", 1)] {
             for _ in 0..n {
-                cache.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
+                builder.census().join("echo.demo", &Zone::new(zone), &crate::census::Voter::unique());
             }
         }
         let endpoints: Vec<Endpoint> = ["a", "b", "c"]
             .iter()
             .flat_map(|z| [endpoint(&format!("{z}1"), z), endpoint(&format!("{z}2"), z)])
             .collect();
-        cache.update_service(
+        builder.update_service(
             &ServiceName::new("demo", "echo"),
             ServiceEndpoints::new(endpoints, false),
             Policy::ZoneAware,
         );
-        let snapshot = cache.snapshot();
+        let snapshot = builder.snapshot();
         let entry = snapshot.lookup("echo.demo").expect("served");
         let rows = matrix(entry);
         let a = rows.iter().find(|r| r.zone == Some(Zone::new("a"))).expect("row a");

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudmap_xds::cache::Cache;
+use cloudmap_xds::builder::Builder;
 use cloudmap_xds::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
 use cloudmap_xds::policy::Policy;
 use cloudmap_xds::resources::ResourceType;
@@ -36,8 +36,8 @@ fn runner() -> TestRunner {
     TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() })
 }
 
-fn cache() -> Cache {
-    let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+fn builder() -> Builder {
+    let mut builder = Builder::standalone(Some("127.0.0.1:15001".parse().expect("addr")));
     for (i, (ns, svc)) in [("demo", "echo"), ("grpc.demo", "echo"), ("demo", "other")].iter().enumerate() {
         let endpoints = (0..3u8)
             .map(|z| Endpoint {
@@ -52,10 +52,14 @@ fn cache() -> Cache {
                 metadata: Default::default(),
             })
             .collect();
-        cache.update_service(&ServiceName::new(*ns, *svc), ServiceEndpoints::new(endpoints, false), Policy::ZoneAware);
+        builder.update_service(
+            &ServiceName::new(*ns, *svc),
+            ServiceEndpoints::new(endpoints, false),
+            Policy::ZoneAware,
+        );
     }
-    cache.set_ready();
-    cache
+    builder.set_ready();
+    builder
 }
 
 fn type_url() -> impl Strategy<Value = String> {
@@ -138,7 +142,7 @@ fn delta_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {
 
 #[test]
 fn sotw_requests_never_panic_and_nothing_is_resent_without_news() {
-    let cache = cache();
+    let builder = builder();
     runner()
         .run(&prop::collection::vec(sotw_request(), 1..8), |requests| {
             let mut state = SotwState::default();
@@ -147,10 +151,10 @@ fn sotw_requests_never_panic_and_nothing_is_resent_without_news() {
                     // A malformed request ends the stream with a status.
                     return Ok(());
                 }
-                state.responses(&cache.snapshot(), &Changed::All);
+                state.responses(&builder.snapshot(), &Changed::All);
                 // Asked again with nothing new (after an ACK, a NACK or garbage): nothing is
                 // sent, so a NACKed version is never re-sent in a loop.
-                prop_assert!(state.responses(&cache.snapshot(), &Changed::All).is_empty());
+                prop_assert!(state.responses(&builder.snapshot(), &Changed::All).is_empty());
             }
             Ok(())
         })
@@ -163,8 +167,8 @@ fn sotw_requests_never_panic_and_nothing_is_resent_without_news() {
 /// (one resource per response); a name unsubscribed and named again is sent again.
 #[test]
 fn sotw_eds_answers_every_subscribed_known_name_once_per_version() {
-    let cache = cache();
-    let snapshot = cache.snapshot();
+    let builder = builder();
+    let snapshot = builder.snapshot();
     const POOL: [&str; 5] = ["echo.demo", "other.demo", "echo.grpc.demo", "ghost.demo", "echo.demo:1"];
     let known: std::collections::BTreeSet<&str> = ["echo.demo", "other.demo", "echo.grpc.demo"].into();
     let subsets = prop::collection::vec(prop::collection::btree_set(prop::sample::select(POOL.to_vec()), 0..5), 1..10);
@@ -210,7 +214,7 @@ fn sotw_eds_answers_every_subscribed_known_name_once_per_version() {
 
 #[test]
 fn delta_requests_never_panic_and_settle() {
-    let cache = cache();
+    let builder = builder();
     runner()
         .run(&prop::collection::vec(delta_request(), 1..8), |requests| {
             let mut state = DeltaState::default();
@@ -218,9 +222,9 @@ fn delta_requests_never_panic_and_settle() {
                 if state.on_request(request).is_err() {
                     return Ok(());
                 }
-                state.responses(&cache.snapshot(), &Changed::All);
+                state.responses(&builder.snapshot(), &Changed::All);
                 prop_assert!(
-                    state.responses(&cache.snapshot(), &Changed::All).is_empty(),
+                    state.responses(&builder.snapshot(), &Changed::All).is_empty(),
                     "responses settle without input"
                 );
             }
@@ -231,19 +235,19 @@ fn delta_requests_never_panic_and_settle() {
 
 #[test]
 fn raw_request_bytes_never_panic() {
-    let cache = cache();
+    let builder = builder();
     runner()
         .run(&prop::collection::vec(any::<u8>(), 0..200), |bytes| {
             if let Ok(request) = DiscoveryRequest::decode(bytes.as_slice()) {
                 let mut state = SotwState::default();
                 if state.on_request(&request).is_ok() {
-                    state.responses(&cache.snapshot(), &Changed::All);
+                    state.responses(&builder.snapshot(), &Changed::All);
                 }
             }
             if let Ok(request) = DeltaDiscoveryRequest::decode(bytes.as_slice()) {
                 let mut state = DeltaState::default();
                 if state.on_request(&request).is_ok() {
-                    state.responses(&cache.snapshot(), &Changed::All);
+                    state.responses(&builder.snapshot(), &Changed::All);
                 }
             }
             Ok(())
@@ -354,19 +358,19 @@ fn endpoint_assignments_pass_grpc_checks_and_reach_every_healthy_endpoint() {
         .run(
             &(endpoints, census, client_zone, kind, cla_policy(), any::<u16>()),
             |(endpoints, census, zone, kind, policy, node)| {
-                let cache = Cache::default();
+                let mut builder = Builder::default();
                 for (zone, n) in ["us-east-1a", "us-east-1b", "us-east-1c", "us-west-2a"].iter().zip(&census) {
                     for _ in 0..*n {
-                        cache.census().join("echo.demo", &Zone::new(*zone), &Voter::unique());
+                        builder.census().join("echo.demo", &Zone::new(*zone), &Voter::unique());
                     }
                 }
-                cache.update_service(
+                builder.update_service(
                     &ServiceName::new("demo", "echo"),
                     ServiceEndpoints::new(endpoints.clone(), false),
                     policy,
                 );
                 let client = Client::new(zone.map(Zone::new), kind, &format!("node-{node}"));
-                let encoded = cache.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client);
+                let encoded = builder.snapshot().resolve(ResourceType::ClusterLoadAssignment, "echo.demo", &client);
                 let encoded = encoded.ok_or_else(|| TestCaseError::fail("no EDS for a served service"))?;
                 let cla = ClusterLoadAssignment::decode(encoded.resource().value.as_slice())
                     .map_err(|e| TestCaseError::fail(format!("EDS does not decode: {e}")))?;

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudmap_xds::cache::Cache;
+use cloudmap_xds::builder::Builder;
 use cloudmap_xds::model::ServiceName;
 use cloudmap_xds::policy::Policy;
 use cloudmap_xds::resources::{METADATA_KEY, ResourceType};
@@ -64,7 +64,7 @@ fn eds_request(names: &[String], version: &str, nonce: &str, node: Option<Node>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_big_services_reach_a_client_with_the_default_4_mib_limit() {
-    let cache = Arc::new(Cache::default());
+    let mut builder = Builder::default();
     let options = TranslateOptions {
         default_region: "us-east-1".into(),
         weight_attribute: None,
@@ -79,14 +79,19 @@ async fn sixteen_big_services_reach_a_client_with_the_default_4_mib_limit() {
         assert_eq!(translation.endpoints.endpoints.len(), INSTANCES);
         assert_eq!(translation.metadata_dropped.is_some(), s == SERVICES, "service {s}");
         let name = ServiceName::new("prod", format!("svc{s:02}"));
-        cache.update_service(&name, translation.endpoints, Policy::ZoneAware);
+        builder.update_service(&name, translation.endpoints, Policy::ZoneAware);
         names.push(name.dial_name());
     }
-    cache.set_ready();
+    builder.set_ready();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let ads = AdsServer::new(cache.clone(), Arc::new(Registry::new(10)), Limits::default());
+    let ads = AdsServer::new(
+        builder.cache().clone(),
+        builder.census().clone(),
+        Arc::new(Registry::new(10)),
+        Limits::default(),
+    );
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ads)
@@ -153,7 +158,7 @@ async fn sixteen_big_services_reach_a_client_with_the_default_4_mib_limit() {
     // One service changes: that service, alone, is the next response.
     let changed = ServiceName::new("prod", "svc03");
     let fewer: Vec<RawInstance> = (0..INSTANCES - 1).map(|i| instance(3, i, 24)).collect();
-    cache.update_service(&changed, translate::translate(&fewer, &options).endpoints, Policy::ZoneAware);
+    builder.update_service(&changed, translate::translate(&fewer, &options).endpoints, Policy::ZoneAware);
     let next = tokio::time::timeout(Duration::from_secs(30), responses.message())
         .await
         .expect("a push after the change")

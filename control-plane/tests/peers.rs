@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudmap_xds::cache::Cache;
+use cloudmap_xds::census::{Census, Voter};
 use cloudmap_xds::connection_age::{self, ConnectionAge};
 use cloudmap_xds::model::Zone;
 use cloudmap_xds::peers::proto::WatchRequest;
@@ -39,7 +39,7 @@ fn pki(dir: &Path) -> (TlsFiles, std::path::PathBuf) {
 
 /// A replica's xDS port serving only the census, over mTLS; returns its address.
 async fn serve_replica(
-    cache: Arc<Cache>,
+    census: Arc<Census>,
     replica: &str,
     files: TlsFiles,
     age: ConnectionAge,
@@ -47,7 +47,7 @@ async fn serve_replica(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
     let (_stop_tx, stop_rx) = watch::channel(false);
-    let router = tonic::transport::Server::builder().add_service(CensusService::new(cache, replica.into(), stop_rx));
+    let router = tonic::transport::Server::builder().add_service(CensusService::new(census, replica.into(), stop_rx));
     let tls = ReloadingTls::new(files).expect("tls");
     let server = tokio::spawn(async move {
         let _keep = _stop_tx;
@@ -70,30 +70,30 @@ const LONG: ConnectionAge = ConnectionAge { max: Duration::from_secs(600), grace
 async fn replicas_share_their_census_over_mtls_and_forget_a_peer_that_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (files, ca) = pki(dir.path());
-    let peer_cache = Arc::new(Cache::default());
-    peer_cache.census().join("echo.demo", &Zone::new("a"), &cloudmap_xds::census::Voter::unique());
-    peer_cache.census().join("echo.demo", &Zone::new("a"), &cloudmap_xds::census::Voter::unique());
-    let (peer, server) = serve_replica(peer_cache.clone(), "replica-b", files.clone(), LONG).await;
+    let peer_census = Arc::new(Census::default());
+    peer_census.join("echo.demo", &Zone::new("a"), &Voter::unique());
+    peer_census.join("echo.demo", &Zone::new("a"), &Voter::unique());
+    let (peer, server) = serve_replica(peer_census.clone(), "replica-b", files.clone(), LONG).await;
 
     // With a certificate from the CA: the peer's clients join our census.
-    let cache = Arc::new(Cache::default());
+    let census = Arc::new(Census::default());
     let tls =
         PeerTls { ca: Some(ca.clone()), identity: Some((files.cert.clone(), files.key.clone())), server_name: None };
     let timeout = Duration::from_millis(800);
-    let peering = Peering::new(cache.clone(), "replica-a".into(), timeout, tls);
+    let peering = Peering::new(census.clone(), "replica-a".into(), timeout, tls);
     let watching = tokio::spawn(peering.clone().run_fixed(vec![peer.clone()]));
-    eventually("the peer's census", || cache.census().live("echo.demo").get(&Zone::new("a")) == Some(&2)).await;
-    assert!(cache.census().local().is_empty(), "the peer's clients are not ours to offer");
+    eventually("the peer's census", || census.live("echo.demo").get(&Zone::new("a")) == Some(&2)).await;
+    assert!(census.local().is_empty(), "the peer's clients are not ours to offer");
     let status = peering.status();
     assert_eq!(status[&peer].replica.as_deref(), Some("replica-b"));
     assert!(status[&peer].connected && !status[&peer].is_self);
 
     // A change on the peer arrives without waiting for a heartbeat's worth of time twice.
-    peer_cache.census().join("echo.demo", &Zone::new("b"), &cloudmap_xds::census::Voter::unique());
-    eventually("the peer's new zone", || cache.census().live("echo.demo").get(&Zone::new("b")) == Some(&1)).await;
+    peer_census.join("echo.demo", &Zone::new("b"), &Voter::unique());
+    eventually("the peer's new zone", || census.live("echo.demo").get(&Zone::new("b")) == Some(&1)).await;
 
     // Without a client certificate the peer (mTLS) refuses: nothing joins, errors are counted.
-    let lonely = Arc::new(Cache::default());
+    let lonely = Arc::new(Census::default());
     let no_cert = Peering::new(
         lonely.clone(),
         "replica-c".into(),
@@ -103,25 +103,25 @@ async fn replicas_share_their_census_over_mtls_and_forget_a_peer_that_is_gone() 
     let refused = tokio::spawn(no_cert.clone().run_fixed(vec![peer.clone()]));
     eventually("a refused watch counted as an error", || no_cert.status().get(&peer).is_some_and(|s| s.errors >= 1))
         .await;
-    assert!(lonely.census().all().is_empty());
+    assert!(lonely.all().is_empty());
     refused.abort();
 
     // A replica that dials itself says so and stops.
     let myself = Peering::new(
-        peer_cache.clone(),
+        peer_census.clone(),
         "replica-b".into(),
         timeout,
         PeerTls { ca: Some(ca), identity: Some((files.cert.clone(), files.key.clone())), server_name: None },
     );
     let own = tokio::spawn(myself.clone().run_fixed(vec![peer.clone()]));
     eventually("the own address marked self", || myself.status().get(&peer).is_some_and(|s| s.is_self)).await;
-    assert!(peer_cache.census().peers().is_empty(), "its own clients are not counted twice");
+    assert!(peer_census.peers().is_empty(), "its own clients are not counted twice");
     own.abort();
 
     // The peer goes away (its connections with it): after the timeout its clients leave our sum.
     server.abort();
     let gone = std::time::Instant::now();
-    eventually("the dead peer forgotten", || cache.census().all().is_empty()).await;
+    eventually("the dead peer forgotten", || census.all().is_empty()).await;
     let took = gone.elapsed();
     assert!(took >= timeout / 2 && took < timeout * 4, "forgotten after {took:?}, timeout {timeout:?}");
     watching.abort();
@@ -131,10 +131,10 @@ async fn replicas_share_their_census_over_mtls_and_forget_a_peer_that_is_gone() 
 async fn a_connection_past_its_age_ends_and_the_next_one_is_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (files, ca) = pki(dir.path());
-    let cache = Arc::new(Cache::default());
-    cache.census().join("echo.demo", &Zone::new("a"), &cloudmap_xds::census::Voter::unique());
+    let census = Arc::new(Census::default());
+    census.join("echo.demo", &Zone::new("a"), &Voter::unique());
     let age = ConnectionAge { max: Duration::from_millis(400), grace: Duration::from_millis(300) };
-    let (address, server) = serve_replica(cache, "replica-b", files.clone(), age).await;
+    let (address, server) = serve_replica(census, "replica-b", files.clone(), age).await;
 
     let config = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&ca).expect("ca")))

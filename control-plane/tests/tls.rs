@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudmap_xds::cache::Cache;
+use cloudmap_xds::builder::Builder;
 use cloudmap_xds::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
 use cloudmap_xds::policy::Policy;
 use cloudmap_xds::resources::ResourceType;
@@ -124,15 +124,16 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
     let files = write(dir.path(), &first);
     let reloading = ReloadingTls::new(files).expect("tls config");
 
-    let cache = Arc::new(Cache::default());
+    let mut builder = Builder::default();
+    let cache = builder.cache().clone();
     let name = ServiceName::new("demo", "echo");
-    cache.update_service(&name, endpoints(1), Policy::ZoneAware);
-    cache.set_ready();
+    builder.update_service(&name, endpoints(1), Policy::ZoneAware);
+    builder.set_ready();
     let registry = Arc::new(Registry::new(100));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = tonic::transport::Server::builder()
-        .add_service(AdsServer::new(cache.clone(), registry.clone(), Limits::default()))
+        .add_service(AdsServer::new(cache.clone(), builder.census().clone(), registry.clone(), Limits::default()))
         .add_service(ClientStatusDiscoveryServiceServer::new(CsdsServer {
             cache: cache.clone(),
             registry,
@@ -166,7 +167,7 @@ async fn mtls_rejects_clients_without_a_certificate_and_reloads_without_dropping
     assert!(!csds_ok(port, &first, true).await, "the old CA is no longer trusted");
 
     // The stream from before the reload still works: an endpoint change reaches it.
-    cache.update_service(&name, endpoints(2), Policy::ZoneAware);
+    builder.update_service(&name, endpoints(2), Policy::ZoneAware);
     let update = tokio::time::timeout(Duration::from_secs(5), responses.message())
         .await
         .expect("update in time")
@@ -187,13 +188,18 @@ async fn the_census_counts_one_vote_per_client_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = pki("votes");
     let reloading = ReloadingTls::new(write(dir.path(), &pki)).expect("tls config");
-    let cache = Arc::new(Cache::default());
-    cache.update_service(&ServiceName::new("demo", "echo"), endpoints(1), Policy::ZoneAware);
-    cache.set_ready();
+    let mut builder = Builder::default();
+    builder.update_service(&ServiceName::new("demo", "echo"), endpoints(1), Policy::ZoneAware);
+    builder.set_ready();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = tonic::transport::Server::builder()
-        .add_service(AdsServer::new(cache.clone(), Arc::new(Registry::new(100)), Limits::default()))
+        .add_service(AdsServer::new(
+            builder.cache().clone(),
+            builder.census().clone(),
+            Arc::new(Registry::new(100)),
+            Limits::default(),
+        ))
         .serve_with_incoming(tls::incoming(listener, reloading));
     let server = tokio::spawn(server);
 
@@ -219,7 +225,7 @@ async fn the_census_counts_one_vote_per_client_certificate() {
             streams.push((tx, responses));
         }
     }
-    let live = cache.census().live("echo.demo");
+    let live = builder.census().live("echo.demo");
     assert_eq!(live.get(&Zone::new("us-east-1a")), Some(&2), "two certificates, two votes: {live:?}");
     drop(streams);
     server.abort();

@@ -1,11 +1,11 @@
 //! The control plane under test, and how a change is made to it and timed.
 //!
 //! - [`InProcess`]: the `cloudmap_xds` library in this process, wired as the
-//!   binary wires it (cache, census debouncer, ADS server on a loopback
-//!   port). A Cloud Map test double stands in for the watcher: it translates
-//!   raw instances with `translate::translate` and calls
-//!   `Cache::update_service`, and the moment just before that call is the
-//!   change's apply time. A change sets the marker attribute on one instance,
+//!   binary wires it (the index's builder task, census debouncer, ADS server
+//!   on a loopback port). A Cloud Map test double stands in for the watcher:
+//!   it translates raw instances with `translate::translate` and writes them
+//!   under its claim (`builder::Writer::write`), and the moment just before
+//!   that call is the change's apply time. A change sets the marker attribute on one instance,
 //!   so the endpoint set and the zone capacities stay the same.
 //! - [`External`]: a `cloudmap-xds` process reading moto. A change registers
 //!   one new instance carrying the marker; the apply time is the process's
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use aws_sdk_servicediscovery as sd;
-use cloudmap_xds::cache::Cache;
+use cloudmap_xds::builder::{Builder, Claim, Writer};
 use cloudmap_xds::model::ServiceName;
 use cloudmap_xds::policy::Policy;
 use cloudmap_xds::server::registry::Registry;
@@ -63,7 +63,7 @@ impl Target {
     pub async fn change(&mut self, k: u64) -> anyhow::Result<()> {
         match self {
             Target::InProcess(t) => {
-                t.change(k);
+                t.change(k).await;
                 Ok(())
             }
             Target::External(t) => {
@@ -88,8 +88,9 @@ impl Target {
 /// The control-plane library in this process.
 pub struct InProcess {
     xds: SocketAddr,
-    cache: Arc<Cache>,
-    name: ServiceName,
+    /// The index's writer, as the binary's watchers use it (one claim, this service).
+    writer: Writer,
+    claim: Claim,
     instances: Vec<RawInstance>,
     options: TranslateOptions,
     applied: HashMap<u64, f64>,
@@ -107,7 +108,10 @@ impl Drop for InProcess {
 impl InProcess {
     /// Serve `namespace`/`service` with `endpoints` instances; ready at once.
     pub async fn start(namespace: &str, service: &str, endpoints: usize) -> anyhow::Result<InProcess> {
-        let cache = Arc::new(Cache::default());
+        let builder = Builder::default();
+        let (cache, census) = (builder.cache().clone(), builder.census().clone());
+        let writer = builder.spawn();
+        let claim = writer.claim(&ServiceName::new(namespace, service));
         let instances = (0..endpoints.max(1))
             .map(|i| {
                 let (instance_id, attributes) = cloudmap::instance(0, i);
@@ -122,7 +126,7 @@ impl InProcess {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
         let xds = listener.local_addr()?;
-        let ads = AdsServer::new(cache.clone(), Arc::new(Registry::new(usize::MAX)), Limits::default());
+        let ads = AdsServer::new(cache, census.clone(), Arc::new(Registry::new(usize::MAX)), Limits::default());
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(ads)
@@ -133,30 +137,22 @@ impl InProcess {
                     eprintln!("in-process xDS server failed: {e}");
                 }
             }),
-            tokio::spawn(cloudmap_xds::census::follow(cache.clone(), Duration::from_secs(1))),
+            tokio::spawn(cloudmap_xds::census::follow(census, writer.clone(), Duration::from_secs(1))),
         ];
-        let mut target = InProcess {
-            xds,
-            cache,
-            name: ServiceName::new(namespace, service),
-            instances,
-            options,
-            applied: HashMap::new(),
-            tasks,
-        };
-        target.change(0);
-        target.cache.set_ready();
+        let mut target = InProcess { xds, writer, claim, instances, options, applied: HashMap::new(), tasks };
+        target.change(0).await;
+        target.writer.set_ready().await;
         Ok(target)
     }
 
-    fn change(&mut self, k: u64) {
+    async fn change(&mut self, k: u64) {
         let mut instances = self.instances.clone();
         if let Some(first) = instances.first_mut() {
             first.attributes.insert(MARKER_ATTRIBUTE.to_string(), k.to_string());
         }
         let translation = translate::translate(&instances, &self.options);
         let at = unix_now();
-        self.cache.update_service(&self.name, translation.endpoints, Policy::ZoneAware);
+        self.writer.write(&self.claim, translation.endpoints, Policy::ZoneAware).await;
         self.applied.insert(k, at);
     }
 }

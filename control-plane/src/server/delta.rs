@@ -284,7 +284,7 @@ mod tests {
             .map(|r| DeltaDiscoveryResponse::decode(DeltaState::encode(r).message().as_slice()).expect("decodes"))
             .collect()
     }
-    use crate::cache::Cache;
+    use crate::builder::Builder;
     use crate::model::{Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
     use ResourceType::{Cluster as CDS, ClusterLoadAssignment as EDS, Listener as LDS};
@@ -301,7 +301,7 @@ mod tests {
         }
     }
 
-    fn service(cache: &Cache, name: &str, ip: u8) {
+    fn service(builder: &mut Builder, name: &str, ip: u8) {
         let endpoint = Endpoint {
             instance_id: format!("i-{ip}"),
             ip: std::net::IpAddr::from([10, 0, 0, ip]),
@@ -313,7 +313,7 @@ mod tests {
             attributes: Default::default(),
             metadata: Default::default(),
         };
-        cache.update_service(
+        builder.update_service(
             &ServiceName::new("demo", name),
             ServiceEndpoints::new(vec![endpoint], false),
             Policy::ZoneAware,
@@ -334,76 +334,76 @@ mod tests {
         r.resources.iter().map(|r| r.name.as_str()).collect()
     }
 
-    fn setup() -> (Cache, DeltaState) {
-        let cache = Cache::default();
-        service(&cache, "echo", 1);
-        service(&cache, "other", 2);
-        cache.set_ready();
+    fn setup() -> (Builder, DeltaState) {
+        let mut builder = Builder::default();
+        service(&mut builder, "echo", 1);
+        service(&mut builder, "other", 2);
+        builder.set_ready();
         let mut s = DeltaState::default();
         let mut first = request(CDS, &[], &[], "");
         first.node = Some(envoy_node());
         assert_eq!(s.on_request(&first).ok().map(|r| r.1), Some(Outcome::Subscribe));
-        (cache, s)
+        (builder, s)
     }
 
     #[test]
     fn wildcard_cds_sends_changes_only() {
-        let (cache, mut s) = setup();
-        let r = sent(&mut s, &cache.snapshot());
+        let (mut builder, mut s) = setup();
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo", "other.demo"]);
         assert!(s.on_request(&request(CDS, &[], &[], &r[0].nonce)).is_ok());
-        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "ACK is not answered");
+        assert!(sent(&mut s, &builder.snapshot()).is_empty(), "ACK is not answered");
         // A new service: only it is sent. Its endpoints change: CDS unchanged.
-        service(&cache, "new", 3);
-        let r = sent(&mut s, &cache.snapshot());
+        service(&mut builder, "new", 3);
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["new.demo"]);
         assert!(r[0].removed_resources.is_empty());
-        service(&cache, "new", 4);
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        service(&mut builder, "new", 4);
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
         // A removed service goes in removed_resources.
-        cache.remove_service(&ServiceName::new("demo", "other"));
-        let r = sent(&mut s, &cache.snapshot());
+        builder.remove_service(&ServiceName::new("demo", "other"));
+        let r = sent(&mut s, &builder.snapshot());
         assert!(r[0].resources.is_empty());
         assert_eq!(r[0].removed_resources, vec!["other.demo"]);
     }
 
     #[test]
     fn named_eds_subscribe_unsubscribe_and_absent_names() {
-        let (cache, mut s) = setup();
-        sent(&mut s, &cache.snapshot());
+        let (mut builder, mut s) = setup();
+        sent(&mut s, &builder.snapshot());
         s.on_request(&request(EDS, &["echo.demo", "ghost.demo"], &[], "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"]);
         assert!(r[0].removed_resources.is_empty(), "removals go in a later response");
         assert_eq!(r[1].removed_resources, vec!["ghost.demo"], "absent names are reported once");
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
         assert_eq!(s.eds_names(), BTreeSet::from(["echo.demo".to_string(), "ghost.demo".to_string()]));
         // Endpoint change: the one resource is re-sent with a new version.
-        service(&cache, "echo", 9);
-        let r = sent(&mut s, &cache.snapshot());
+        service(&mut builder, "echo", 9);
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"]);
         // Unsubscribe, then subscribe again: sent again.
         s.on_request(&request(EDS, &[], &["echo.demo"], "")).expect("ok");
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
         s.on_request(&request(EDS, &["echo.demo"], &[], "")).expect("ok");
-        assert_eq!(names(&sent(&mut s, &cache.snapshot())[0]), vec!["echo.demo"]);
+        assert_eq!(names(&sent(&mut s, &builder.snapshot())[0]), vec!["echo.demo"]);
     }
 
     #[test]
     fn reconnect_with_initial_versions_sends_only_what_changed() {
-        let (cache, mut s) = setup();
-        let r = sent(&mut s, &cache.snapshot());
+        let (mut builder, mut s) = setup();
+        let r = sent(&mut s, &builder.snapshot());
         let versions: HashMap<String, String> =
             r[0].resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
         // While away: "other" is removed and "new" added.
-        cache.remove_service(&ServiceName::new("demo", "other"));
-        service(&cache, "new", 3);
+        builder.remove_service(&ServiceName::new("demo", "other"));
+        service(&mut builder, "new", 3);
         let mut again = DeltaState::default();
         let mut first = request(CDS, &[], &[], "");
         first.node = Some(envoy_node());
         first.initial_resource_versions = versions;
         again.on_request(&first).expect("ok");
-        let r = sent(&mut again, &cache.snapshot());
+        let r = sent(&mut again, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["new.demo"], "echo.demo is unchanged and not re-sent");
         assert_eq!(r[1].removed_resources, vec!["other.demo"]);
     }
@@ -421,9 +421,9 @@ mod tests {
     #[test]
     fn make_before_break_for_a_new_and_a_removed_service() {
         use ResourceType::RouteConfiguration as RDS;
-        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
-        service(&cache, "echo", 1);
-        cache.set_ready();
+        let mut builder = Builder::standalone(Some("127.0.0.1:15001".parse().expect("addr")));
+        service(&mut builder, "echo", 1);
+        builder.set_ready();
         let mut s = DeltaState::default();
         let mut first = request(LDS, &[], &[], "");
         first.node = Some(envoy_node());
@@ -431,19 +431,20 @@ mod tests {
         s.on_request(&request(RDS, &[crate::resources::EGRESS], &[], "")).expect("rds");
         s.on_request(&request(CDS, &[], &[], "")).expect("cds");
         s.on_request(&request(EDS, &["echo.demo"], &[], "")).expect("eds");
-        let first = sent(&mut s, &cache.snapshot());
+        let first = sent(&mut s, &builder.snapshot());
         let order: Vec<ResourceType> = walk(&first).into_iter().map(|(t, _, _)| t).collect();
         assert_eq!(order, vec![CDS, EDS, LDS, RDS], "clusters and endpoints before the routes naming them");
 
         // A new service: its cluster goes out before the route that names it.
-        service(&cache, "new", 3);
+        service(&mut builder, "new", 3);
         s.on_request(&request(EDS, &["new.demo"], &[], "")).expect("eds");
-        let order: Vec<ResourceType> = walk(&sent(&mut s, &cache.snapshot())).into_iter().map(|(t, _, _)| t).collect();
+        let order: Vec<ResourceType> =
+            walk(&sent(&mut s, &builder.snapshot())).into_iter().map(|(t, _, _)| t).collect();
         assert_eq!(order, vec![CDS, EDS, RDS]);
 
         // Removed: the route stops naming it before the cluster goes.
-        cache.remove_service(&ServiceName::new("demo", "new"));
-        let r = sent(&mut s, &cache.snapshot());
+        builder.remove_service(&ServiceName::new("demo", "new"));
+        let r = sent(&mut s, &builder.snapshot());
         let w = walk(&r);
         let rds = w.iter().position(|(t, n, _)| *t == RDS && !n.is_empty()).expect("routes updated");
         let cds = w.iter().position(|(t, _, removed)| *t == CDS && removed == &vec!["new.demo"]).expect("cds removal");
@@ -456,14 +457,14 @@ mod tests {
         // inputs, in an older shape (no circuit breakers), and that shape's version.
         use envoy_types::pb::envoy::config::cluster::v3::Cluster;
         use prost::Message;
-        let (cache, _) = setup();
+        let (builder, _) = setup();
         let client = crate::cache::Client::new(Some(Zone::new("a")), crate::model::ClientKind::Envoy, "envoy-1");
-        let now = cache.snapshot().resolve(CDS, "echo.demo", &client).expect("cds");
+        let now = builder.snapshot().resolve(CDS, "echo.demo", &client).expect("cds");
         let mut old = Cluster::decode(now.value()).expect("decodes");
         old.circuit_breakers = None;
         let old = crate::cache::Encoded::new("echo.demo".into(), envoy_types::util::pack_any(old));
         assert_ne!(old.version, now.version, "a different shape is a different version");
-        let other = cache.snapshot().resolve(CDS, "other.demo", &client).expect("cds");
+        let other = builder.snapshot().resolve(CDS, "other.demo", &client).expect("cds");
 
         let mut s = DeltaState::default();
         let mut first = request(CDS, &[], &[], "");
@@ -473,30 +474,30 @@ mod tests {
             ("other.demo".to_string(), other.version.to_string()),
         ]);
         s.on_request(&first).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo"], "the reshaped cluster is sent, the unchanged one is not");
         assert_eq!(*r[0].resources[0].version, *now.version);
     }
 
     #[test]
     fn nack_does_not_cause_a_resend_loop() {
-        let (cache, mut s) = setup();
-        let r = sent(&mut s, &cache.snapshot());
+        let (builder, mut s) = setup();
+        let r = sent(&mut s, &builder.snapshot());
         let mut nack = request(CDS, &[], &[], &r[0].nonce);
         nack.error_detail = Some(rpc::Status { code: 3, message: "no".into(), ..Default::default() });
         assert_eq!(s.on_request(&nack).ok().map(|r| r.1), Some(Outcome::Nack("no".into())));
         for _ in 0..3 {
-            assert!(sent(&mut s, &cache.snapshot()).is_empty());
+            assert!(sent(&mut s, &builder.snapshot()).is_empty());
         }
         assert!(s.types[&CDS].nack.is_some());
     }
 
     #[test]
     fn envoy_wildcard_lds_is_empty_without_egress_but_answered() {
-        let (cache, mut s) = setup();
-        sent(&mut s, &cache.snapshot());
+        let (builder, mut s) = setup();
+        sent(&mut s, &builder.snapshot());
         s.on_request(&request(LDS, &[], &[], "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.len(), 1, "the first request is answered so Envoy's init does not wait");
         assert!(r[0].resources.is_empty());
     }

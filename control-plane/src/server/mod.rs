@@ -46,7 +46,7 @@ use tonic::codegen::http;
 use tonic::{Request, Status};
 
 use crate::cache::{Cache, Client, Snapshot};
-use crate::census::Voter;
+use crate::census::{Census, Voter};
 use crate::model::{ClientKind, Zone};
 use crate::resources::ResourceType;
 use crate::wakeup::{Changed, Signal, Watch};
@@ -319,6 +319,8 @@ const REQUEST_BUFFER: usize = 512;
 #[derive(Debug, Clone)]
 pub struct AdsServer {
     cache: Arc<Cache>,
+    /// Where the streams vote (joins and leaves as they subscribe).
+    census: Arc<Census>,
     registry: Arc<registry::Registry>,
     limits: Limits,
     next_stream: Arc<AtomicU64>,
@@ -331,9 +333,10 @@ pub struct AdsServer {
 }
 
 impl AdsServer {
-    pub fn new(cache: Arc<Cache>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
+    pub fn new(cache: Arc<Cache>, census: Arc<Census>, registry: Arc<registry::Registry>, limits: Limits) -> Self {
         AdsServer {
             cache,
+            census,
             registry,
             limits,
             next_stream: Arc::new(AtomicU64::new(1)),
@@ -403,8 +406,15 @@ impl AdsServer {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let admission = self.registry.admit(id, P::NAME, peer)?;
         let signal = Arc::new(Signal::default());
-        let mut guard =
-            StreamGuard { cache: self.cache.clone(), id, voter, zone: None, services: Vec::new(), watch: None };
+        let mut guard = StreamGuard {
+            cache: self.cache.clone(),
+            census: self.census.clone(),
+            id,
+            voter,
+            zone: None,
+            services: Vec::new(),
+            watch: None,
+        };
         // Woken by readiness until the first request says what to watch.
         guard.watch(&signal, Watch::default());
         let mut protocol = P::default();
@@ -521,6 +531,7 @@ fn trailers(status: &Status) -> http::HeaderMap {
 /// stream ends, however it ends.
 struct StreamGuard {
     cache: Arc<Cache>,
+    census: Arc<Census>,
     id: u64,
     /// Whose census vote this stream's subscriptions are.
     voter: Voter,
@@ -537,10 +548,10 @@ impl StreamGuard {
         // A client without a zone still counts as a subscriber (it is in no zone's census).
         let zone = zone.clone().unwrap_or_default();
         for gone in self.services.iter().filter(|s| !services.contains(*s)) {
-            self.cache.census().leave(gone, &zone, &self.voter);
+            self.census.leave(gone, &zone, &self.voter);
         }
         for new in services.iter().filter(|s| self.services.binary_search(s).is_err()) {
-            self.cache.census().join(new, &zone, &self.voter);
+            self.census.join(new, &zone, &self.voter);
         }
         self.services = services.into_iter().collect();
         self.services.shrink_to_fit();

@@ -397,7 +397,7 @@ mod tests {
             .map(|r| DiscoveryResponse::decode(SotwState::encode(r).message().as_slice()).expect("decodes"))
             .collect()
     }
-    use crate::cache::Cache;
+    use crate::builder::Builder;
     use crate::model::{ClientKind, Endpoint, Health, ServiceEndpoints, ServiceName, Zone};
     use crate::policy::Policy;
     use crate::server::registry::ResourceState;
@@ -445,17 +445,17 @@ mod tests {
         }
     }
 
-    fn cache_with(services: &[(&str, &str)]) -> Cache {
-        let cache = Cache::default();
+    fn builder_with(services: &[(&str, &str)]) -> Builder {
+        let mut builder = Builder::default();
         for (i, (ns, svc)) in services.iter().enumerate() {
-            cache.update_service(
+            builder.update_service(
                 &ServiceName::new(*ns, *svc),
                 ServiceEndpoints::new(vec![endpoint(i as u8 + 1)], false),
                 Policy::LocalFirst,
             );
         }
-        cache.set_ready();
-        cache
+        builder.set_ready();
+        builder
     }
 
     fn names(r: &DiscoveryResponse) -> Vec<String> {
@@ -485,10 +485,10 @@ mod tests {
 
     #[test]
     fn make_before_break_order_for_envoy() {
-        let cache = Cache::new(Some("127.0.0.1:15001".parse().expect("addr")));
+        let mut builder = Builder::standalone(Some("127.0.0.1:15001".parse().expect("addr")));
         let one = |ip: u8| ServiceEndpoints::new(vec![endpoint(ip)], false);
-        cache.update_service(&ServiceName::new("demo", "echo"), one(1), Policy::ZoneAware);
-        cache.set_ready();
+        builder.update_service(&ServiceName::new("demo", "echo"), one(1), Policy::ZoneAware);
+        builder.set_ready();
         let mut s = SotwState::default();
         let mut first = request(LDS, &[], "", "");
         first.node = Some(node("a", "envoy"));
@@ -499,24 +499,24 @@ mod tests {
         let types = |r: &[DiscoveryResponse]| -> Vec<ResourceType> {
             r.iter().map(|r| ResourceType::from_type_url(&r.type_url).expect("type")).collect()
         };
-        assert_eq!(types(&sent(&mut s, &cache.snapshot())), vec![CDS, EDS, LDS, RDS]);
+        assert_eq!(types(&sent(&mut s, &builder.snapshot())), vec![CDS, EDS, LDS, RDS]);
 
         // A new service: the whole CDS set (with it) before the routes naming it.
-        cache.update_service(&ServiceName::new("demo", "new"), one(2), Policy::ZoneAware);
-        assert_eq!(types(&sent(&mut s, &cache.snapshot())), vec![CDS, RDS]);
+        builder.update_service(&ServiceName::new("demo", "new"), one(2), Policy::ZoneAware);
+        assert_eq!(types(&sent(&mut s, &builder.snapshot())), vec![CDS, RDS]);
         // Removed: the routes lose it before the CDS set does.
-        cache.remove_service(&ServiceName::new("demo", "new"));
-        assert_eq!(types(&sent(&mut s, &cache.snapshot())), vec![RDS, CDS]);
+        builder.remove_service(&ServiceName::new("demo", "new"));
+        assert_eq!(types(&sent(&mut s, &builder.snapshot())), vec![RDS, CDS]);
     }
 
     #[test]
     fn grpc_client_walk_lds_rds_cds_eds() {
-        let cache = cache_with(&[("demo", "echo"), ("grpc.demo", "echo")]);
+        let builder = builder_with(&[("demo", "echo"), ("grpc.demo", "echo")]);
         let mut s = SotwState::default();
         let mut first = request(LDS, &["echo.grpc.demo:50051"], "", "");
         first.node = Some(node("a", "gRPC C-core"));
         assert_eq!(s.on_request(&first).ok().map(|r| r.1), Some(Outcome::Subscribe));
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.len(), 1);
         assert_eq!(names(&r[0]), vec!["echo.grpc.demo:50051"]);
         let lds = r[0].clone();
@@ -526,14 +526,14 @@ mod tests {
             s.on_request(&request(LDS, &["echo.grpc.demo:50051"], &lds.version_info, &lds.nonce)).ok().map(|r| r.1),
             Some(Outcome::Ack)
         );
-        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "an ACK is not answered");
+        assert!(sent(&mut s, &builder.snapshot()).is_empty(), "an ACK is not answered");
         for (ty, name) in [(RDS, "echo.grpc.demo:50051"), (CDS, "echo.grpc.demo"), (EDS, "echo.grpc.demo")] {
             s.on_request(&request(ty, &[name], "", "")).expect("ok");
-            let r = sent(&mut s, &cache.snapshot());
+            let r = sent(&mut s, &builder.snapshot());
             assert_eq!(r.len(), 1, "{ty:?}");
             assert_eq!(names(&r[0]), vec![name]);
             s.on_request(&request(ty, &[name], &r[0].version_info, &r[0].nonce)).expect("ack");
-            assert!(sent(&mut s, &cache.snapshot()).is_empty());
+            assert!(sent(&mut s, &builder.snapshot()).is_empty());
         }
         assert_eq!(s.eds_names(), BTreeSet::from(["echo.grpc.demo".to_string()]));
         assert_eq!(s.client.as_ref().and_then(|c| c.zone.clone()), Some(Zone::new("a")));
@@ -541,33 +541,33 @@ mod tests {
 
     #[test]
     fn nacked_version_is_not_resent_until_it_changes() {
-        let cache = cache_with(&[("demo", "echo")]);
+        let mut builder = builder_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["echo.demo"], "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         assert_eq!(
             s.on_request(&nack(EDS, &["echo.demo"], "", &r.nonce)).ok().map(|r| r.1),
             Some(Outcome::Nack("bad".into()))
         );
         assert_eq!(s.types[&EDS].nack.as_ref().map(|n| n.version.clone()), Some(r.version_info.clone()));
         for _ in 0..3 {
-            assert!(sent(&mut s, &cache.snapshot()).is_empty(), "no resend loop");
+            assert!(sent(&mut s, &builder.snapshot()).is_empty(), "no resend loop");
         }
         // A new version is sent.
-        cache.update_service(&ServiceName::new("demo", "echo"), ServiceEndpoints::default(), Policy::LocalFirst);
-        let again = sent(&mut s, &cache.snapshot());
+        builder.update_service(&ServiceName::new("demo", "echo"), ServiceEndpoints::default(), Policy::LocalFirst);
+        let again = sent(&mut s, &builder.snapshot());
         assert_eq!(again.len(), 1);
         assert_ne!(again[0].version_info, r.version_info);
     }
 
     #[test]
     fn stale_nonce_is_ignored() {
-        let cache = cache_with(&[("demo", "echo"), ("demo", "other")]);
+        let mut builder = builder_with(&[("demo", "echo"), ("demo", "other")]);
         let mut s = SotwState::default();
         s.on_request(&request(CDS, &["echo.demo"], "", "")).expect("ok");
-        let first = sent(&mut s, &cache.snapshot()).remove(0);
+        let first = sent(&mut s, &builder.snapshot()).remove(0);
         s.on_request(&request(CDS, &["echo.demo"], &first.version_info, &first.nonce)).expect("ack");
-        cache.remove_service(&ServiceName::new("demo", "other"));
+        builder.remove_service(&ServiceName::new("demo", "other"));
         // A NACK carrying an old nonce does not count as a NACK of the latest.
         assert_eq!(s.on_request(&nack(CDS, &["echo.demo"], "", "999")).ok().map(|r| r.1), Some(Outcome::Stale));
         assert!(s.types[&CDS].nack.is_none());
@@ -575,50 +575,50 @@ mod tests {
 
     #[test]
     fn new_names_are_answered_at_once_with_the_whole_set() {
-        let cache = cache_with(&[("demo", "echo"), ("demo", "other")]);
+        let builder = builder_with(&[("demo", "echo"), ("demo", "other")]);
         let mut s = SotwState::default();
         s.on_request(&request(CDS, &["echo.demo"], "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         s.on_request(&request(CDS, &["echo.demo", "other.demo"], &r.version_info, &r.nonce)).expect("ack");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["echo.demo", "other.demo"]);
     }
 
     #[test]
     fn wildcard_lds_cds_follow_services() {
-        let cache = cache_with(&[("demo", "echo")]);
+        let mut builder = builder_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         let mut first = request(CDS, &[], "", "");
         first.node = Some(node("a", "envoy"));
         s.on_request(&first).expect("ok");
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         assert_eq!(names(&r), vec!["echo.demo"]);
         s.on_request(&request(CDS, &[], &r.version_info, &r.nonce)).expect("ack");
         assert!(s.types[&CDS].subscription.wildcard, "empty list keeps the wildcard");
-        cache.update_service(&ServiceName::new("demo", "new"), ServiceEndpoints::default(), Policy::LocalFirst);
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        builder.update_service(&ServiceName::new("demo", "new"), ServiceEndpoints::default(), Policy::LocalFirst);
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         assert_eq!(names(&r), vec!["echo.demo", "new.demo"]);
-        cache.remove_service(&ServiceName::new("demo", "echo"));
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        builder.remove_service(&ServiceName::new("demo", "echo"));
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         assert_eq!(names(&r), vec!["new.demo"], "removal = left out of the whole set");
     }
 
     #[test]
     fn unknown_listener_gets_an_empty_lds_response() {
-        let cache = cache_with(&[("demo", "echo")]);
+        let builder = builder_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(LDS, &["nope.demo"], "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.len(), 1);
         assert!(r[0].resources.is_empty(), "so the client learns it does not exist");
     }
 
     #[test]
     fn nothing_is_sent_for_unsubscribed_types_and_unknown_types_are_ignored() {
-        let cache = cache_with(&[("demo", "echo")]);
+        let builder = builder_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &[], "", "")).expect("ok");
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
         let mut unknown = request(EDS, &["x"], "", "");
         unknown.type_url = "type.googleapis.com/envoy.config.Nope".into();
         assert_eq!(s.on_request(&unknown).ok().map(|r| r.1), Some(Outcome::UnknownType));
@@ -628,14 +628,14 @@ mod tests {
 
     #[test]
     fn reconnect_with_known_version_is_answered() {
-        let cache = cache_with(&[("demo", "echo")]);
+        let builder = builder_with(&[("demo", "echo")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["echo.demo"], "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         // A new stream (reconnect): the client sends the version it has, no nonce.
         let mut s2 = SotwState::default();
         s2.on_request(&request(EDS, &["echo.demo"], &r.version_info, "")).expect("ok");
-        let r2 = sent(&mut s2, &cache.snapshot());
+        let r2 = sent(&mut s2, &builder.snapshot());
         assert_eq!(r2.len(), 1, "the first request on a stream is always answered");
         assert_eq!(r2[0].version_info, r.version_info, "same content, same version after restart");
     }
@@ -650,31 +650,31 @@ mod tests {
 
     #[test]
     fn eds_is_sent_one_resource_per_response_and_only_what_changed() {
-        let cache = cache_with(&[("demo", "a"), ("demo", "b"), ("demo", "c")]);
+        let mut builder = builder_with(&[("demo", "a"), ("demo", "b"), ("demo", "c")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["a.demo", "b.demo", "c.demo"], "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.iter().map(names).collect::<Vec<_>>(), vec![vec!["a.demo"], vec!["b.demo"], vec!["c.demo"]]);
         let last = r.last().expect("three");
         assert_eq!(
             outcome(&mut s, &request(EDS, &["a.demo", "b.demo", "c.demo"], &last.version_info, &last.nonce)),
             Outcome::Ack
         );
-        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "an ACK is not answered");
+        assert!(sent(&mut s, &builder.snapshot()).is_empty(), "an ACK is not answered");
         // One service changes: only it is sent.
-        cache.update_service(&ServiceName::new("demo", "b"), ServiceEndpoints::default(), Policy::LocalFirst);
-        let r = sent(&mut s, &cache.snapshot());
+        builder.update_service(&ServiceName::new("demo", "b"), ServiceEndpoints::default(), Policy::LocalFirst);
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.iter().map(names).collect::<Vec<_>>(), vec![vec!["b.demo"]]);
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
     }
 
     #[test]
     fn earlier_outstanding_nonces_are_answers_not_stale() {
-        let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
+        let mut builder = builder_with(&[("demo", "a"), ("demo", "b")]);
         let mut s = SotwState::default();
         let all = ["a.demo", "b.demo"];
         s.on_request(&request(EDS, &all, "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.len(), 2);
         // grpc-go answers each response in turn: the first ACK is not stale.
         assert_eq!(outcome(&mut s, &request(EDS, &all, &r[0].version_info, &r[0].nonce)), Outcome::Ack);
@@ -687,58 +687,58 @@ mod tests {
             st["b.demo"],
             ResourceState::Nacked(Nack { version: r[1].version_info.clone(), message: "bad".into() })
         );
-        assert!(sent(&mut s, &cache.snapshot()).is_empty(), "a NACKed version is not re-sent");
+        assert!(sent(&mut s, &builder.snapshot()).is_empty(), "a NACKed version is not re-sent");
         // An answer already given is stale; so is a nonce never sent.
         assert_eq!(outcome(&mut s, &request(EDS, &all, "", &r[0].nonce)), Outcome::Stale);
         assert_eq!(outcome(&mut s, &request(EDS, &all, "", "77")), Outcome::Stale);
 
         // Both change; C-core answers both with one request carrying the newer nonce.
         for svc in ["a", "b"] {
-            cache.update_service(&ServiceName::new("demo", svc), ServiceEndpoints::default(), Policy::LocalFirst);
+            builder.update_service(&ServiceName::new("demo", svc), ServiceEndpoints::default(), Policy::LocalFirst);
         }
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.len(), 2, "the new version of the rejected resource is sent");
         assert_eq!(outcome(&mut s, &request(EDS, &all, &r[1].version_info, &r[1].nonce)), Outcome::Ack);
         assert!(states(&s, EDS).values().all(|st| *st == ResourceState::Acked));
         assert!(s.types[&EDS].nack.is_none(), "no NACK in force any more");
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
     }
 
     #[test]
     fn a_subscription_change_repeating_the_last_nonce_sends_only_the_new_name() {
-        let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
+        let builder = builder_with(&[("demo", "a"), ("demo", "b")]);
         let mut s = SotwState::default();
         s.on_request(&request(EDS, &["a.demo"], "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot()).remove(0);
+        let r = sent(&mut s, &builder.snapshot()).remove(0);
         s.on_request(&request(EDS, &["a.demo"], &r.version_info, &r.nonce)).expect("ack");
         // The client names b with the nonce it already ACKed.
         assert_eq!(outcome(&mut s, &request(EDS, &["a.demo", "b.demo"], &r.version_info, &r.nonce)), Outcome::Ack);
-        let r2 = sent(&mut s, &cache.snapshot());
+        let r2 = sent(&mut s, &builder.snapshot());
         assert_eq!(r2.iter().map(names).collect::<Vec<_>>(), vec![vec!["b.demo"]]);
         // Dropping a and naming it again sends it again (the client forgot it).
         s.on_request(&request(EDS, &["b.demo"], &r2[0].version_info, &r2[0].nonce)).expect("ok");
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
         s.on_request(&request(EDS, &["a.demo", "b.demo"], &r2[0].version_info, &r2[0].nonce)).expect("ok");
-        let r3 = sent(&mut s, &cache.snapshot());
+        let r3 = sent(&mut s, &builder.snapshot());
         assert_eq!(r3.iter().map(names).collect::<Vec<_>>(), vec![vec!["a.demo"]]);
         assert_eq!(r3[0].version_info, r.version_info, "same content, same version");
     }
 
     #[test]
     fn a_nacked_whole_set_is_not_resent_and_its_resources_show_nacked() {
-        let cache = cache_with(&[("demo", "a"), ("demo", "b")]);
+        let mut builder = builder_with(&[("demo", "a"), ("demo", "b")]);
         let mut s = SotwState::default();
         let all = ["a.demo", "b.demo", "c.demo"];
         s.on_request(&request(CDS, &all, "", "")).expect("ok");
-        let r = sent(&mut s, &cache.snapshot());
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(r.len(), 1);
         assert_eq!(names(&r[0]), vec!["a.demo", "b.demo"], "CDS stays a whole set");
         s.on_request(&nack(CDS, &all, "", &r[0].nonce)).expect("nack");
-        assert!(sent(&mut s, &cache.snapshot()).is_empty());
+        assert!(sent(&mut s, &builder.snapshot()).is_empty());
         assert!(states(&s, CDS).values().all(|st| matches!(st, ResourceState::Nacked(_))));
         // c appears; the new set (a and b unchanged) is accepted: nothing stands NACKed.
-        cache.update_service(&ServiceName::new("demo", "c"), ServiceEndpoints::default(), Policy::None);
-        let r = sent(&mut s, &cache.snapshot());
+        builder.update_service(&ServiceName::new("demo", "c"), ServiceEndpoints::default(), Policy::None);
+        let r = sent(&mut s, &builder.snapshot());
         assert_eq!(names(&r[0]), vec!["a.demo", "b.demo", "c.demo"]);
         s.on_request(&request(CDS, &all, &r[0].version_info, &r[0].nonce)).expect("ack");
         assert!(states(&s, CDS).values().all(|st| *st == ResourceState::Acked), "{:?}", states(&s, CDS));
@@ -761,22 +761,22 @@ mod tests {
 
     #[test]
     fn a_change_to_another_service_is_not_looked_at() {
-        let cache = cache_with(&[("demo", "echo"), ("demo", "other")]);
+        let mut builder = builder_with(&[("demo", "echo"), ("demo", "other")]);
         let mut s = SotwState::default();
         s.on_request(&DiscoveryRequest {
             node: Some(node("a", "gRPC Python")),
             ..request(EDS, &["echo.demo"], "", "")
         })
         .expect("ok");
-        let first = s.responses(&cache.snapshot(), &Changed::All);
+        let first = s.responses(&builder.snapshot(), &Changed::All);
         assert_eq!(first.len(), 1);
         s.on_request(&request(EDS, &["echo.demo"], &first[0].version, &first[0].nonce.to_string())).expect("ack");
-        cache.update_service(
+        builder.update_service(
             &ServiceName::new("demo", "echo"),
             ServiceEndpoints::new(vec![endpoint(9)], false),
             Policy::LocalFirst,
         );
-        let snapshot = cache.snapshot();
+        let snapshot = builder.snapshot();
         let other = Changed::Keys([("other.demo".to_string(), crate::wakeup::Scope::All)].into_iter().collect());
         assert!(s.responses(&snapshot, &other).is_empty(), "echo.demo is not re-resolved for other.demo");
         let r = s.responses(&snapshot, &snapshot.changed);
