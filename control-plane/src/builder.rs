@@ -354,29 +354,9 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::tests::endpoints;
     use crate::census::Voter;
-    use crate::model::{Endpoint, Health, Zone};
-
-    fn endpoints(zones: &[&str]) -> ServiceEndpoints {
-        ServiceEndpoints::new(
-            zones
-                .iter()
-                .enumerate()
-                .map(|(i, z)| Endpoint {
-                    instance_id: format!("i-{i}"),
-                    ip: std::net::IpAddr::from([10, 0, 0, i as u8 + 1]),
-                    port: 8080,
-                    zone: Zone::new(*z),
-                    region: "us-east-1".into(),
-                    health: Health::Healthy,
-                    weight: 1,
-                    attributes: BTreeMap::new(),
-                    metadata: Default::default(),
-                })
-                .collect(),
-            false,
-        )
-    }
+    use crate::model::Zone;
 
     #[test]
     fn each_snapshot_says_which_services_changed() {

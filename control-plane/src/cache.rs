@@ -659,7 +659,7 @@ impl Cache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::builder::Builder;
     use crate::model::{Endpoint, Health};
@@ -667,7 +667,8 @@ mod tests {
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use prost::Message;
 
-    fn endpoints(zones: &[&str]) -> ServiceEndpoints {
+    /// One healthy endpoint per entry of `zones`, in that zone.
+    pub(crate) fn endpoints(zones: &[&str]) -> ServiceEndpoints {
         ServiceEndpoints::new(
             zones
                 .iter()
